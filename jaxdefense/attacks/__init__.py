@@ -1,0 +1,66 @@
+"""Adversarial attacks as pure functions of ``(logits_fn, x, y, *, key, eps, ...)``.
+
+>>> x_adv = pgd(logits_fn, x, y, key=key, eps=8/255, step_size=2/255, steps=20)
+
+``logits_fn`` maps images ``[B, H, W, C]`` in [0, 1] to logits ``[B, K]``.  A stochastic
+model ``f(x, key)`` is passed as ``eot(f, n)``: the attack then averages its gradient over
+``n`` noise draws, with fresh keys derived from the attack's ``key`` every iteration.
+
+Every attack
+
+* returns images inside the eps-ball around ``x`` and inside [0, 1] (``eps = 0``
+  returns ``x``);
+* runs its iterations in one ``jax.lax.fori_loop`` (compile time does not depend on the
+  step count) and is ``jit``-, ``vmap``- and batch-friendly: static arguments (steps,
+  norm, restarts, sample counts) are Python values, ``eps`` and step sizes may be traced
+  and may be per example (``[B]``);
+* is deterministic for a given ``key``;
+* validates its arguments before tracing and raises a ``ValueError`` / ``TypeError``
+  naming the argument, its value and what was expected.
+
+The attacks are not ``jit``-ted internally; wrap a call for speed, e.g.
+``jax.jit(lambda params, x, y, key: pgd(partial(apply, params), x, y, key=key, eps=8/255))``.
+
+Threat models: l-inf everywhere; l2 for :func:`pgd`, :func:`apgd` and :func:`cw_l2`.
+Targeted variants take ``target=`` labels.  The building blocks (losses, projections,
+ascent rules and the loop driver) are exported for custom attacks (STYLE.md practice 7).
+"""
+
+from jaxdefense.attacks._apgd import APGDState as APGDState
+from jaxdefense.attacks._apgd import apgd as apgd
+from jaxdefense.attacks._apgd import apgd_rule as apgd_rule
+from jaxdefense.attacks._apgd import checkpoints as apgd_checkpoints
+from jaxdefense.attacks._core import AscentRule as AscentRule
+from jaxdefense.attacks._core import EOT as EOT
+from jaxdefense.attacks._core import ascent_loop as ascent_loop
+from jaxdefense.attacks._core import cross_entropy as cross_entropy
+from jaxdefense.attacks._core import dlr as dlr
+from jaxdefense.attacks._core import dlr_targeted as dlr_targeted
+from jaxdefense.attacks._core import eot as eot
+from jaxdefense.attacks._core import make_loss as make_loss
+from jaxdefense.attacks._core import make_projection as make_projection
+from jaxdefense.attacks._core import make_value_and_grad as make_value_and_grad
+from jaxdefense.attacks._core import margin as margin
+from jaxdefense.attacks._core import momentum_sign_ascent as momentum_sign_ascent
+from jaxdefense.attacks._core import optax_ascent as optax_ascent
+from jaxdefense.attacks._core import predict as predict
+from jaxdefense.attacks._core import random_start as random_start
+from jaxdefense.attacks._core import sign_ascent as sign_ascent
+from jaxdefense.attacks._cw import cw_l2 as cw_l2
+from jaxdefense.attacks._cw import cw_linf as cw_linf
+from jaxdefense.attacks._gradient import fgsm as fgsm
+from jaxdefense.attacks._gradient import ifgsm as ifgsm
+from jaxdefense.attacks._gradient import mifgsm as mifgsm
+from jaxdefense.attacks._gradient import pgd as pgd
+from jaxdefense.attacks._spsa import spsa as spsa
+from jaxdefense.attacks._spsa import spsa_gradient as spsa_gradient
+from jaxdefense.attacks._transfer import TransferResult as TransferResult
+from jaxdefense.attacks._transfer import transfer as transfer
+
+__all__ = [
+    "APGDState", "AscentRule", "EOT", "TransferResult", "apgd", "apgd_checkpoints",
+    "apgd_rule", "ascent_loop", "cross_entropy", "cw_l2", "cw_linf", "dlr",
+    "dlr_targeted", "eot", "fgsm", "ifgsm", "make_loss", "make_projection",
+    "make_value_and_grad", "margin", "mifgsm", "momentum_sign_ascent", "optax_ascent",
+    "pgd", "predict", "random_start", "sign_ascent", "spsa", "spsa_gradient", "transfer",
+]

@@ -1,0 +1,119 @@
+"""SPSA: a gradient-free attack (finite differences along random +-1 directions, Adam)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdefense import _checks
+from jaxdefense.attacks import _core
+
+Array = jax.Array
+
+
+def spsa_gradient(logits_fn: Callable, loss_fn: Callable, delta: Any, num_samples: int,
+                  samples_per_call: int) -> Callable:
+  """SPSA estimator ``vg(x, key) -> (loss [B], None, g)`` of the loss gradient.
+
+  ``g = mean_i (L(x + delta v_i) - L(x - delta v_i)) / (2 delta) * v_i`` over
+  ``num_samples`` Rademacher directions ``v_i`` per example.  The model sees
+  ``2 * samples_per_call * B`` images per call; the calls run in a ``lax.fori_loop``
+  (directions are regenerated from keys, so memory does not grow with
+  ``num_samples``).  The returned loss is the mean of the probe losses.
+  """
+  calls = num_samples // samples_per_call
+
+  def vg(x, key):
+    batch = x.shape[0]
+    d_b = jnp.broadcast_to(jnp.asarray(delta, x.dtype), (batch,))  # [B]
+    d = _core.per_example(d_b, x)
+
+    def body(j, carry):
+      g, loss = carry
+      k_dir = jax.random.fold_in(key, j)
+      k_model = _core.model_key(logits_fn, _core.model_key(logits_fn, key, calls), j)
+      v = jax.random.rademacher(k_dir, (samples_per_call,) + x.shape, x.dtype)
+      probes = jnp.concatenate([x[None] + d * v, x[None] - d * v])  # [2S, B, ...]
+      flat = probes.reshape((-1,) + x.shape[1:])
+      draws = _core.logit_draws(logits_fn, flat, k_model)  # [n, 2S*B, K]
+      draws = draws.reshape((draws.shape[0], 2 * samples_per_call, batch, -1))
+      values = jnp.mean(jax.vmap(jax.vmap(loss_fn))(draws), axis=0)  # [2S, B]
+      plus, minus = values[:samples_per_call], values[samples_per_call:]
+      coef = (plus - minus) / (2.0 * d_b)  # [S, B]
+      g = g + jnp.einsum("sb,sb...->b...", coef, v)
+      return g, loss + jnp.sum(values, axis=0)
+
+    g, loss = jax.lax.fori_loop(0, calls, body,
+                                (jnp.zeros_like(x), jnp.zeros((batch,), x.dtype)))
+    return loss / (2 * num_samples), None, g / num_samples
+
+  return vg
+
+
+def spsa(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
+         steps: int = 100, lr: Any = 0.01, delta: Any = 0.01, num_samples: int = 64,
+         samples_per_call: Optional[int] = None, random_start: bool = False,
+         target: Optional[Array] = None, loss: Union[str, Callable] = "margin") -> Array:
+  """SPSA attack (gradient-free) inside the l-inf ball.
+
+  Each step estimates the gradient of the per-example loss by simultaneous
+  perturbation: ``g = mean_i (L(x + delta v_i) - L(x - delta v_i)) / (2 delta) v_i`` with
+  Rademacher ``v_i``, takes an Adam ascent step and projects onto the eps-ball ∩ [0, 1].
+  It needs only logits, so it sees through masked / obfuscated gradients (SONet's
+  adaptive-solver study).  Returns the last iterate.
+
+  Reference: Uesato et al., "Adversarial Risk and the Dangers of Evaluating Against
+  Weak Attacks", ICML 2018 (Adam lr 0.01, delta 0.01, margin loss).
+
+  Args:
+    logits_fn: model ``f(x) -> logits [B, K]``, or ``eot(f, n)``; never differentiated.
+    x: clean images ``[B, H, W, C]`` in [0, 1].
+    y: integer labels ``[B]``.
+    key: PRNG key (directions, optional random start, EOT draws).
+    eps: l-inf radius (scalar or ``[B]``, may be traced).
+    steps: Adam steps (static, >= 1).  Default 100.
+    lr: Adam learning rate.  Default 0.01.
+    delta: finite-difference step (> 0).  Default 0.01.
+    num_samples: directions per step (static, >= 1).  Default 64.
+    samples_per_call: directions evaluated per model call (static, divides
+      ``num_samples``); default all of them (the model sees ``2 * num_samples * B``
+      images at once).
+    random_start: start uniformly in the ball instead of at ``x``.
+    target: optional target labels ``[B]``.
+    loss: ``"margin"`` (default), ``"ce"``, ``"dlr"`` or a callable.
+
+  Returns:
+    Adversarial images ``[B, H, W, C]`` inside the eps-ball and [0, 1].
+
+  Raises:
+    ValueError / TypeError: bad images, labels, eps, steps, delta or sample counts.
+  """
+  _core.validate("spsa", logits_fn, x, y, key=key, key_required=True, eps=eps,
+                 norm="linf", target=target, loss=loss)
+  steps = _checks.check_int(steps, "steps", minimum=1)
+  num_samples = _checks.check_int(num_samples, "num_samples", minimum=1)
+  if samples_per_call is None:
+    samples_per_call = num_samples
+  samples_per_call = _checks.check_int(samples_per_call, "samples_per_call", minimum=1,
+                                       maximum=num_samples)
+  if num_samples % samples_per_call:
+    raise ValueError(f"spsa: samples_per_call ({samples_per_call}) must divide "
+                     f"num_samples ({num_samples}).")
+  batch = x.shape[0]
+  _core.check_nonneg(lr, "lr", batch, "spsa")
+  _core.check_nonneg(delta, "delta", batch, "spsa")
+  delta_np = _checks.as_concrete_numpy(delta)
+  if delta_np is not None and (delta_np <= 0).any():
+    raise ValueError(f"spsa: delta must be > 0; got {delta!r}.")
+  x = jnp.asarray(x)
+  y = jnp.asarray(y)
+  target = None if target is None else jnp.asarray(target)
+  loss_fn = _core.make_loss(loss, y, target)
+  project = _core.make_projection("linf", x, eps)
+  vg = spsa_gradient(logits_fn, loss_fn, delta, num_samples, samples_per_call)
+  rule = _core.optax_ascent(optax.adam(lr), project)
+  x0 = _core.random_start(_core.fold_in(key, 0), x, eps, "linf") if random_start else x
+  return _core.ascent_loop(vg, rule, x0, steps, _core.fold_in(key, 1))[0]

@@ -1,0 +1,338 @@
+"""Certified bounds and verification of any model built from :mod:`jaxdefense.nn`.
+
+The model is the ordinary Flax module: its layers dispatch on the type of their input,
+so ``model.apply(variables, Box(...))`` runs interval bound propagation and
+``model.apply(variables, HybridZonotope(...))`` the hybrid zonotope analysis, with no
+second definition of the network.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdefense import _checks
+from jaxdefense.certify._domains import Box, HybridZonotope, margin_lower_bounds
+from jaxdefense.nn._abstract import AbstractValue, is_abstract
+
+Array = jax.Array
+
+DOMAINS = ("box", "zonotope", "deepz")
+RELUS = ("box", "deepz")
+
+
+def _resolve(domain: str, relu: str | None) -> tuple[str, str]:
+  _checks.check_choice(domain, "domain", DOMAINS)
+  if domain == "deepz":
+    if relu not in (None, "deepz"):
+      raise ValueError(f"domain='deepz' is the zonotope with relu='deepz'; got relu={relu!r}.")
+    return "zonotope", "deepz"
+  relu = "box" if relu is None else relu
+  _checks.check_choice(relu, "relu", RELUS)
+  return domain, relu
+
+
+def input_set(x: Array, eps: Any, domain: str = "box", *, relu: str | None = None,
+              relu_budget: int | None = None, correlate_input: bool = True) -> AbstractValue:
+  """The abstract input ``[max(x - eps, 0), min(x + eps, 1)]``.
+
+  Args:
+    x: images ``[B, H, W, C]`` in ``[0, 1]`` (any rank >= 2 is accepted here).
+    eps: l-inf radius, a scalar or one per example (``[B]``).
+    domain: ``"box"``, ``"zonotope"`` (hybrid zonotope) or ``"deepz"`` (the zonotope
+      with ``relu="deepz"``).
+    relu: zonotope ReLU relaxation, ``"box"`` (DiffAI default) or ``"deepz"``.
+    relu_budget: DeepZ generator budget per ReLU layer (``None``: one per neuron).
+    correlate_input: zonotope only.  ``True``: one generator per input pixel (exact
+      under affine layers; the generator tensor is ``p`` times the input, ``p`` pixels
+      per image).  ``False``: start as a box (``m = 0``) and rely on the model's
+      correlation layers (DiffAI's HBox start), far cheaper for large inputs.
+
+  Returns:
+    A :class:`Box` or :class:`HybridZonotope` of shape ``x.shape``.
+  """
+  domain, relu = _resolve(domain, relu)
+  x = jnp.asarray(x)
+  eps = jnp.asarray(eps, x.dtype)
+  if eps.ndim == 1:
+    eps = eps.reshape((-1,) + (1,) * (x.ndim - 1))
+  lo = jnp.clip(x - eps, 0.0, 1.0)
+  hi = jnp.clip(x + eps, 0.0, 1.0)
+  if domain == "box":
+    return Box.from_bounds(lo, hi)
+  return HybridZonotope.from_bounds(lo, hi, correlate=correlate_input, relu_mode=relu,
+                                    relu_budget=relu_budget)
+
+
+def _check_args(model: Any, x: Any, eps: Any, y: Any = None) -> None:
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"model must be a flax.linen Module (e.g. jaxdefense.models.create(...)); "
+                    f"got {type(model).__name__}.")
+  _checks.check_images(x, "x", ranks=(2, 3, 4, 5))
+  _checks.check_eps(eps, "eps")
+  e = _checks.as_concrete_numpy(eps)
+  if e is not None and e.ndim not in (0, 1):
+    raise ValueError(f"eps must be a scalar or one value per example [B]; got shape {e.shape}.")
+  if e is not None and e.ndim == 1 and e.shape[0] != x.shape[0]:
+    raise ValueError(f"eps has {e.shape[0]} entries for a batch of {x.shape[0]} images.")
+  if y is not None:
+    _checks.check_labels(y, None, "y", batch=x.shape[0])
+
+
+def _apply(model: nn.Module, variables: Any, value: AbstractValue, train: bool,
+           rngs: Any) -> AbstractValue:
+  kwargs = {"train": train}
+  if rngs is not None:
+    kwargs["rngs"] = rngs
+  out = model.apply(variables, value, **kwargs)
+  if isinstance(out, tuple) and len(out) == 2 and is_abstract(out[0]):
+    out = out[0]
+  if not is_abstract(out):
+    raise TypeError(f"{type(model).__name__} returned {type(out).__name__} for an abstract "
+                    "input; certification needs a model built from jaxdefense.nn layers.")
+  return out
+
+
+def abstract_logits(model: nn.Module, variables: Any, x: Array, eps: Any,
+                    domain: str = "box", *, relu: str | None = None,
+                    relu_budget: int | None = None, correlate_input: bool = True,
+                    train: bool = False, rngs: Any = None) -> AbstractValue:
+  """The abstract output of ``model`` on the input set (no checks, jittable).
+
+  Same arguments as :func:`bounds`; returns the final :class:`Box` or
+  :class:`HybridZonotope` (shape ``[B, K]``).
+  """
+  value = input_set(x, eps, domain, relu=relu, relu_budget=relu_budget,
+                    correlate_input=correlate_input)
+  return _apply(model, variables, value, train, rngs)
+
+
+def _jitted(kind: str, model: nn.Module, domain: str, relu: str | None,
+            relu_budget: int | None, correlate_input: bool, train: bool) -> Callable:
+  """The compiled certification function (cached for hashable models)."""
+  args = (kind, model, domain, relu, relu_budget, correlate_input, train)
+  try:
+    hash(model)
+  except TypeError:  # e.g. a module with list attributes: compiled per call
+    return _make_jitted(*args)
+  return _cached_jitted(*args)
+
+
+def _make_jitted(kind: str, model: nn.Module, domain: str, relu: str | None,
+                 relu_budget: int | None, correlate_input: bool, train: bool) -> Callable:
+  def run(variables, x, eps, y, rngs):
+    z = abstract_logits(model, variables, x, eps, domain, relu=relu, relu_budget=relu_budget,
+                        correlate_input=correlate_input, train=train, rngs=rngs)
+    if kind == "bounds":
+      return z.concretize()
+    return jnp.min(margin_lower_bounds(z, y), axis=-1)
+  return jax.jit(run)
+
+
+_cached_jitted = functools.lru_cache(maxsize=64)(_make_jitted)
+
+
+def bounds(model: nn.Module, variables: Any, x: Array, eps: Any, domain: str = "box", *,
+           relu: str | None = None, relu_budget: int | None = None,
+           correlate_input: bool = True, train: bool = False,
+           rngs: Any = None) -> tuple[Array, Array]:
+  """Sound lower and upper bounds of the logits over an l-inf ball.
+
+  The input set is ``[max(x - eps, 0), min(x + eps, 1)]``; the model runs on it in the
+  chosen abstract domain (the same ``model.apply``, jit-compiled once per model, domain
+  and shape).
+
+  Args:
+    model: a Flax module built from :mod:`jaxdefense.nn` layers (any zoo model).
+    variables: its variables (``{"params": ..., "batch_stats": ...}``).
+    x: images ``[B, H, W, C]`` in ``[0, 1]``.
+    eps: l-inf radius in ``[0, 1]`` units: a scalar or ``[B]``.
+    domain: ``"box"`` (interval bound propagation; default), ``"zonotope"`` (DiffAI's
+      hybrid zonotope) or ``"deepz"`` (zonotope with the DeepZ ReLU).
+    relu: the zonotope's ReLU, ``"box"`` (DiffAI default) or ``"deepz"``.
+    relu_budget: DeepZ generators per ReLU layer (``None``: one per neuron).
+    correlate_input: zonotope: one generator per input pixel (default) or a box start.
+    train: passed to the model (``True`` activates ``only_train`` abstract layers).
+    rngs: passed to ``model.apply``.
+
+  Returns:
+    ``(lower, upper)``, each ``[B, K]``.
+
+  Raises:
+    ValueError: ``eps < 0`` or ``> 1``, images outside ``[0, 1]`` or of the wrong rank,
+      an unknown ``domain``/``relu``, or a model that is not certifiable (a stochastic
+      step such as ``EulerMaruyama(coef > 0)``, training-mode batch norm).
+    TypeError: integer images, a model that is not a Flax module.
+  """
+  _check_args(model, x, eps)
+  domain, relu = _resolve(domain, relu)
+  fn = _jitted("bounds", model, domain, relu, relu_budget, bool(correlate_input), bool(train))
+  return fn(variables, jnp.asarray(x), jnp.asarray(eps, jnp.float32), None, rngs)
+
+
+def certified_margins(model: nn.Module, variables: Any, x: Array, y: Array, eps: Any,
+                      domain: str = "zonotope", *, relu: str | None = None,
+                      relu_budget: int | None = None, correlate_input: bool = True,
+                      train: bool = False, rngs: Any = None) -> Array:
+  """``min_{j != y} lower bound of (z_y - z_j)`` per example, ``[B]``.
+
+  The differences are computed inside the domain (an affine map of the abstract
+  logits), which is tighter than subtracting interval bounds.  Positive means proved.
+  Arguments as in :func:`bounds`, plus integer labels ``y`` ``[B]``.
+  """
+  _check_args(model, x, eps, y)
+  domain, relu = _resolve(domain, relu)
+  fn = _jitted("verify", model, domain, relu, relu_budget, bool(correlate_input), bool(train))
+  return fn(variables, jnp.asarray(x), jnp.asarray(eps, jnp.float32), jnp.asarray(y), rngs)
+
+
+def verify(model: nn.Module, variables: Any, x: Array, y: Array, eps: Any,
+           domain: str = "zonotope", **kwargs: Any) -> Array:
+  """Which examples are proved robust: ``bool [B]``.
+
+  Label ``t = y[i]`` is proved for image ``i`` when, for every ``j != t``, the lower
+  bound of ``z_t - z_j`` over the input set ``[max(x - eps, 0), min(x + eps, 1)]`` is
+  positive.  A proved example is also correctly classified.
+
+  Args:
+    model, variables, x, eps: as in :func:`bounds`.
+    y: integer labels ``[B]``.
+    domain: ``"zonotope"`` (default), ``"box"`` or ``"deepz"``.
+    **kwargs: ``relu``, ``relu_budget``, ``correlate_input``, ``train``, ``rngs`` as in
+      :func:`bounds`.
+
+  Returns:
+    ``bool [B]``.
+
+  Raises:
+    ValueError, TypeError: as :func:`bounds`, and bad labels.
+  """
+  return certified_margins(model, variables, x, y, eps, domain, **kwargs) > 0
+
+
+def make_bounds_fn(model: nn.Module, domain: str = "box", *, relu: str | None = None,
+                   relu_budget: int | None = None, correlate_input: bool = True,
+                   train: bool = False) -> Callable[[Any, Array, Any], tuple[Array, Array]]:
+  """A pure ``fn(variables, x, eps) -> (lower, upper)`` to ``jit``/``vmap``/``grad``.
+
+  No argument checks run inside (call :func:`bounds` for checked use).
+  """
+  domain, relu = _resolve(domain, relu)
+
+  def fn(variables, x, eps):
+    return abstract_logits(model, variables, x, eps, domain, relu=relu,
+                           relu_budget=relu_budget, correlate_input=correlate_input,
+                           train=train).concretize()
+  return fn
+
+
+# ------------------------------------------------------------------- neuron counting
+_COUNTER: list[int] = []
+
+
+@jax.tree_util.register_pytree_node_class
+class _CountingBox(Box):
+  """A box whose ReLUs add their neuron counts to ``_COUNTER`` at trace time."""
+
+  def _wrap(self, v: Any) -> Any:
+    return _CountingBox(v.center(), v.radius) if type(v) is Box else v
+
+  def affine(self, *a, **k):
+    return self._wrap(super().affine(*a, **k))
+
+  def linear(self, fn):
+    return self._wrap(super().linear(fn))
+
+  def scale_shift(self, *a, **k):
+    return self._wrap(super().scale_shift(*a, **k))
+
+  def reshape(self, shape):
+    return self._wrap(super().reshape(shape))
+
+  def monotone(self, fn):
+    return self._wrap(super().monotone(fn))
+
+  def add(self, other):
+    return self._wrap(super().add(other))
+
+  @classmethod
+  def concatenate(cls, values, axis):
+    out = Box.concatenate(values, axis)
+    return _CountingBox(out.center(), out.radius) if type(out) is Box else out
+
+  def relu(self):
+    _COUNTER.append(int(np.prod(self.shape[1:])))
+    return self._wrap(super().relu())
+
+
+def count_neurons(model: nn.Module, variables: Any, x: Array, *, train: bool = False) -> int:
+  """Number of ReLU neurons per example (the "Neurons" column of DiffAI's tables).
+
+  Counts the outputs of every ReLU the model applies to one example of ``x``'s shape;
+  nothing is computed (``jax.eval_shape``).
+  """
+  x = jnp.asarray(x)[:1]
+  _COUNTER.clear()
+  value = _CountingBox(x, jnp.zeros_like(x))
+  jax.eval_shape(lambda v, b: model.apply(v, b, train=train), variables, value)
+  total = sum(_COUNTER)
+  _COUNTER.clear()
+  return total
+
+
+# --------------------------------------------------------------------------- report
+def report(model: nn.Module, variables: Any, x: Array, y: Array, eps: float, *,
+           domains: tuple[str, ...] = ("box", "zonotope"), key: Array | None = None,
+           pgd_steps: int = 20, pgd_step_size: float | None = None, batch_size: int = 100,
+           **kwargs: Any) -> dict[str, float]:
+  """Standard, PGD and certified accuracy (in ``[0, 1]``) on ``(x, y)`` at ``eps``.
+
+  Args:
+    model, variables: a certifiable model and its variables.
+    x: images ``[N, H, W, C]`` in ``[0, 1]``; y: labels ``[N]``.
+    eps: l-inf radius.
+    domains: certification domains; each gives a key ``"certified_<domain>"``.
+    key: PRNG key for PGD's random start (default ``PRNGKey(0)``).
+    pgd_steps: PGD iterations (``jaxdefense.attacks.pgd``); 0 skips the attack.
+    pgd_step_size: default ``2.5 * eps / pgd_steps``.
+    batch_size: examples per call.
+    **kwargs: passed to :func:`verify` (``relu``, ``relu_budget``, ``correlate_input``).
+
+  Returns:
+    ``{"n": N, "standard": ..., "pgd": ..., "certified_box": ..., ...}``.
+  """
+  _check_args(model, x, eps, y)
+  x = np.asarray(x)
+  y = np.asarray(y)
+  key = jax.random.PRNGKey(0) if key is None else key
+  step = pgd_step_size if pgd_step_size is not None else 2.5 * eps / max(pgd_steps, 1)
+  def logits_fn(a):
+    return model.apply(variables, a, train=False)
+  predict = jax.jit(lambda a: jnp.argmax(logits_fn(a), -1))
+  counts = {"standard": 0, "pgd": 0}
+  counts.update({f"certified_{d}": 0 for d in domains})
+  if pgd_steps:
+    from jaxdefense import attacks  # pylint: disable=import-outside-toplevel
+    attack = jax.jit(lambda a, b, k: attacks.pgd(logits_fn, a, b, key=k, eps=eps,
+                                                 step_size=step, steps=pgd_steps))
+  for start in range(0, x.shape[0], batch_size):
+    xb, yb = jnp.asarray(x[start:start + batch_size]), jnp.asarray(y[start:start + batch_size])
+    counts["standard"] += int(jnp.sum(predict(xb) == yb))
+    if pgd_steps:
+      key, sub = jax.random.split(key)
+      counts["pgd"] += int(jnp.sum(predict(attack(xb, yb, sub)) == yb))
+    for d in domains:
+      counts[f"certified_{d}"] += int(jnp.sum(verify(model, variables, xb, yb, eps, d,
+                                                     **kwargs)))
+  n = x.shape[0]
+  out: dict[str, float] = {"n": n}
+  for k, v in counts.items():
+    if k == "pgd" and not pgd_steps:
+      continue
+    out[k] = v / max(n, 1)
+  return out

@@ -1,0 +1,589 @@
+"""Abstract domains: the interval ``Box`` and the DiffAI ``HybridZonotope``.
+
+Both are JAX pytrees (``jax.tree_util.register_pytree_node_class``): their arrays are
+leaves and their configuration is static, so they pass through ``jit``, ``vmap``,
+``grad`` and ``tree_map`` like arrays, and every transformer is differentiable, so the
+bounds can be a training loss.  Shapes always include the batch axis ``B`` of the
+concrete arrays the value abstracts (NHWC images: ``[B, H, W, C]``).
+
+Hybrid zonotope (Mirman et al. 2018; Mirman, Singh & Vechev 2019, section 2) over the
+``p`` variables of each example::
+
+    x = c + b * beta + sum_j E_j * e_j,      beta in [-1, 1]^p,  e in [-1, 1]^m
+
+with centre ``c`` ``[B, ...]``, non-negative box radius ``b`` ``[B, ...]`` and ``m``
+correlated generators ``E`` ``[m, B, ...]`` (a leading generator axis of static size).
+A box is a hybrid zonotope with ``m = 0``.
+
+Noise symbols are tracked in *segments*: ``segments`` is a static tuple of
+``(tag, size)`` pairs that partitions the generator axis.  Every operation that creates
+new noise symbols (a DeepZ ReLU, a correlation layer, DecorrelateMinK's re-packing)
+opens a segment with a fresh tag.  ``add`` and ``concatenate`` align two values segment
+by segment (zero padding what one side lacks), so generators that two residual branches
+created independently stay distinct symbols.  Treating one symbol as two is sound (only
+less precise); merging two independent ones would not be, and never happens.
+
+Soundness holds in exact arithmetic; the float32 implementation does not round
+outwards, so bounds may be off by a few ulps (the tests allow ``1e-5`` relative).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdefense.nn._abstract import AbstractValue, LinearFn
+
+Array = jax.Array
+
+RELU_MODES = ("box", "deepz")
+
+# Tag 0 is the input's noise symbols; fresh tags are unique for the process.  Tags live
+# in the static part of the pytree: they are fixed when a function is traced, so a
+# jitted function is not retraced because of them.
+INPUT_TAG = 0
+_fresh_tags = itertools.count(1)
+
+
+def fresh_tag() -> int:
+  """A new, process-unique tag for a segment of new noise symbols."""
+  return next(_fresh_tags)
+
+
+def _per_example_size(shape: Sequence[int]) -> int:
+  return int(np.prod(shape[1:], dtype=np.int64))
+
+
+def _safe_div(num: Array, den: Array, where: Array) -> Array:
+  """``num / den`` where ``where`` holds, 0 elsewhere, with finite gradients."""
+  den = jnp.where(where, den, 1.0)
+  return jnp.where(where, num / den, 0.0)
+
+
+# =============================================================================== Box
+@jax.tree_util.register_pytree_node_class
+class Box(AbstractValue):
+  """Interval domain (interval bound propagation, IBP): centre and radius.
+
+  Represents ``{c + r * beta : beta in [-1, 1]^shape}``.
+
+  Args:
+    center: ``[B, ...]`` float array.
+    radius: ``[B, ...]`` non-negative float array (same shape as ``center``).
+
+  Use :meth:`from_bounds` to build one from ``lower <= upper``.
+  """
+
+  def __init__(self, center: Array, radius: Array):
+    self._center = center
+    self.radius = radius
+
+  # ------------------------------------------------------------------- pytree
+  def tree_flatten(self):
+    return (self._center, self.radius), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    obj = object.__new__(cls)
+    obj._center, obj.radius = children
+    return obj
+
+  # ---------------------------------------------------------------- structure
+  @classmethod
+  def from_bounds(cls, lower: Array, upper: Array) -> "Box":
+    """The box ``[lower, upper]`` (elementwise, ``lower <= upper``)."""
+    lower = jnp.asarray(lower)
+    upper = jnp.asarray(upper)
+    return cls((lower + upper) / 2, (upper - lower) / 2)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self._center.shape)
+
+  @property
+  def dtype(self):
+    return self._center.dtype
+
+  def center(self) -> Array:
+    return self._center
+
+  def concretize(self) -> tuple[Array, Array]:
+    return self._center - self.radius, self._center + self.radius
+
+  def uncorrelated_radius(self) -> Array:
+    return self.radius
+
+  def __repr__(self) -> str:
+    return f"Box(shape={self.shape})"
+
+  # ------------------------------------------------------------------ linear maps
+  def affine(self, linear_fn: LinearFn, abs_linear_fn: LinearFn | None,
+             bias: Array | None = None) -> "Box":
+    c = linear_fn(self._center)
+    if bias is not None:
+      c = c + bias
+    r = (abs_linear_fn or linear_fn)(self.radius)
+    return Box(c, r)
+
+  def linear(self, fn: LinearFn) -> "Box":
+    return Box(fn(self._center), fn(self.radius))
+
+  def scale_shift(self, scale: Any, shift: Any = None) -> "Box":
+    c = self._center * scale
+    if shift is not None:
+      c = c + shift
+    return Box(c, self.radius * jnp.abs(scale))
+
+  def reshape(self, shape: Sequence[int]) -> "Box":
+    shape = (self.shape[0],) + tuple(shape)[1:]
+    return Box(self._center.reshape(shape), self.radius.reshape(shape))
+
+  # --------------------------------------------------------------- nonlinearities
+  def relu(self) -> "Box":
+    lo, hi = self.concretize()
+    return Box.from_bounds(jax.nn.relu(lo), jax.nn.relu(hi))
+
+  def monotone(self, fn: Callable[[Array], Array]) -> "Box":
+    lo, hi = self.concretize()
+    return Box.from_bounds(fn(lo), fn(hi))
+
+  # ------------------------------------------------------------------- arithmetic
+  def add(self, other: Any) -> AbstractValue:
+    if isinstance(other, HybridZonotope):
+      return other.add(self)
+    if isinstance(other, Box):
+      return Box(self._center + other._center, self.radius + other.radius)
+    if isinstance(other, AbstractValue):
+      lo, hi = other.concretize()
+      return self.add(Box.from_bounds(lo, hi))
+    return Box(self._center + other, self.radius)
+
+  @classmethod
+  def concatenate(cls, values: Sequence[AbstractValue], axis: int) -> AbstractValue:
+    values = list(values)
+    if any(isinstance(v, HybridZonotope) for v in values):
+      return HybridZonotope.concatenate(values, axis)
+    boxes = [_as_box(v) for v in values]
+    return Box(jnp.concatenate([b._center for b in boxes], axis),
+               jnp.concatenate([b.radius for b in boxes], axis))
+
+  def to_zonotope(self, relu_mode: str = "box", relu_budget: int | None = None
+                  ) -> "HybridZonotope":
+    """The same set as a hybrid zonotope with no correlated generators (``m = 0``)."""
+    return HybridZonotope(self._center, self.radius, None, relu_mode=relu_mode,
+                          relu_budget=relu_budget)
+
+
+def _as_box(v: Any) -> Box:
+  if isinstance(v, Box):
+    return v
+  lo, hi = v.concretize()
+  return Box.from_bounds(lo, hi)
+
+
+# ===================================================================== HybridZonotope
+@jax.tree_util.register_pytree_node_class
+class HybridZonotope(AbstractValue):
+  """DiffAI hybrid zonotope: centre, box radius and correlated generators.
+
+  Args:
+    center: ``[B, ...]``.
+    box: ``[B, ...]`` non-negative uncorrelated radius (``b``).
+    generators: ``[m, B, ...]`` correlated generators ``E`` (``None``: ``m = 0``).
+    relu_mode: static; ``"box"`` (DiffAI's default: a crossing neuron, ``l < 0 < u``,
+      becomes the box ``[0, u]`` and loses its correlations) or ``"deepz"`` (the
+      minimal-area zonotope relaxation of Singh et al. 2018, ``y = lam x + mu + mu e``
+      with ``lam = u / (u - l)``, ``mu = -lam l / 2`` and one new noise symbol
+      ``e`` per crossing neuron).
+    relu_budget: static; DeepZ only.  ``None`` appends one generator slot for *every*
+      neuron of the layer (zero for the non-crossing ones): exact DeepZ, but memory
+      grows by ``p x p`` per example and layer (``p`` neurons).  An int ``k`` appends
+      ``k`` slots for the ``k`` crossing neurons with the largest ``mu`` (per example)
+      and folds the other ``mu`` into the box part: memory ``k x p``, less precise,
+      still sound.
+    segments: static ``((tag, size), ...)`` partition of the generator axis (see the
+      module docstring); default: one input segment of size ``m``.
+
+  Raises:
+    ValueError: shapes that do not match, a bad ``relu_mode`` or ``relu_budget``.
+  """
+
+  def __init__(self, center: Array, box: Array, generators: Array | None = None, *,
+               relu_mode: str = "box", relu_budget: int | None = None,
+               segments: tuple[tuple[int, int], ...] | None = None):
+    if relu_mode not in RELU_MODES:
+      raise ValueError(f"relu_mode must be one of {RELU_MODES}; got {relu_mode!r}.")
+    if relu_budget is not None and (isinstance(relu_budget, bool) or
+                                    not isinstance(relu_budget, (int, np.integer)) or
+                                    relu_budget < 1):
+      raise ValueError(f"relu_budget must be None or an int >= 1; got {relu_budget!r}.")
+    center = jnp.asarray(center)
+    if generators is None:
+      generators = jnp.zeros((0,) + center.shape, center.dtype)
+    if tuple(box.shape) != tuple(center.shape) or tuple(generators.shape[1:]) != tuple(
+        center.shape):
+      raise ValueError(f"HybridZonotope: center {tuple(center.shape)}, box "
+                       f"{tuple(box.shape)} and generators {tuple(generators.shape)} must "
+                       "agree as [B, ...], [B, ...] and [m, B, ...].")
+    m = int(generators.shape[0])
+    if segments is None:
+      segments = ((INPUT_TAG, m),) if m else ()
+    if sum(s for _, s in segments) != m:
+      raise ValueError(f"segments {segments} do not add up to {m} generators.")
+    self._center = center
+    self.box = box
+    self.generators = generators
+    self.relu_mode = relu_mode
+    self.relu_budget = None if relu_budget is None else int(relu_budget)
+    self.segments = tuple((int(t), int(s)) for t, s in segments)
+
+  # ------------------------------------------------------------------- pytree
+  def tree_flatten(self):
+    return ((self._center, self.box, self.generators),
+            (self.relu_mode, self.relu_budget, self.segments))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)
+    obj._center, obj.box, obj.generators = children
+    obj.relu_mode, obj.relu_budget, obj.segments = aux
+    return obj
+
+  def _new(self, center: Array, box: Array, generators: Array,
+           segments: tuple[tuple[int, int], ...] | None = None) -> "HybridZonotope":
+    obj = object.__new__(HybridZonotope)
+    obj._center, obj.box, obj.generators = center, box, generators
+    obj.relu_mode, obj.relu_budget = self.relu_mode, self.relu_budget
+    obj.segments = self.segments if segments is None else segments
+    return obj
+
+  def replace(self, **kw: Any) -> "HybridZonotope":
+    """A copy with static fields (``relu_mode``, ``relu_budget``) replaced."""
+    fields = {"relu_mode": self.relu_mode, "relu_budget": self.relu_budget}
+    for k, v in kw.items():
+      if k not in fields:
+        raise TypeError(f"replace: unknown field {k!r}; expected relu_mode or relu_budget.")
+      fields[k] = v
+    return HybridZonotope(self._center, self.box, self.generators, segments=self.segments,
+                          **fields)
+
+  # ---------------------------------------------------------------- structure
+  @classmethod
+  def from_bounds(cls, lower: Array, upper: Array, *, correlate: bool = True,
+                  relu_mode: str = "box", relu_budget: int | None = None
+                  ) -> "HybridZonotope":
+    """The box ``[lower, upper]`` as a hybrid zonotope.
+
+    Args:
+      lower, upper: ``[B, ...]``, ``lower <= upper``.
+      correlate: ``True``: one generator per variable (``m = p``; a zonotope, exact
+        under affine maps; memory ``p`` times the input per example).  ``False``: the
+        box part only (``m = 0``; DiffAI's "HBox" start, correlated later by abstract
+        layers).
+      relu_mode, relu_budget: see the class docstring.
+    """
+    lower = jnp.asarray(lower)
+    upper = jnp.asarray(upper)
+    c = (lower + upper) / 2
+    r = (upper - lower) / 2
+    z = cls(c, r, None, relu_mode=relu_mode, relu_budget=relu_budget)
+    return z._correlate_all(INPUT_TAG) if correlate else z
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self._center.shape)
+
+  @property
+  def dtype(self):
+    return self._center.dtype
+
+  @property
+  def num_generators(self) -> int:
+    return int(self.generators.shape[0])
+
+  def center(self) -> Array:
+    return self._center
+
+  def radius(self) -> Array:
+    """Total error ``b + sum_j |E_j|`` (the half-width of the interval concretization)."""
+    if self.num_generators == 0:
+      return self.box
+    return self.box + jnp.sum(jnp.abs(self.generators), axis=0)
+
+  def concretize(self) -> tuple[Array, Array]:
+    r = self.radius()
+    return self._center - r, self._center + r
+
+  def uncorrelated_radius(self) -> Array:
+    return self.box
+
+  def __repr__(self) -> str:
+    return (f"HybridZonotope(shape={self.shape}, generators={self.num_generators}, "
+            f"relu_mode={self.relu_mode!r}, relu_budget={self.relu_budget})")
+
+  def _flat_generators(self) -> Array:
+    m, b = self.generators.shape[:2]
+    return self.generators.reshape((m * b,) + self.generators.shape[2:])
+
+  def _unflat(self, flat: Array, m: int) -> Array:
+    return flat.reshape((m, flat.shape[0] // max(m, 1)) + flat.shape[1:])
+
+  # ------------------------------------------------------------------ linear maps
+  def affine(self, linear_fn: LinearFn, abs_linear_fn: LinearFn | None,
+             bias: Array | None = None) -> "HybridZonotope":
+    m, batch = self.num_generators, self.shape[0]
+    if abs_linear_fn is None:
+      # Non-negative weights: one call on [c; b; E].
+      parts = [self._center, self.box] + ([self._flat_generators()] if m else [])
+      out = linear_fn(jnp.concatenate(parts, 0))
+      c, b, e = out[:batch], out[batch:2 * batch], out[2 * batch:]
+    else:
+      if m:
+        out = linear_fn(jnp.concatenate([self._center, self._flat_generators()], 0))
+        c, e = out[:batch], out[batch:]
+      else:
+        c = linear_fn(self._center)
+        e = None
+      b = abs_linear_fn(self.box)
+    if bias is not None:
+      c = c + bias
+    gens = self._unflat(e, m) if m else jnp.zeros((0,) + c.shape, c.dtype)
+    return self._new(c, b, gens)
+
+  def linear(self, fn: LinearFn) -> "HybridZonotope":
+    return self.affine(fn, None, None)
+
+  def scale_shift(self, scale: Any, shift: Any = None) -> "HybridZonotope":
+    c = self._center * scale
+    if shift is not None:
+      c = c + shift
+    scale = jnp.asarray(scale)
+    return self._new(c, self.box * jnp.abs(scale), self.generators * scale)
+
+  def reshape(self, shape: Sequence[int]) -> "HybridZonotope":
+    shape = (self.shape[0],) + tuple(shape)[1:]
+    m = self.num_generators
+    return self._new(self._center.reshape(shape), self.box.reshape(shape),
+                     self.generators.reshape((m,) + shape))
+
+  # --------------------------------------------------------------- nonlinearities
+  def relu(self) -> "HybridZonotope":
+    lo, hi = self.concretize()
+    pos = lo >= 0
+    cross = (lo < 0) & (hi > 0)
+    if self.relu_mode == "box":
+      half = jnp.where(cross, hi / 2, 0.0)
+      c = jnp.where(pos, self._center, half)
+      b = jnp.where(pos, self.box, half)
+      return self._new(c, b, self.generators * pos.astype(self.dtype))
+    # DeepZ minimal-area relaxation.
+    lam = jnp.where(pos, 1.0, _safe_div(hi, hi - lo, cross)).astype(self.dtype)
+    mu = jnp.where(cross, -lam * lo / 2, 0.0)
+    c = lam * self._center + mu
+    b = lam * self.box
+    gens = self.generators * lam
+    return self._append_deepz(c, b, gens, mu)
+
+  def _append_deepz(self, c: Array, b: Array, gens: Array, mu: Array) -> "HybridZonotope":
+    batch, p = self.shape[0], _per_example_size(self.shape)
+    mu_flat = mu.reshape(batch, p)
+    k = p if self.relu_budget is None else min(self.relu_budget, p)
+    if k == p:
+      # new[j, n, i] = mu[n, i] * (i == j): one slot per neuron.
+      new = jnp.eye(p, dtype=mu.dtype)[:, None, :] * mu_flat[None, :, :]
+    else:
+      _, idx = jax.lax.top_k(mu_flat, k)                       # [B, k]
+      onehot = jax.nn.one_hot(idx, p, dtype=mu.dtype)          # [B, k, p]
+      new = jnp.swapaxes(onehot * mu_flat[:, None, :], 0, 1)   # [k, B, p]
+      chosen = jnp.sum(onehot, axis=1)                         # [B, p] in {0, 1}
+      b = b + (mu_flat * (1 - chosen)).reshape(b.shape)
+    new = new.reshape((k,) + self.shape)
+    return self._new(c, b, jnp.concatenate([gens, new], 0),
+                     self.segments + ((fresh_tag(), k),))
+
+  def monotone(self, fn: Callable[[Array], Array]) -> "HybridZonotope":
+    lo, hi = self.concretize()
+    flo, fhi = fn(lo), fn(hi)
+    return self._new((flo + fhi) / 2, (fhi - flo) / 2,
+                     jnp.zeros((0,) + self.shape, self.dtype), ())
+
+  # ------------------------------------------------------------------- arithmetic
+  def add(self, other: Any) -> "HybridZonotope":
+    if isinstance(other, AbstractValue):
+      other = _as_zonotope(other, self)
+      (g1, g2), segments = _align([self, other])
+      return self._new(self._center + other._center, self.box + other.box, g1 + g2,
+                       segments)
+    return self._new(self._center + other, self.box, self.generators)
+
+  @classmethod
+  def concatenate(cls, values: Sequence[AbstractValue], axis: int) -> "HybridZonotope":
+    values = list(values)
+    ref = next(v for v in values if isinstance(v, HybridZonotope))
+    zs = [_as_zonotope(v, ref) for v in values]
+    ndim = len(ref.shape)
+    axis = axis % ndim
+    if axis == 0:
+      raise ValueError("HybridZonotope.concatenate: axis 0 is the batch axis.")
+    gens, segments = _align(zs)
+    return ref._new(jnp.concatenate([z._center for z in zs], axis),
+                    jnp.concatenate([z.box for z in zs], axis),
+                    jnp.concatenate(gens, axis + 1), segments)
+
+  # -------------------------------------------------------------- abstract layers
+  def correlate(self, indices: Array, valid: Array | None = None) -> "HybridZonotope":
+    batch, p = self.shape[0], _per_example_size(self.shape)
+    k = int(indices.shape[-1])
+    if k == 0:
+      return self
+    b_flat = self.box.reshape(batch, p)
+    onehot = jax.nn.one_hot(indices, p, dtype=self.dtype)       # [B, k, p]
+    if valid is not None:
+      onehot = onehot * valid[..., None].astype(self.dtype)
+    chosen = jnp.minimum(jnp.sum(onehot, axis=1), 1.0)          # [B, p]
+    new = jnp.swapaxes(onehot * b_flat[:, None, :], 0, 1)       # [k, B, p]
+    box = (b_flat * (1 - chosen)).reshape(self.shape)
+    gens = jnp.concatenate([self.generators, new.reshape((k,) + self.shape)], 0)
+    return self._new(self._center, box, gens, self.segments + ((fresh_tag(), k),))
+
+  def correlate_all(self) -> "HybridZonotope":
+    return self._correlate_all(fresh_tag())
+
+  def _correlate_all(self, tag: int) -> "HybridZonotope":
+    batch, p = self.shape[0], _per_example_size(self.shape)
+    b_flat = self.box.reshape(batch, p)
+    new = (jnp.eye(p, dtype=self.dtype)[:, None, :] * b_flat[None]).reshape((p,) + self.shape)
+    return self._new(self._center, jnp.zeros_like(self.box),
+                     jnp.concatenate([self.generators, new], 0),
+                     self.segments + ((tag, p),))
+
+  def decorrelate(self, keep: int = 0) -> "HybridZonotope":
+    m = self.num_generators
+    keep = int(keep)
+    if keep >= m:
+      return self
+    if keep <= 0:
+      return self._new(self._center, self.radius(), jnp.zeros((0,) + self.shape, self.dtype),
+                       ())
+    batch = self.shape[0]
+    flat = jnp.abs(self.generators.reshape(m, batch, -1))
+    total = jnp.sum(flat, axis=-1)                                # [m, B]
+    _, idx = jax.lax.top_k(total.T, keep)                         # [B, keep]
+    idx = jnp.sort(idx, axis=-1)                                  # keep the order
+    keep_mask = jnp.sum(jax.nn.one_hot(idx, m, dtype=self.dtype), axis=1)  # [B, m]
+    gather = idx.T.reshape((keep, batch) + (1,) * (len(self.shape) - 1))
+    kept = jnp.take_along_axis(self.generators, gather, axis=0)
+    dropped_mask = (1 - keep_mask).T.reshape((m, batch) + (1,) * (len(self.shape) - 1))
+    box = self.box + jnp.sum(jnp.abs(self.generators) * dropped_mask, axis=0)
+    # The kept symbols differ per example: a fresh segment, never aligned with the old.
+    return self._new(self._center, box, kept, ((fresh_tag(), keep),))
+
+
+def _as_zonotope(v: Any, ref: HybridZonotope) -> HybridZonotope:
+  if isinstance(v, HybridZonotope):
+    return v
+  box = _as_box(v)
+  return ref._new(box._center, box.radius, jnp.zeros((0,) + box.shape, box.dtype), ())
+
+
+def _align(zs: Sequence[HybridZonotope]) -> tuple[list[Array], tuple[tuple[int, int], ...]]:
+  """Generators of ``zs`` laid out on the union of their segments (zero padded)."""
+  first = zs[0].segments
+  if all(z.segments == first for z in zs):
+    return [z.generators for z in zs], first
+  union: list[tuple[int, int]] = []
+  sizes: dict[int, int] = {}
+  for z in zs:
+    for tag, size in z.segments:
+      if tag in sizes:
+        if sizes[tag] != size:
+          raise ValueError(f"generator segment {tag} has sizes {sizes[tag]} and {size}.")
+        continue
+      sizes[tag] = size
+      union.append((tag, size))
+  out = []
+  for z in zs:
+    offsets, start = {}, 0
+    for tag, size in z.segments:
+      offsets[tag] = start
+      start += size
+    pieces = []
+    for tag, size in union:
+      if tag in offsets:
+        pieces.append(z.generators[offsets[tag]:offsets[tag] + size])
+      else:
+        pieces.append(jnp.zeros((size,) + z.shape, z.dtype))
+    out.append(jnp.concatenate(pieces, 0) if pieces else z.generators)
+  return out, tuple(union)
+
+
+# ========================================================================== helpers
+def linear_bounds(value: AbstractValue, matrix: Array) -> tuple[Array, Array]:
+  """Interval bounds of ``C z`` for per-example matrices ``C`` and abstract ``z``.
+
+  Computed inside the domain (``C`` applied to centre and generators, ``|C|`` to the
+  box part), which is tighter than interval arithmetic on the bounds of ``z``.
+
+  Args:
+    value: abstract ``z`` of shape ``[B, K]``.
+    matrix: ``[B, n, K]`` (or ``[n, K]``, shared by the batch).
+
+  Returns:
+    ``(lower, upper)``, each ``[B, n]``.
+  """
+  if len(value.shape) != 2:
+    raise ValueError(f"linear_bounds expects a [B, K] value; got shape {value.shape}.")
+  matrix = jnp.asarray(matrix)
+  if matrix.ndim == 2:
+    matrix = jnp.broadcast_to(matrix, (value.shape[0],) + matrix.shape)
+  if isinstance(value, HybridZonotope):
+    c = jnp.einsum("bnk,bk->bn", matrix, value.center())
+    r = jnp.einsum("bnk,bk->bn", jnp.abs(matrix), value.box)
+    if value.num_generators:
+      e = jnp.einsum("bnk,mbk->mbn", matrix, value.generators)
+      r = r + jnp.sum(jnp.abs(e), axis=0)
+    return c - r, c + r
+  box = _as_box(value)
+  c = jnp.einsum("bnk,bk->bn", matrix, box.center())
+  r = jnp.einsum("bnk,bk->bn", jnp.abs(matrix), box.radius)
+  return c - r, c + r
+
+
+def margin_lower_bounds(value: AbstractValue, labels: Array) -> Array:
+  """Lower bounds of ``z_t - z_j`` for every class ``j`` (``+inf`` at ``j = t``).
+
+  Args:
+    value: abstract logits ``[B, K]``.
+    labels: int ``[B]``, the targets ``t``.
+
+  Returns:
+    ``[B, K]``; the label ``t`` is proved when every entry of its row is positive.
+  """
+  k = value.shape[-1]
+  onehot = jax.nn.one_hot(labels, k, dtype=value.center().dtype)   # [B, K]
+  matrix = onehot[:, None, :] - jnp.eye(k, dtype=onehot.dtype)[None]  # row j: e_t - e_j
+  lower, _ = linear_bounds(value, matrix)
+  return jnp.where(onehot > 0, jnp.inf, lower)
+
+
+def worst_case_logits(value: AbstractValue, labels: Array) -> Array:
+  """Logits whose cross-entropy upper-bounds the worst case over the set (IBP loss).
+
+  Entry ``j`` is ``-(lower bound of z_t - z_j)`` (0 at ``j = t``): the softmax
+  cross-entropy of these logits at label ``t`` is an upper bound of the cross-entropy of
+  every concrete point in the set (Wong & Kolter 2018; Gowal et al. 2018).
+
+  Args:
+    value: abstract logits ``[B, K]``.
+    labels: int ``[B]``.
+
+  Returns:
+    ``[B, K]`` logits.
+  """
+  low = margin_lower_bounds(value, labels)
+  return jnp.where(jnp.isinf(low), 0.0, -low)

@@ -1,0 +1,29 @@
+"""Residual step rules: ResNets, EnResNets and In-ResNets as discretised flows.
+
+``x_{n+1} = step(x_n, f_n(x_n))`` with ``step`` one of :class:`Euler` (ResNet),
+:class:`EulerMaruyama` (EnResNet, noise from ``rngs={"noise": key}``) and
+:class:`Damped` (In-ResNet family).  Any model of :mod:`jaxdefense.models` takes any
+step rule through its ``step`` field.
+"""
+
+from jaxdefense.dynamics._steps import Damped as Damped
+from jaxdefense.dynamics._steps import Euler as Euler
+from jaxdefense.dynamics._steps import EulerMaruyama as EulerMaruyama
+from jaxdefense.dynamics._steps import StepContext as StepContext
+from jaxdefense.dynamics._steps import is_stochastic as is_stochastic
+
+__all__ = ["Damped", "Euler", "EulerMaruyama", "StepContext", "is_stochastic"]
+
+from jaxdefense.dynamics._continuous import ODEBlock as ODEBlock
+from jaxdefense.dynamics._continuous import SDEBlock as SDEBlock
+from jaxdefense.dynamics._continuous import SOLVERS as SOLVERS
+from jaxdefense.dynamics._continuous import feynman_kac as feynman_kac
+from jaxdefense.dynamics._continuous import solve_ode as solve_ode
+from jaxdefense.dynamics._continuous import solve_sde as solve_sde
+from jaxdefense.dynamics._spectral import dealias_mask as dealias_mask
+from jaxdefense.dynamics._spectral import grid as grid
+from jaxdefense.dynamics._spectral import solve_convection_diffusion as solve_convection_diffusion
+from jaxdefense.dynamics._spectral import wavenumbers as wavenumbers
+
+__all__ += ["ODEBlock", "SDEBlock", "SOLVERS", "feynman_kac", "solve_ode", "solve_sde",
+            "dealias_mask", "grid", "solve_convection_diffusion", "wavenumbers"]

@@ -1,0 +1,483 @@
+"""Continuous-depth blocks: ODE and SDE flows integrated by diffrax.
+
+A residual network is the forward-Euler discretisation of ``dx/dt = F(x, t)``; an
+EnResNet is the Euler–Maruyama discretisation of ``dx = F(x, t) dt + sigma dB``
+(Wang et al. 2019).  This module keeps the flow continuous and hands it to diffrax:
+
+* :func:`solve_ode` / :func:`solve_sde` are pure functions of a vector field
+  ``f(t, x, args)`` (the diffrax convention: parameters passed through ``args`` receive
+  gradients under every adjoint);
+* :class:`ODEBlock` / :class:`SDEBlock` are Flax modules whose vector field is itself a
+  Flax module, called as ``field(t, x)`` (or ``field(x)`` with
+  ``time_dependent=False``);
+* :func:`feynman_kac` is the Monte-Carlo estimate of the Feynman–Kac representation
+  ``u(x0, 0) = E[f(x(T)) | x(0) = x0]`` of the backward convection–diffusion equation
+  ``u_t + F . grad u + (sigma^2 / 2) Laplace u = 0``, ``u(., T) = f``, i.e. of what an
+  ensemble of noisy ResNets approximates.
+
+Solvers: ``"euler"``, ``"heun"``, ``"midpoint"``, ``"ralston"`` (fixed steps) and
+``"bosh3"``, ``"tsit5"``, ``"dopri5"``, ``"dopri8"`` (adaptive with a
+``PIDController`` by default; fixed steps with ``adaptive=False``).  The SDE solver is
+Euler–Maruyama (``diffrax.Euler`` on ``MultiTerm(ODETerm, ControlTerm)``, Itô) on a
+``VirtualBrownianTree``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import diffrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import lineax as lx
+
+from jaxdefense import _checks
+
+Array = jax.Array
+VectorField = Callable[[Array, Array, Any], Array]
+
+_FIXED_SOLVERS = {
+    "euler": diffrax.Euler,
+    "heun": diffrax.Heun,
+    "midpoint": diffrax.Midpoint,
+    "ralston": diffrax.Ralston,
+}
+_ADAPTIVE_SOLVERS = {
+    "bosh3": diffrax.Bosh3,
+    "tsit5": diffrax.Tsit5,
+    "dopri5": diffrax.Dopri5,
+    "dopri8": diffrax.Dopri8,
+}
+_EMBEDDED = ("heun", "bosh3", "tsit5", "dopri5", "dopri8")  # have an error estimate
+_ADJOINTS = ("recursive", "backsolve", "direct")
+
+SOLVERS = tuple(sorted(_FIXED_SOLVERS)) + tuple(sorted(_ADAPTIVE_SOLVERS))
+
+
+# ------------------------------------------------------------------------ checks
+def _check_interval(t0: Any, t1: Any) -> tuple[float, float]:
+  t0 = _checks.check_float(t0, "t0")
+  t1 = _checks.check_float(t1, "t1")
+  if not t1 > t0:
+    raise ValueError(f"t1 must be > t0 (integration runs forward in time); got t0={t0}, "
+                     f"t1={t1}.")
+  return t0, t1
+
+
+def _resolve_steps(t0: float, t1: float, n_steps: Any, dt: Any) -> int:
+  """Number of fixed steps from ``n_steps`` or ``dt`` (``dt`` wins when given)."""
+  if dt is not None:
+    dt = _checks.check_float(dt, "dt", minimum=0.0, strict_min=True)
+    return max(1, math.ceil((t1 - t0) / dt - 1e-9))
+  return _checks.check_int(n_steps, "n_steps", minimum=1)
+
+
+def _check_sigma(sigma: Any) -> Any:
+  """Check a concrete ``sigma >= 0``; traced values pass through unchecked."""
+  arr = _checks.as_concrete_numpy(sigma)
+  if arr is None:
+    return sigma
+  if arr.ndim != 0:
+    raise ValueError(f"sigma must be a scalar (additive isotropic noise); got "
+                     f"{_checks._summary(sigma)}.")
+  return _checks.check_float(float(arr), "sigma", minimum=0.0)
+
+
+def _is_zero(sigma: Any) -> bool:
+  return isinstance(sigma, float) and sigma == 0.0
+
+
+def _solver(name: str, adaptive: bool | None) -> tuple[Any, bool]:
+  _checks.check_choice(name, "solver", SOLVERS)
+  if adaptive is None:
+    adaptive = name in _ADAPTIVE_SOLVERS
+  if adaptive and name not in _EMBEDDED:
+    raise ValueError(f"solver={name!r} has no error estimate, so it cannot take adaptive "
+                     f"steps; use adaptive=False or one of {list(_EMBEDDED)}.")
+  cls = _FIXED_SOLVERS.get(name) or _ADAPTIVE_SOLVERS[name]
+  return cls(), bool(adaptive)
+
+
+def _adjoint(name: str) -> Any:
+  _checks.check_choice(name, "adjoint", _ADJOINTS)
+  if name == "backsolve":
+    return diffrax.BacksolveAdjoint()
+  if name == "direct":
+    return diffrax.DirectAdjoint()
+  return diffrax.RecursiveCheckpointAdjoint()
+
+
+def _saveat(ts: Any) -> diffrax.SaveAt:
+  if ts is None:
+    return diffrax.SaveAt(t1=True)
+  return diffrax.SaveAt(ts=jnp.asarray(ts))
+
+
+def _check_state(x0: Any) -> Array:
+  x0 = jnp.asarray(x0)
+  _checks.check_floating(x0, "x0")
+  return x0
+
+
+# ------------------------------------------------------- hashable vector fields
+# diffrax compiles once per (hashable) vector field: these small frozen wrappers
+# compare equal across calls, so repeated eager solves reuse the compiled solver.
+@dataclasses.dataclass(frozen=True)
+class _Drift:
+  """``f(t, y, (user_args, sigma)) = fn(t, y, user_args)``."""
+  fn: Callable[..., Array]
+
+  def __call__(self, t, y, args):
+    return self.fn(t, y, args[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdditiveNoise:
+  """``g(t, y, (user_args, sigma)) = sigma * I`` on states of ``structure``."""
+  shape: tuple[int, ...]
+  dtype: Any
+
+  def __call__(self, t, y, args):
+    structure = jax.ShapeDtypeStruct(self.shape, self.dtype)
+    return args[1] * lx.IdentityLinearOperator(structure)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModuleField:
+  """A Flax module as ``f(t, y, variables)``."""
+  module: nn.Module
+  time_dependent: bool
+
+  def __call__(self, t, y, variables):
+    if self.time_dependent:
+      return self.module.apply(variables, jnp.asarray(t, y.dtype), y)
+    return self.module.apply(variables, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TimeDrift:
+  """``F(t, x)`` as ``f(t, x, args)``."""
+  fn: Callable[[Array, Array], Array]
+
+  def __call__(self, t, y, args):
+    return self.fn(t, y)
+
+
+# ------------------------------------------------------------------------ solvers
+def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
+              t0: float = 0.0, t1: float = 1.0, solver: str = "euler",
+              n_steps: int = 10, dt: float | None = None, adaptive: bool | None = None,
+              rtol: float = 1e-3, atol: float = 1e-6, max_steps: int = 4096,
+              adjoint: str = "recursive", ts: Any = None,
+              full_output: bool = False) -> Any:
+  """Integrate ``dx/dt = vector_field(t, x, args)`` from ``t0`` to ``t1`` with diffrax.
+
+  Fixed-step solvers take ``n_steps`` equal steps (``ConstantStepSize``, so forward Euler with ``n_steps = L`` is a ResNet with ``L`` blocks of
+  residual ``dt * F``).  Adaptive solvers start from ``dt0 = (t1 - t0) / n_steps`` and
+  are controlled by ``PIDController(rtol, atol)``.
+
+  Args:
+    vector_field: ``f(t, x, args) -> dx/dt`` with ``t`` a scalar and ``x`` of the
+      shape of ``x0`` (any shape; a batch is integrated as one state, sharing steps).
+    x0: initial state, floating array of any shape.
+    args: pytree handed to ``vector_field`` (put trainable parameters here: they then
+      get gradients under every ``adjoint``).
+    t0: initial time.
+    t1: final time (> ``t0``).
+    solver: one of ``euler, heun, midpoint, ralston, bosh3, tsit5, dopri5, dopri8``.
+    n_steps: number of fixed steps (initial step ``(t1 - t0) / n_steps`` if adaptive).
+    dt: step size; if given, overrides ``n_steps`` with ``ceil((t1 - t0) / dt)``.
+    adaptive: adaptive step size control; default (``None``) True for
+      bosh3/tsit5/dopri5/dopri8 and False otherwise.
+    rtol: relative tolerance of the PID controller (adaptive only).
+    atol: absolute tolerance of the PID controller (adaptive only).
+    max_steps: step budget of adaptive solves (fixed solves use ``n_steps``).
+    adjoint: ``"recursive"`` (discretise-then-optimise, default), ``"backsolve"``
+      (continuous adjoint, O(1) memory) or ``"direct"``.
+    ts: optional increasing times in ``[t0, t1]`` at which to return the state; the
+      result then has a leading axis ``len(ts)``.
+    full_output: return the ``diffrax.Solution`` (``.ys``, ``.stats["num_steps"]``...)
+      instead of the state.
+
+  Returns:
+    ``x(t1)`` with the shape of ``x0`` (or ``[len(ts), *x0.shape]``), or the
+    ``diffrax.Solution`` when ``full_output``.
+
+  Raises:
+    ValueError: ``t1 <= t0``, ``n_steps < 1``, ``dt <= 0``, an unknown solver or
+      adjoint, ``adaptive=True`` with a solver that has no error estimate.
+    TypeError: a non-floating ``x0``; a non-callable ``vector_field``.
+  """
+  if not callable(vector_field):
+    raise TypeError(f"vector_field must be callable f(t, x, args); got {vector_field!r}.")
+  t0, t1 = _check_interval(t0, t1)
+  n = _resolve_steps(t0, t1, n_steps, dt)
+  x0 = _check_state(x0)
+  slv, adaptive = _solver(solver, adaptive)
+  if adaptive:
+    _checks.check_float(rtol, "rtol", minimum=0.0, strict_min=True)
+    _checks.check_float(atol, "atol", minimum=0.0, strict_min=True)
+    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    dt0 = (t1 - t0) / n
+    budget = _checks.check_int(max_steps, "max_steps", minimum=1)
+  else:  # diffrax clips the last step onto t1, so this is exactly n equal steps
+    controller = diffrax.ConstantStepSize()
+    dt0 = (t1 - t0) / n
+    budget = n + 1
+  sol = diffrax.diffeqsolve(
+      diffrax.ODETerm(vector_field), slv, t0, t1, dt0, x0, args=args,
+      saveat=_saveat(ts), stepsize_controller=controller, max_steps=budget,
+      adjoint=_adjoint(adjoint))
+  if full_output:
+    return sol
+  return sol.ys if ts is not None else sol.ys[0]
+
+
+def solve_sde(drift: VectorField, x0: Array, sigma: Any, key: Array, args: Any = None, *,
+              t0: float = 0.0, t1: float = 1.0, n_steps: int = 10,
+              dt: float | None = None, tol: float | None = None,
+              adjoint: str = "recursive", ts: Any = None,
+              full_output: bool = False) -> Any:
+  """Euler–Maruyama solve of the Itô SDE ``dx = drift(t, x, args) dt + sigma dB``.
+
+  Additive isotropic noise: ``B`` is a standard Brownian motion with the shape of
+  ``x0`` (every entry independent), sampled by a ``diffrax.VirtualBrownianTree`` from
+  ``key``, so a fixed key gives a fixed path whatever the step size.  Each step is
+  ``x_{n+1} = x_n + dt * drift(t_n, x_n) + sigma * (B(t_{n+1}) - B(t_n))``.
+
+  Args:
+    drift: ``f(t, x, args) -> dx/dt``, as in :func:`solve_ode`.
+    x0: initial state, floating array of any shape.
+    sigma: noise scale, a scalar ``>= 0`` (a Python number or a 0-d array, possibly
+      traced, e.g. a trainable parameter).
+    key: PRNG key of the Brownian path.
+    args: pytree handed to ``drift``.
+    t0: initial time.
+    t1: final time (> ``t0``).
+    n_steps: number of equal steps.
+    dt: step size; if given, overrides ``n_steps`` with ``ceil((t1 - t0) / dt)``.
+    tol: resolution of the Brownian tree; default ``dt / 4``.
+    adjoint: ``"recursive"`` (default) or ``"direct"``; see :func:`solve_ode`.
+    ts: optional times at which to return the state (leading axis ``len(ts)``).
+    full_output: return the ``diffrax.Solution``.
+
+  Returns:
+    ``x(t1)`` with the shape of ``x0`` (or ``[len(ts), *x0.shape]``), or the solution.
+
+  Raises:
+    ValueError: ``sigma < 0`` or not a scalar, ``t1 <= t0``, ``n_steps < 1``,
+      ``dt <= 0``, ``tol <= 0``, an unknown adjoint (``"backsolve"`` is not supported
+      for SDEs here).
+    TypeError: a non-floating ``x0``; a non-callable ``drift``.
+  """
+  if not callable(drift):
+    raise TypeError(f"drift must be callable f(t, x, args); got {drift!r}.")
+  sigma = _check_sigma(sigma)
+  t0, t1 = _check_interval(t0, t1)
+  n = _resolve_steps(t0, t1, n_steps, dt)
+  x0 = _check_state(x0)
+  _checks.check_choice(adjoint, "adjoint", ("recursive", "direct"))
+  step = (t1 - t0) / n
+  tol = step / 4 if tol is None else _checks.check_float(tol, "tol", minimum=0.0,
+                                                          strict_min=True)
+  brownian = diffrax.VirtualBrownianTree(
+      t0, t1, tol=tol, shape=jax.ShapeDtypeStruct(x0.shape, x0.dtype), key=key)
+  diffusion = _AdditiveNoise(tuple(x0.shape), x0.dtype)
+  terms = diffrax.MultiTerm(diffrax.ODETerm(_Drift(drift)),
+                            diffrax.ControlTerm(diffusion, brownian))
+  sigma = jnp.asarray(sigma, x0.dtype)
+  sol = diffrax.diffeqsolve(
+      terms, diffrax.Euler(), t0, t1, step, x0, args=(args, sigma), saveat=_saveat(ts),
+      stepsize_controller=diffrax.ConstantStepSize(), max_steps=n + 1,
+      adjoint=_adjoint(adjoint))
+  if full_output:
+    return sol
+  return sol.ys if ts is not None else sol.ys[0]
+
+
+# ------------------------------------------------------------------------ modules
+class ODEBlock(nn.Module):
+  """A continuous-depth block ``x -> x(T)`` with ``dx/dt = field(t, x)``, ``x(0) = x``.
+
+  The vector field is any Flax module called as ``field(t, x)`` (``t`` a scalar
+  array) or ``field(x)`` when ``time_dependent=False``, returning an array of the
+  shape of ``x``.  Its parameters live under ``params/field`` and are passed to diffrax
+  through ``args``, so they get gradients under every adjoint.  The field must be
+  stateless at apply time (no mutable batch statistics, no RNG streams).
+
+  Forward Euler with ``n_steps = L`` is exactly ``L`` residual blocks
+  ``x <- x + (T / L) * field(t, x)`` with shared weights.
+
+  Attributes:
+    field: the vector-field module.
+    t1: final time ``T`` (> 0); integration runs on ``[0, T]``.
+    solver: diffrax solver name (see :func:`solve_ode`), default ``"euler"``.
+    n_steps: number of steps (fixed solvers) or ``T / dt0`` (adaptive).
+    dt: step size overriding ``n_steps`` when given.
+    adaptive: see :func:`solve_ode`.
+    rtol: PID relative tolerance.
+    atol: PID absolute tolerance.
+    max_steps: adaptive step budget.
+    adjoint: ``"recursive"``, ``"backsolve"`` or ``"direct"``.
+    time_dependent: call ``field(t, x)`` (True) or ``field(x)``.
+
+  Call: ``block.apply(variables, x, train=False)`` (``train`` is accepted for a
+  uniform model interface and ignored by the ODE).
+
+  Raises:
+    ValueError / TypeError: as :func:`solve_ode`.
+  """
+  field: nn.Module
+  t1: float = 1.0
+  solver: str = "euler"
+  n_steps: int = 10
+  dt: float | None = None
+  adaptive: bool | None = None
+  rtol: float = 1e-3
+  atol: float = 1e-6
+  max_steps: int = 4096
+  adjoint: str = "recursive"
+  time_dependent: bool = True
+
+  def _vector_field(self, x: Array) -> tuple[VectorField, Any]:
+    """The field as a pure function ``f(t, x, variables)`` plus its variables."""
+    field = self.field
+    if self.is_initializing():  # create the field's parameters outside the solver
+      t = jnp.zeros((), x.dtype)
+      field(t, x) if self.time_dependent else field(x)
+    module, variables = field.unbind()
+    return _ModuleField(module, bool(self.time_dependent)), variables
+
+  def _ode(self, x: Array, f: VectorField, variables: Any) -> Array:
+    return solve_ode(f, x, variables, t0=0.0, t1=self.t1, solver=self.solver,
+                     n_steps=self.n_steps, dt=self.dt, adaptive=self.adaptive,
+                     rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
+                     adjoint=self.adjoint)
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    f, variables = self._vector_field(x)
+    return self._ode(x, f, variables)
+
+
+class SDEBlock(ODEBlock):
+  """A stochastic continuous-depth block: ``dx = field(t, x) dt + sigma dB`` on ``[0, T]``.
+
+  The continuous counterpart of a stage of EnResNet blocks: solved by Euler–Maruyama
+  (``diffrax.Euler`` on ``MultiTerm(ODETerm, ControlTerm)``) in ``n_steps`` equal steps,
+  on a ``VirtualBrownianTree`` keyed from the ``"noise"`` RNG stream
+  (``rngs={"noise": key}``): a fixed key gives a fixed output.  The noise is additive,
+  isotropic, with absolute scale ``sigma``.
+
+  With ``sigma == 0`` (or in evaluation mode with ``at_test=False``) the block is the
+  :class:`ODEBlock` with the configured ``solver`` and needs no key.
+
+  Attributes:
+    sigma: diffusion coefficient (>= 0), default 0.1.
+    at_test: also draw noise when ``train=False`` (the EnResNet convention).
+    tol: Brownian-tree resolution; default ``dt / 4``.
+    (others as :class:`ODEBlock`; ``solver``/``adaptive``/tolerances only apply to
+    the noiseless solve.)
+
+  Raises:
+    ValueError: ``sigma < 0``; noise needed but no ``"noise"`` key given; as
+      :func:`solve_sde` / :func:`solve_ode`.
+  """
+  sigma: float = 0.1
+  at_test: bool = True
+  tol: float | None = None
+
+  def active(self, train: bool) -> bool:
+    """Whether noise is drawn in this mode."""
+    sigma = _check_sigma(self.sigma)
+    return not _is_zero(sigma) and (train or self.at_test)
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    f, variables = self._vector_field(x)
+    if not self.active(train):
+      return self._ode(x, f, variables)
+    if not self.has_rng("noise"):
+      raise ValueError(
+          f"SDEBlock(sigma={self.sigma}) draws a Brownian path but apply got no noise key: "
+          "pass rngs={'noise': key} (or use sigma=0 / at_test=False for a deterministic "
+          "block).")
+    adjoint = "recursive" if self.adjoint == "backsolve" else self.adjoint
+    return solve_sde(f, x, self.sigma, self.make_rng("noise"), variables, t0=0.0,
+                     t1=self.t1, n_steps=self.n_steps, dt=self.dt, tol=self.tol,
+                     adjoint=adjoint)
+
+
+# ------------------------------------------------------------------ Feynman–Kac
+def feynman_kac(f_terminal: Callable[[Array], Array], drift: Callable[[Array, Array], Array],
+                x0: Array, sigma: float, key: Array, n_paths: int = 1000,
+                n_steps: int = 20, T: float = 1.0, *,
+                batch_size: int | None = None) -> tuple[Array, Array]:
+  """Monte-Carlo Feynman–Kac estimate of ``u(x0, 0) = E[f(x(T)) | x(0) = x0]``.
+
+  ``u`` solves the backward convection–diffusion (Kolmogorov) equation
+
+      u_t + drift(t, x) . grad u + (sigma^2 / 2) Laplace u = 0,   u(x, T) = f(x),
+
+  and ``x(t)`` is the Itô process ``dx = drift(t, x) dt + sigma dB``, simulated on
+  ``n_paths`` independent paths (``vmap``) by :func:`solve_sde`.  This is what an
+  ensemble of EnResNets approximates (Wang et al. 2019, Eq. 10), with the network's
+  blocks as the drift and the softmax layer as ``f``.
+
+  The estimate carries the Euler–Maruyama bias (weak order 1 in ``T / n_steps``; zero
+  for a constant or zero drift) and a Monte-Carlo error of about one standard error.
+
+  Args:
+    f_terminal: ``f(x) -> array`` (any shape, e.g. a scalar or class probabilities),
+      applied to one path's terminal state of the shape of ``x0``.
+    drift: ``F(t, x) -> dx/dt`` of the shape of ``x``.
+    x0: starting point, floating array of any shape (one point; ``vmap`` the function
+      over a batch of points).
+    sigma: diffusion coefficient (>= 0).
+    key: PRNG key; path ``i`` uses ``jax.random.split(key, n_paths)[i]``.
+    n_paths: number of Monte-Carlo paths (>= 2 for a standard error).
+    n_steps: Euler–Maruyama steps per path (>= 1).
+    T: terminal time (> 0).
+    batch_size: simulate the paths in chunks of this many (``lax.map``) to bound
+      memory; default all at once.
+
+  Returns:
+    ``(estimate, stderr)``: the sample mean of ``f(x(T))`` over paths and its standard
+    error ``std / sqrt(n_paths)`` (``ddof=1``), both of the shape of ``f``'s output.
+
+  Raises:
+    ValueError: ``sigma < 0``, ``n_paths < 2``, ``n_steps < 1``, ``T <= 0``,
+      ``batch_size`` not dividing ``n_paths``.
+    TypeError: non-callable ``f_terminal`` or ``drift``; a non-floating ``x0``.
+  """
+  if not callable(f_terminal):
+    raise TypeError(f"f_terminal must be callable f(x) -> array; got {f_terminal!r}.")
+  if not callable(drift):
+    raise TypeError(f"drift must be callable F(t, x) -> dx/dt; got {drift!r}.")
+  sigma = _check_sigma(sigma)
+  n_paths = _checks.check_int(n_paths, "n_paths", minimum=2)
+  n_steps = _checks.check_int(n_steps, "n_steps", minimum=1)
+  T = _checks.check_float(T, "T", minimum=0.0, strict_min=True)
+  x0 = _check_state(x0)
+  if batch_size is not None:
+    batch_size = _checks.check_int(batch_size, "batch_size", minimum=1)
+    if n_paths % batch_size:
+      raise ValueError(f"batch_size must divide n_paths={n_paths}; got {batch_size}.")
+
+  def one_path(k):
+    xt = solve_sde(_TimeDrift(drift), x0, sigma, k, t1=T, n_steps=n_steps)
+    return f_terminal(xt)
+
+  keys = jax.random.split(key, n_paths)
+  if batch_size is None or batch_size == n_paths:
+    values = jax.vmap(one_path)(keys)
+  else:
+    chunks = keys.reshape((n_paths // batch_size, batch_size) + keys.shape[1:])
+    values = jax.lax.map(jax.vmap(one_path), chunks)
+    values = values.reshape((n_paths,) + values.shape[2:])
+  mean = jnp.mean(values, axis=0)
+  stderr = jnp.std(values, axis=0, ddof=1) / math.sqrt(n_paths)
+  return mean, stderr

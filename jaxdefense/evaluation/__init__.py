@@ -1,0 +1,25 @@
+"""Evaluation: clean / robust / corruption / certified accuracy tables and diagnostics.
+
+>>> report = evaluate_robustness(logits_fn, x, y, key=key, eps=8/255, suite="quick",
+...                              corruptions=("gaussian_noise",))
+>>> print(report.to_text())
+>>> print(diagnose(logits_fn, x, y, key=key, eps=8/255).to_text())
+"""
+
+from jaxdefense.evaluation._certified import certified_accuracy as certified_accuracy
+from jaxdefense.evaluation._diagnose import Check as Check
+from jaxdefense.evaluation._diagnose import Diagnosis as Diagnosis
+from jaxdefense.evaluation._diagnose import diagnose as diagnose
+from jaxdefense.evaluation._robustness import ATTACKS as ATTACKS
+from jaxdefense.evaluation._robustness import SUITES as SUITES
+from jaxdefense.evaluation._robustness import AttackSpec as AttackSpec
+from jaxdefense.evaluation._robustness import RobustnessReport as RobustnessReport
+from jaxdefense.evaluation._robustness import accuracy_vs_eps as accuracy_vs_eps
+from jaxdefense.evaluation._robustness import evaluate_robustness as evaluate_robustness
+from jaxdefense.evaluation._robustness import parse_attack as parse_attack
+from jaxdefense.evaluation._robustness import parse_suite as parse_suite
+from jaxdefense.evaluation._robustness import plot_accuracy_vs_eps as plot_accuracy_vs_eps
+
+__all__ = ["ATTACKS", "SUITES", "AttackSpec", "Check", "Diagnosis", "RobustnessReport",
+           "accuracy_vs_eps", "certified_accuracy", "diagnose", "evaluate_robustness",
+           "parse_attack", "parse_suite", "plot_accuracy_vs_eps"]

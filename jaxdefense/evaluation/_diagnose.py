@@ -1,0 +1,206 @@
+"""Gradient-masking diagnostics, in the spirit of AutoAttack's checks.
+
+A defence whose robustness comes from broken gradients (quantised inputs, adaptive
+solvers, randomness) shows tell-tale signs (Athalye et al. 2018; Carlini et al. 2019;
+Croce & Hein 2020).  :func:`diagnose` measures each one and reports its numbers:
+
+1. ``randomness``: outputs change across noise keys (attack with EOT, report the EOT
+   numbers);
+2. ``black_box_stronger``: the gradient-free SPSA attack beats white-box PGD;
+3. ``transfer_stronger``: a transfer attack from a surrogate beats white-box PGD;
+4. ``not_monotone_in_eps``: accuracy rises as eps grows;
+5. ``large_eps_accuracy``: accuracy stays well above 0 at a very large eps;
+6. ``bad_gradients``: a large fraction of zero or non-finite input gradients;
+7. ``one_step_stronger``: single-step FGSM beats iterative PGD.
+
+Checks 1 is informative (a randomised model is not masked by itself, but must be
+attacked with EOT); checks 2 to 7 flag masking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdefense import _checks
+from jaxdefense import attacks as _attacks
+from jaxdefense.evaluation._robustness import accuracy_vs_eps, evaluate_robustness
+from jaxdefense.training._metrics import format_table
+
+Array = jax.Array
+
+
+@dataclasses.dataclass
+class Check:
+  """One diagnostic: its name, whether it flags masking, a sentence and its numbers."""
+  name: str
+  flagged: bool
+  detail: str
+  numbers: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Diagnosis:
+  """All checks of :func:`diagnose`; ``masked`` is True when any check flags."""
+  checks: list[Check]
+
+  @property
+  def masked(self) -> bool:
+    return any(c.flagged for c in self.checks if c.name != "randomness")
+
+  def flagged(self) -> list[str]:
+    return [c.name for c in self.checks if c.flagged]
+
+  def __getitem__(self, name: str) -> Check:
+    for c in self.checks:
+      if c.name == name:
+        return c
+    raise KeyError(f"no check named {name!r}; checks: {[c.name for c in self.checks]}.")
+
+  def to_text(self) -> str:
+    rows = [{"check": c.name, "verdict": "FLAG" if c.flagged else "ok", "detail": c.detail}
+            for c in self.checks]
+    verdict = ("gradient masking suspected: " + ", ".join(self.flagged()) if self.masked
+               else "no sign of gradient masking")
+    return format_table(rows, ["check", "verdict", "detail"], title=verdict)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"masked": self.masked,
+            "checks": [dataclasses.asdict(c) for c in self.checks]}
+
+
+def diagnose(logits_fn: Callable, images: Any, labels: Any, *, key: Array, eps: float,
+             stochastic: bool = False, eot_samples: int = 5,
+             surrogate_fn: Callable | None = None, pgd_steps: int = 20,
+             spsa_steps: int = 50, spsa_samples: int = 64, large_eps: float = 0.5,
+             margin: float = 0.05, batch_size: int = 128, progress: bool = False) -> Diagnosis:
+  """Run the gradient-masking checks on a model and a batch of examples.
+
+  Args:
+    logits_fn: ``f(x) -> logits`` (or ``f(x, key)`` with ``stochastic=True``).
+    images: ``[N, H, W, C]`` in [0, 1]; a few hundred examples are enough.
+    labels: ``[N]`` integer labels.
+    key: PRNG key.
+    eps: the threat model's l-inf radius.
+    stochastic: the model draws noise (attacks then use EOT over ``eot_samples``).
+    eot_samples: EOT draws.
+    surrogate_fn: an optional deterministic surrogate ``g(x) -> logits`` (e.g. the
+      fixed-step twin of an adaptive ODE net) for the transfer check.
+    pgd_steps: PGD iterations of the white-box reference attack.
+    spsa_steps, spsa_samples: budget of the gradient-free attack.
+    large_eps: the "very large" radius of check 5.
+    margin: accuracy difference (fraction) that counts as "stronger" / "rising".
+    batch_size: batch size of every compiled call.
+    progress: tqdm bars.
+
+  Returns:
+    A :class:`Diagnosis`.
+
+  Raises:
+    ValueError: bad images, labels or eps (``large_eps`` must exceed ``eps``).
+  """
+  x = np.asarray(images, np.float32)
+  y = np.asarray(labels)
+  _checks.check_images(x, "images")
+  _checks.check_eps(eps, "eps")
+  _checks.check_eps(large_eps, "large_eps")
+  if large_eps <= eps:
+    raise ValueError(f"large_eps must exceed eps ({eps}); got {large_eps}.")
+  ks = jax.random.split(key, 8)
+  common = dict(stochastic=stochastic, eot_samples=eot_samples, batch_size=batch_size,
+                progress=progress)
+  checks: list[Check] = []
+
+  # 1. randomness of the outputs across keys
+  xs = jnp.asarray(x[:batch_size])
+  if stochastic:
+    first, second = logits_fn(xs, ks[0]), logits_fn(xs, ks[1])
+  else:
+    first, second = logits_fn(xs), logits_fn(xs)
+  spread = float(jnp.max(jnp.abs(first - second)))
+  flip = float(jnp.mean(jnp.argmax(first, -1) != jnp.argmax(second, -1)))
+  checks.append(Check(
+      "randomness", spread > 1e-6,
+      (f"outputs vary across keys (max |dlogit| {spread:.3g}, {100 * flip:.1f} % predictions "
+       f"flip): attack with EOT{' (done)' if stochastic else ' - NOT done, pass stochastic=True'}")
+      if spread > 1e-6 else "outputs are deterministic",
+      {"max_logit_change": spread, "prediction_flip_rate": flip}))
+
+  # reference white-box numbers
+  rep = evaluate_robustness(logits_fn, x, y, key=ks[2], eps=eps,
+                            suite=["fgsm", f"pgd:steps={pgd_steps}",
+                                   f"spsa:steps={spsa_steps},num_samples={spsa_samples}"],
+                            **common)
+  acc_fgsm, acc_pgd, acc_spsa = list(rep.attacks.values())
+
+  # 2. black-box stronger than white-box
+  checks.append(Check(
+      "black_box_stronger", acc_spsa < acc_pgd - margin,
+      f"SPSA {100 * acc_spsa:.1f} % vs PGD-{pgd_steps} {100 * acc_pgd:.1f} %",
+      {"spsa": acc_spsa, "pgd": acc_pgd}))
+
+  # 3. transfer stronger than white-box
+  if surrogate_fn is not None:
+    model = _attacks.eot(logits_fn, eot_samples) if stochastic else logits_fn
+    correct = 0
+    for lo in range(0, x.shape[0], batch_size):
+      xb, yb = jnp.asarray(x[lo:lo + batch_size]), jnp.asarray(y[lo:lo + batch_size])
+      res = _attacks.transfer(_attacks.pgd, surrogate_fn, model, xb, yb,
+                              key=jax.random.fold_in(ks[3], lo), eps=eps, steps=pgd_steps)
+      correct += int(jnp.sum(jnp.argmax(res.target_logits, -1) == yb))
+    acc_transfer = correct / x.shape[0]
+    checks.append(Check(
+        "transfer_stronger", acc_transfer < acc_pgd - margin,
+        f"transfer PGD {100 * acc_transfer:.1f} % vs white-box PGD {100 * acc_pgd:.1f} %",
+        {"transfer": acc_transfer, "pgd": acc_pgd}))
+
+  # 4. accuracy must not rise with eps; 5. and must reach ~0 at a very large eps
+  radii = [eps / 2, eps, 2 * eps, large_eps]
+  curve = accuracy_vs_eps(logits_fn, x, y, key=ks[4], eps_values=radii,
+                          attack=f"pgd:steps={pgd_steps}", **common)
+  accs = [a for _, a in curve]
+  rises = max((accs[i + 1] - accs[i] for i in range(len(accs) - 1)), default=0.0)
+  checks.append(Check(
+      "not_monotone_in_eps", rises > margin,
+      "PGD accuracy at eps x (0.5, 1, 2) and large eps: "
+      + ", ".join(f"{100 * a:.1f} %" for a in accs),
+      {"eps": radii, "accuracy": accs}))
+  num_classes = int(first.shape[-1])
+  limit = max(0.1, 1.0 / num_classes + margin)
+  checks.append(Check(
+      "large_eps_accuracy", accs[-1] > limit,
+      f"PGD accuracy {100 * accs[-1]:.1f} % at eps {large_eps:g} (expected <= {100 * limit:.0f} %)",
+      {"eps": large_eps, "accuracy": accs[-1]}))
+
+  # 6. zero or non-finite input gradients
+  def loss(xb, yb, kb):
+    logits = logits_fn(xb, kb) if stochastic else logits_fn(xb)
+    return jnp.sum(_attacks.cross_entropy(logits, yb))
+  grad_fn = jax.jit(jax.grad(loss))
+  zero = nonfinite = 0
+  for lo in range(0, x.shape[0], batch_size):
+    g = np.asarray(grad_fn(jnp.asarray(x[lo:lo + batch_size]), jnp.asarray(y[lo:lo + batch_size]),
+                           jax.random.fold_in(ks[5], lo)))
+    flat = g.reshape(g.shape[0], -1)
+    nonfinite += int(np.sum(~np.all(np.isfinite(flat), axis=1)))
+    zero += int(np.sum(np.all(flat == 0, axis=1)))
+  frac_zero, frac_bad = zero / x.shape[0], nonfinite / x.shape[0]
+  checks.append(Check(
+      "bad_gradients", frac_zero > 0.1 or frac_bad > 0,
+      f"{100 * frac_zero:.1f} % of examples have an all-zero input gradient, "
+      f"{100 * frac_bad:.1f} % a non-finite one",
+      {"zero_fraction": frac_zero, "nonfinite_fraction": frac_bad}))
+
+  # 7. one step stronger than iterative
+  checks.append(Check(
+      "one_step_stronger", acc_fgsm < acc_pgd - margin,
+      f"FGSM {100 * acc_fgsm:.1f} % vs PGD-{pgd_steps} {100 * acc_pgd:.1f} %",
+      {"fgsm": acc_fgsm, "pgd": acc_pgd}))
+  return Diagnosis(checks)
+
+
+__all__ = ["Check", "Diagnosis", "diagnose"]

@@ -1,0 +1,175 @@
+"""EnResNet presets (Wang, Yuan, Shi & Osher, NeurIPS 2019) and logit integration.
+
+EnResNet is configuration, not code: a registered residual network with the
+:class:`~jaxdefense.dynamics.EulerMaruyama` step rule (noise ``coef * std * N(0, I)``
+after every residual block, in training and at test time), wrapped in an
+:class:`~jaxdefense.models.Ensemble` for ``En_n``.  Registered names, for each base
+``B`` in ``preact_resnet20, preact_resnet44, preact_resnet110, wrn34_10``:
+
+* ``en_B``: the noisy net (``En_1 B``, no ensemble wrapper);
+* ``en{n}_B`` (n = 1, 2, 5): ``En_n B``, n independently parametrised noisy nets trained
+  jointly, logits averaged (``Ensemble(shared=False)``);
+* ``swe{n}_B`` (n = 1, 2, 5): the shared-weights ensemble "n x En_1 B" of the paper's
+  Table 7, one parameter set and n noise draws (``Ensemble(shared=True)``);
+* ``ens{n}_B`` (n = 2, 5): the baseline ensemble of plain (noise-free) nets.
+
+Every factory takes the base network's overrides (``num_classes``, ``normalize``,
+``dropout``...), the step's (``coef``, ``std``, ``at_test``) and, for ensembles,
+``size``.  :func:`average_logits` integrates separately trained models (the paper's
+Table 5, e.g. ``En_2 ResNet110 & En_1 WRN-34-10``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+
+from jaxdefense import _checks
+from jaxdefense.dynamics import Euler, EulerMaruyama
+from jaxdefense.models._ensemble import Ensemble
+from jaxdefense.models._registry import create, register
+
+Array = jax.Array
+
+BASES = ("preact_resnet20", "preact_resnet44", "preact_resnet110", "wrn34_10")
+_PAPER_NAMES = {"preact_resnet20": "ResNet20", "preact_resnet44": "ResNet44",
+                "preact_resnet110": "ResNet110", "wrn34_10": "WideResNet34-10"}
+
+
+def enresnet(base: str = "preact_resnet20", size: int | None = None, *,
+             shared: bool = False, noise: bool = True, coef: float | None = None,
+             std: str | None = None, at_test: bool | None = None,
+             **overrides: Any) -> nn.Module:
+  """An EnResNet (or a plain ensemble) built from a registered residual network.
+
+  Args:
+    base: registered model name of the member network, e.g. ``"preact_resnet20"``
+      (the paper's ResNet20), ``"wrn34_10"``, or any model with a ``step`` field.
+    size: ensemble size ``n``; ``None`` returns the bare member (no ensemble axis),
+      ``1`` an ``Ensemble`` of one (parameters carry a leading axis of length 1).
+    shared: shared-weights ensemble ("n x En_1": one parameter set, n noise draws)
+      instead of n independently parametrised members.
+    noise: Euler–Maruyama (EnResNet) steps; ``False`` gives plain ``Euler`` (ResNet)
+      members and then ``coef``/``std``/``at_test`` must not be given.
+    coef: noise coefficient ``a >= 0``; default (``None``) 0.1 as in the paper
+      (Table 6 scans 0.05-0.8).
+    std: noise scale ``"batch"`` (default; the authors' code: std of the whole batch
+      tensor), ``"sample"`` (per example) or ``"fixed"`` (``coef`` is the absolute
+      sigma).
+    at_test: also inject noise when ``train=False``; default True (as the paper).
+    **overrides: fields of the member network (``num_classes=100``, ``normalize=...``,
+      ``dropout=...``); a ``step`` override replaces the step rule entirely and then
+      ``noise``/``coef``/``std``/``at_test`` must not be given.
+
+  Returns:
+    A Flax module; apply it with ``rngs={"noise": key}`` when noise is on.
+
+  Raises:
+    ValueError: unknown ``base``, ``size < 1``, bad ``coef``/``std``, a ``step``
+      override together with noise arguments, noise arguments with ``noise=False``, an
+      override the base does not take.
+  """
+  given = {k: v for k, v in (("coef", coef), ("std", std), ("at_test", at_test))
+           if v is not None}
+  if "step" in overrides:
+    if given or not noise:
+      raise ValueError(f"enresnet got both step={overrides['step']!r} and noise arguments "
+                       f"{sorted(given) or ['noise=False']}; pass one or the other.")
+    step = overrides.pop("step")
+  elif not noise and given:
+    raise ValueError(f"noise=False (a plain ensemble) takes no noise arguments; got "
+                     f"{sorted(given)}.")
+  elif noise:
+    step = EulerMaruyama(coef=0.1 if coef is None else coef, std=std or "batch",
+                         at_test=True if at_test is None else at_test)
+  else:
+    step = Euler()
+  member = create(base, step=step, **overrides)
+  if size is None:
+    return member
+  size = _checks.check_int(size, "size", minimum=1)
+  return Ensemble(member=member, size=size, shared=bool(shared))
+
+
+def _describe(kind: str, base: str, n: int | None) -> str:
+  b = _PAPER_NAMES[base]
+  if kind == "en" and n is None:
+    return f"EnResNet: pre-activation {b} with Euler-Maruyama noise (En_1 {b}, no ensemble axis)"
+  if kind == "en":
+    return f"En_{n} {b}: {n} independently parametrised noisy {b}s, logits averaged"
+  if kind == "swe":
+    return f"{n} x En_1 {b}: shared-weights ensemble of {n} noise draws (Table 7)"
+  return f"baseline ensemble of {n} noise-free {b}s, logits averaged"
+
+
+for _base in BASES:
+  register(f"en_{_base}", _describe("en", _base, None))(
+      functools.partial(enresnet, base=_base, size=None))
+  for _n in (1, 2, 5):
+    register(f"en{_n}_{_base}", _describe("en", _base, _n))(
+        functools.partial(enresnet, base=_base, size=_n))
+    register(f"swe{_n}_{_base}", _describe("swe", _base, _n))(
+        functools.partial(enresnet, base=_base, size=_n, shared=True))
+  for _n in (2, 5):
+    register(f"ens{_n}_{_base}", _describe("ens", _base, _n))(
+        functools.partial(enresnet, base=_base, size=_n, noise=False))
+
+
+def average_logits(logit_fns: Sequence[Callable[..., Array]],
+                   weights: Sequence[float] | None = None) -> Callable[..., Array]:
+  """Integrate separately trained models by (weighted) averaging of their logits.
+
+  The paper's "integration of separately trained EnResNets" (Sec. 3.2, Table 5):
+  models of different architectures and checkpoints, each a logits function, are
+  combined into one ``logits_fn`` usable by every attack (wrap it in
+  ``jaxdefense.attacks.eot`` when the members are stochastic).
+
+  Args:
+    logit_fns: callables ``f(x [B, H, W, C]) -> logits [B, K]`` or, for stochastic
+      members, ``f(x, key) -> logits``; all must give the same ``[B, K]``.
+    weights: optional non-negative weights, one per function (normalised to sum 1);
+      default uniform.
+
+  Returns:
+    ``combined(x, key=None) -> [B, K]``: without a key each member is called as
+    ``f(x)``; with a key, as ``f(x, key_i)`` with ``key_i = jax.random.split(key, n)[i]``
+    (so every member must accept a key then; deterministic ones may ignore it).
+
+  Raises:
+    TypeError: a non-callable member.
+    ValueError: no members, wrong number of weights, negative or all-zero weights.
+  """
+  fns = tuple(logit_fns)
+  if not fns:
+    raise ValueError("average_logits needs at least one logits function; got none.")
+  for i, f in enumerate(fns):
+    if not callable(f):
+      raise TypeError(f"logit_fns[{i}] must be callable f(x) or f(x, key); got {f!r}.")
+  if weights is None:
+    w = [1.0 / len(fns)] * len(fns)
+  else:
+    w = [_checks.check_float(v, f"weights[{i}]", minimum=0.0) for i, v in enumerate(weights)]
+    if len(w) != len(fns):
+      raise ValueError(f"weights must have one entry per logits function ({len(fns)}); "
+                       f"got {len(w)}.")
+    total = sum(w)
+    if total <= 0:
+      raise ValueError(f"weights must not all be zero; got {list(weights)}.")
+    w = [v / total for v in w]
+
+  def combined(x: Array, key: Array | None = None) -> Array:
+    if key is None:
+      outs = [f(x) for f in fns]
+    else:
+      keys = jax.random.split(key, len(fns))
+      outs = [f(x, keys[i]) for i, f in enumerate(fns)]
+    shapes = {tuple(o.shape) for o in outs}
+    if len(shapes) != 1:
+      raise ValueError(f"average_logits members disagree on the logits shape: "
+                       f"{[tuple(o.shape) for o in outs]}.")
+    return sum(wi * o for wi, o in zip(w, outs))
+
+  return combined

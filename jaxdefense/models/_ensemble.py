@@ -1,0 +1,62 @@
+"""Ensembles: one stacked parameter pytree applied with ``vmap``, logits averaged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxdefense import _checks
+from jaxdefense.nn._abstract import is_abstract
+
+
+def _apply_member(member: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+  return member(x, *args, **kwargs)
+
+
+class Ensemble(nn.Module):
+  """Average of the logits of ``size`` copies of ``member``.
+
+  * ``shared=False`` (``En_n``): ``size`` independently parametrised members trained
+    jointly.  Their variables are one pytree whose leaves carry a leading ensemble
+    axis of length ``size``, applied with ``flax.linen.vmap`` (parameters, batch
+    statistics and noise keys split over the axis).
+  * ``shared=True`` (shared-weights ensemble, "n x En_1"): one parameter set and
+    ``size`` noise draws.  The batch is tiled ``size`` times and pushed through the
+    member once; with ``EulerMaruyama(std="batch")`` the noise scale is then the
+    standard deviation of the tiled tensor, which equals the single-batch one up to
+    the earlier noise.
+
+  Extra call arguments (``train``, ``perturbations``...) go to every member.
+
+  Raises:
+    ValueError: ``size < 1``; an abstract input (certify one member at a time).
+  """
+  member: nn.Module
+  size: int = 2
+  shared: bool = False
+
+  @nn.compact
+  def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    size = _checks.check_int(self.size, "Ensemble.size", minimum=1)
+    if is_abstract(x):
+      raise ValueError("Ensemble does not take abstract inputs: certify each member "
+                       "(unstack the ensemble axis) instead.")
+    if self.shared:
+      b = x.shape[0]
+      out = self.member(jnp.concatenate([x] * size, axis=0), *args, **kwargs)
+      return jnp.mean(out.reshape((size, b) + out.shape[1:]), axis=0)
+    stacked = nn.vmap(
+        _apply_member,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True, "noise": True, "dropout": True},
+        in_axes=None, out_axes=0, axis_size=size)
+    return jnp.mean(stacked(self.member, x, *args, **kwargs), axis=0)
+
+
+def member_variables(variables: Any, i: int) -> Any:
+  """Variables of member ``i`` of a (non-shared) :class:`Ensemble`."""
+  import jax
+  inner = {k: v["member"] for k, v in variables.items()}
+  return jax.tree_util.tree_map(lambda a: a[i], inner)

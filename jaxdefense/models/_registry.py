@@ -1,0 +1,77 @@
+"""Model registry: presets by name, created with overrides."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register(name: str, description: str = "") -> Callable:
+  """Decorator: register ``factory(**overrides) -> flax Module`` under ``name``."""
+  def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    if name in _REGISTRY:
+      raise ValueError(f"model name {name!r} is registered twice.")
+    _REGISTRY[name] = factory
+    doc = description or (inspect.getdoc(factory) or "").split("\n")[0]
+    _DESCRIPTIONS[name] = doc
+    return factory
+  return deco
+
+
+def names() -> list[str]:
+  """Sorted names of every registered model."""
+  return sorted(_REGISTRY)
+
+
+def describe(name: str) -> str:
+  """One-line description of a registered model."""
+  _check_name(name)
+  return _DESCRIPTIONS[name]
+
+
+def _check_name(name: Any) -> None:
+  if name not in _REGISTRY:
+    close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"unknown model name={name!r}; expected one of {names()}.{hint}")
+
+
+def create(name: str, **overrides: Any) -> nn.Module:
+  """Create a registered model (a ``flax.linen.Module``) with field overrides.
+
+  Args:
+    name: a name from :func:`names`, e.g. ``"resnet20"``, ``"preact_resnet20"``,
+      ``"wrn34_10"``, ``"conv_small"``.
+    **overrides: module fields, e.g. ``num_classes=100``,
+      ``step=jaxdefense.dynamics.EulerMaruyama(coef=0.1)``, ``normalize=(mean, std)``.
+
+  Returns:
+    An unbound Flax module: ``variables = model.init(key, x)``, then
+    ``model.apply(variables, x, train=False, rngs={"noise": key})``.
+
+  Raises:
+    ValueError: unknown ``name``, or an override that the model does not have.
+  """
+  _check_name(name)
+  factory = _REGISTRY[name]
+  try:
+    return factory(**overrides)
+  except TypeError as e:
+    if "unexpected keyword" in str(e):
+      raise ValueError(f"model {name!r} does not take override(s) {sorted(overrides)}: {e}"
+                       ) from None
+    raise
+
+
+def count_params(variables: Any) -> int:
+  """Number of trainable parameters (the ``params`` collection) in ``variables``."""
+  params = variables.get("params", variables) if hasattr(variables, "get") else variables
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))

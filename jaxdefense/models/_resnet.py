@@ -1,0 +1,259 @@
+"""The residual family: CIFAR ResNets, pre-activation ResNets, WRN, ResNeXt.
+
+One class, :class:`ResNet`, and one block, :class:`ResidualBlock`; presets differ only
+in fields.  Every block ends with ``step(block, shortcut(x), f(x), ctx, perturbation)``
+where ``step`` is a rule from :mod:`jaxdefense.dynamics`, so the same presets are
+ResNets (``Euler``), EnResNets (``EulerMaruyama``) and In-ResNets (``Damped``), and
+they run on arrays and on abstract values.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdefense import _checks
+from jaxdefense.dynamics import Euler, StepContext
+from jaxdefense.nn import _layers as L
+from jaxdefense.nn._abstract import is_abstract
+from jaxdefense.models._registry import register
+
+_KINDS = ("basic", "preact", "bottleneck", "preact_bottleneck", "resnext")
+_PREACT = ("preact", "preact_bottleneck")
+
+
+class ResidualBlock(nn.Module):
+  """One residual block ``x -> step(shortcut(x), f(x))``.
+
+  Attributes:
+    features: output channels.
+    stride: spatial stride of the block (on its first 3x3 conv for basic blocks, on the
+      3x3 conv for bottlenecks).
+    kind: ``basic`` (post-activation, He et al. 2016a), ``preact`` (He et al. 2016b),
+      ``bottleneck`` / ``preact_bottleneck`` (1x1-3x3-1x1 with ``inner`` channels) or
+      ``resnext`` (post-activation bottleneck with a grouped 3x3 conv).
+    step: the residual step rule.
+    index: block index in the network (for the step's context).
+    shortcut: ``"pad"`` (parameter-free option A) or ``"conv"`` (1x1 projection) for
+      transition blocks.
+    inner: channels inside a bottleneck (ignored for basic blocks).
+    groups: groups of the 3x3 conv (ResNeXt cardinality).
+    dropout: dropout rate between the two convs of a basic block (WRN), training only.
+  """
+  features: int
+  stride: int = 1
+  kind: str = "basic"
+  step: Any = Euler()
+  index: int = 0
+  shortcut: str = "conv"
+  inner: int = 0
+  groups: int = 1
+  dropout: float = 0.0
+
+  def _branch(self, h: Any, train: bool) -> Any:
+    bn = L.BatchNorm
+    preact = self.kind in _PREACT
+    if self.kind in ("basic", "preact"):
+      y = L.Conv(self.features, 3, self.stride)(h)
+      y = L.relu(bn()(y, train))
+      if self.dropout > 0 and not is_abstract(y):  # identity at evaluation (abstract runs)
+        y = nn.Dropout(self.dropout, deterministic=not train)(y)
+      y = L.Conv(self.features, 3, 1)(y)
+      return y if preact else bn()(y, train)
+    # bottleneck, preact_bottleneck, resnext
+    y = L.Conv(self.inner, 1, 1)(h)
+    y = L.relu(bn()(y, train))
+    y = L.Conv(self.inner, 3, self.stride, feature_group_count=self.groups)(y)
+    y = L.relu(bn()(y, train))
+    y = L.Conv(self.features, 1, 1)(y)
+    return y if preact else bn()(y, train)
+
+  @nn.compact
+  def __call__(self, x: Any, train: bool = False, perturbation: Any = None) -> Any:
+    in_ch = x.shape[-1]
+    transition = self.stride != 1 or in_ch != self.features
+    ctx = StepContext(self.index, transition, train)
+    if self.kind in _PREACT:
+      h = L.relu(L.BatchNorm()(x, train))
+      sc = x
+      if transition:
+        sc = (L.Conv(self.features, 1, self.stride, padding=0)(h) if self.shortcut == "conv"
+              else L.PadShortcut(self.features, self.stride)(h))
+      return self.step(self, sc, self._branch(h, train), ctx, perturbation)
+    sc = x
+    if transition:
+      if self.shortcut == "conv":
+        sc = L.BatchNorm()(L.Conv(self.features, 1, self.stride, padding=0)(x), train)
+      else:
+        sc = L.PadShortcut(self.features, self.stride)(x)
+    return L.relu(self.step(self, sc, self._branch(x, train), ctx, perturbation))
+
+
+class ResNet(nn.Module):
+  """A residual network for small images (CIFAR, MNIST, digits), NHWC in [0, 1].
+
+  Layout: [Normalize] -> 3x3 stem conv -> stages of residual blocks -> [BN-ReLU for
+  pre-activation nets] -> global average pool -> dense logits.
+
+  Attributes:
+    stage_sizes: number of blocks in each stage.
+    widths: output channels of each stage.
+    kind: block kind (see :class:`ResidualBlock`).
+    step: residual step rule from :mod:`jaxdefense.dynamics` (default ``Euler()``).
+    num_classes: number of logits.
+    stem_width: channels of the stem conv.
+    strides: stride of the first block of each stage.
+    shortcut: ``"pad"`` or ``"conv"`` transition shortcuts.
+    inner: bottleneck inner channels per stage (bottleneck kinds only).
+    groups: grouped-conv cardinality (ResNeXt).
+    dropout: dropout in basic blocks (WRN).
+    normalize: ``(mean, std)`` per channel, applied first (so inputs stay in [0, 1]).
+
+  Call: ``model.apply(variables, x, train=False, perturbations=None,
+  capture_states=False, rngs={"noise": key})``.  ``perturbations`` is a sequence with
+  one additive perturbation (or ``None``) per block, added to that block's output
+  (LAD); ``capture_states=True`` returns ``(logits, states)`` with every block's output.
+
+  Raises:
+    ValueError: images of the wrong rank or outside [0, 1] (checked on concrete
+      inputs), a perturbation list of the wrong length.
+  """
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]
+  kind: str = "basic"
+  step: Any = Euler()
+  num_classes: int = 10
+  stem_width: int = 16
+  strides: Sequence[int] = (1, 2, 2)
+  shortcut: str = "pad"
+  inner: Sequence[int] | None = None
+  groups: int = 1
+  dropout: float = 0.0
+  normalize: tuple[Sequence[float], Sequence[float]] | None = None
+
+  @property
+  def num_blocks(self) -> int:
+    return int(sum(self.stage_sizes))
+
+  @nn.compact
+  def __call__(self, x: Any, train: bool = False, perturbations: Sequence[Any] | None = None,
+               capture_states: bool = False) -> Any:
+    _checks.check_choice(self.kind, "kind", _KINDS)
+    _checks.check_choice(self.shortcut, "shortcut", ("pad", "conv"))
+    if len(self.widths) != len(self.stage_sizes) or len(self.strides) != len(self.stage_sizes):
+      raise ValueError(f"widths {tuple(self.widths)} and strides {tuple(self.strides)} need "
+                       f"one entry per stage ({len(self.stage_sizes)}).")
+    if not is_abstract(x):
+      _checks.check_images(x, "x")
+    if perturbations is not None and len(perturbations) != self.num_blocks:
+      raise ValueError(f"perturbations must have one entry per residual block "
+                       f"({self.num_blocks}); got {len(perturbations)}.")
+    if self.normalize is not None:
+      x = L.Normalize(*self.normalize)(x)
+    x = L.Conv(self.stem_width, 3, 1)(x)
+    if self.kind not in _PREACT:
+      x = L.relu(L.BatchNorm()(x, train))
+    states = []
+    index = 0
+    for stage, (n, width, stride) in enumerate(zip(self.stage_sizes, self.widths,
+                                                   self.strides)):
+      for i in range(n):
+        x = ResidualBlock(
+            features=width, stride=stride if i == 0 else 1, kind=self.kind, step=self.step,
+            index=index, shortcut=self.shortcut,
+            inner=self.inner[stage] if self.inner else 0, groups=self.groups,
+            dropout=self.dropout, name=f"block{index}")(
+                x, train, None if perturbations is None else perturbations[index])
+        states.append(x)
+        index += 1
+    if self.kind in _PREACT:
+      x = L.relu(L.BatchNorm()(x, train))
+    x = L.global_avg_pool(x)
+    logits = L.Dense(self.num_classes)(x)
+    return (logits, states) if capture_states else logits
+
+
+class MLP(nn.Module):
+  """A multilayer perceptron on flattened images: [Normalize] -> (Dense, ReLU)* -> Dense."""
+  hidden: Sequence[int] = (256, 256)
+  num_classes: int = 10
+  normalize: tuple[Sequence[float], Sequence[float]] | None = None
+
+  @nn.compact
+  def __call__(self, x: Any, train: bool = False) -> Any:
+    if not is_abstract(x):
+      _checks.check_rank(x, "x", (2, 4))
+    if self.normalize is not None:
+      x = L.Normalize(*self.normalize)(x)
+    if len(x.shape) > 2:
+      x = L.flatten(x)
+    for h in self.hidden:
+      x = L.relu(L.Dense(h)(x))
+    return L.Dense(self.num_classes)(x)
+
+
+# ------------------------------------------------------------------------ presets
+def _cifar_depth(depth: int, per_block: int) -> int:
+  if (depth - 2) % (3 * per_block):
+    raise ValueError(f"depth {depth} is not 3 * {per_block} * n + 2.")
+  return (depth - 2) // (3 * per_block)
+
+
+def _cifar_resnet(depth: int, **kw: Any) -> ResNet:
+  n = _cifar_depth(depth, 2)
+  return ResNet(**{"stage_sizes": (n, n, n), "widths": (16, 32, 64), "kind": "basic",
+                   "shortcut": "pad", **kw})
+
+
+def _preact_resnet(depth: int, **kw: Any) -> ResNet:
+  n = _cifar_depth(depth, 2)
+  return ResNet(**{"stage_sizes": (n, n, n), "widths": (16, 32, 64), "kind": "preact",
+                   "shortcut": "conv", **kw})
+
+
+for _d in (20, 32, 44, 56, 110):
+  register(f"resnet{_d}", f"CIFAR ResNet-{_d} (He et al. 2016a, basic blocks, option-A "
+           "shortcuts)")(functools.partial(_cifar_resnet, _d))
+for _d in (20, 44, 56, 110):
+  register(f"preact_resnet{_d}", f"pre-activation ResNet-{_d} (He et al. 2016b; the EnResNet "
+           "and In-ResNet base network)")(functools.partial(_preact_resnet, _d))
+
+
+@register("preact_resnet164", "pre-activation ResNet-164 with bottleneck blocks (1.7M)")
+def preact_resnet164(**kw: Any) -> ResNet:
+  n = _cifar_depth(164, 3)
+  return ResNet(**{"stage_sizes": (n, n, n), "widths": (64, 128, 256), "inner": (16, 32, 64),
+                   "kind": "preact_bottleneck", "shortcut": "conv", **kw})
+
+
+@register("wrn34_10", "WideResNet-34-10 (Zagoruyko & Komodakis 2016), ~46M parameters")
+def wrn34_10(**kw: Any) -> ResNet:
+  return ResNet(**{"stage_sizes": (5, 5, 5), "widths": (160, 320, 640), "kind": "preact",
+                   "shortcut": "conv", **kw})
+
+
+@register("resnext29_8x64d", "ResNeXt-29 8x64d (Xie et al. 2017), ~34M parameters")
+def resnext29_8x64d(**kw: Any) -> ResNet:
+  return ResNet(**{"stage_sizes": (3, 3, 3), "widths": (256, 512, 1024),
+                   "inner": (512, 1024, 2048), "groups": 8, "stem_width": 64,
+                   "kind": "resnext", "shortcut": "conv", **kw})
+
+
+@register("resnet8", "small CIFAR-style ResNet-8 (one basic block per stage) for 8x8 and "
+          "28x28 inputs")
+def resnet8(**kw: Any) -> ResNet:
+  return _cifar_resnet(8, **kw)
+
+
+@register("preact_resnet8", "small pre-activation ResNet-8 for 8x8 and 28x28 inputs")
+def preact_resnet8(**kw: Any) -> ResNet:
+  return _preact_resnet(8, **kw)
+
+
+@register("mlp", "multilayer perceptron (two hidden layers of 256)")
+def mlp(**kw: Any) -> MLP:
+  return MLP(**kw)

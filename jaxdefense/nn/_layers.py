@@ -1,0 +1,323 @@
+"""Layers that run on concrete arrays and on abstract values.
+
+Each layer computes its concrete output with one linear function and hands the same
+function to an :class:`~jaxdefense.nn.AbstractValue` when the input is abstract, so a
+model written with these layers is certifiable without a second definition.
+
+Layout: images are NHWC, convolution kernels HWIO, dense kernels ``[in, out]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxdefense.nn._abstract import AbstractValue, is_abstract
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# He-normal (fan-in) initialisation, as in the CIFAR ResNet papers and torchvision.
+he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# PyTorch's default for Linear/Conv weights (kaiming_uniform with a = sqrt(5)).
+torch_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+# --------------------------------------------------------------------- functions
+def relu(x: Any) -> Any:
+  """ReLU on an array or an abstract value."""
+  return x.relu() if is_abstract(x) else jax.nn.relu(x)
+
+
+def sigmoid(x: Any) -> Any:
+  """Logistic sigmoid on an array or an abstract value (monotone transformer)."""
+  return x.monotone(jax.nn.sigmoid) if is_abstract(x) else jax.nn.sigmoid(x)
+
+
+def tanh(x: Any) -> Any:
+  """tanh on an array or an abstract value (monotone transformer)."""
+  return x.monotone(jnp.tanh) if is_abstract(x) else jnp.tanh(x)
+
+
+def add(a: Any, b: Any) -> Any:
+  """``a + b`` where either side may be abstract (generators aligned)."""
+  if is_abstract(a):
+    return a.add(b)
+  if is_abstract(b):
+    return b.add(a)
+  return a + b
+
+
+def scale_shift(x: Any, scale: Any, shift: Any = None) -> Any:
+  """Elementwise ``x * scale + shift`` with concrete ``scale`` and ``shift``."""
+  if is_abstract(x):
+    return x.scale_shift(scale, shift)
+  out = x * scale
+  return out if shift is None else out + shift
+
+
+def linear_map(x: Any, fn: Callable[[Array], Array]) -> Any:
+  """Apply a linear map with non-negative weights (reshape, pooling, padding)."""
+  return x.linear(fn) if is_abstract(x) else fn(x)
+
+
+def flatten(x: Any) -> Any:
+  """Flatten every axis but the batch axis."""
+  shape = tuple(x.shape)
+  size = 1
+  for d in shape[1:]:
+    size *= d
+  return x.reshape((shape[0], size))  # AbstractValue.reshape has the same meaning
+
+
+def global_avg_pool(x: Any) -> Any:
+  """Mean over the spatial axes of an NHWC batch: ``[B, H, W, C] -> [B, C]``."""
+  return linear_map(x, lambda a: jnp.mean(a, axis=(1, 2)))
+
+
+def avg_pool(x: Any, window: int | Sequence[int], strides: int | Sequence[int] | None = None,
+             padding: str = "VALID") -> Any:
+  """Average pooling over the spatial axes of an NHWC batch."""
+  window = (window, window) if isinstance(window, int) else tuple(window)
+  strides = window if strides is None else (
+      (strides, strides) if isinstance(strides, int) else tuple(strides))
+
+  def fn(a):
+    summed = lax.reduce_window(a, 0.0, lax.add, (1,) + window + (1,), (1,) + strides + (1,),
+                               padding)
+    return summed / float(window[0] * window[1])
+  return linear_map(x, fn)
+
+
+def concatenate(values: Sequence[Any], axis: int = -1) -> Any:
+  """Concatenate arrays or abstract values along a non-batch axis."""
+  values = list(values)
+  abstract = [v for v in values if is_abstract(v)]
+  if not abstract:
+    return jnp.concatenate(values, axis=axis)
+  if len(abstract) != len(values):
+    raise TypeError("concatenate: mix of abstract and concrete values is not supported; "
+                    "lift the concrete parts to the abstract domain first.")
+  return type(abstract[0]).concatenate(values, axis)
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+  return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------ modules
+class Dense(nn.Module):
+  """Fully connected layer ``y = x W + b`` on ``[..., in] -> [..., features]``."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Initializer = torch_default
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Any) -> Any:
+    in_features = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (in_features, self.features))
+    bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    if is_abstract(x):
+      return x.affine(lambda a: a @ kernel, lambda a: a @ jnp.abs(kernel), bias)
+    y = x @ kernel
+    return y if bias is None else y + bias
+
+
+class Conv(nn.Module):
+  """2-D convolution on NHWC batches with an HWIO kernel.
+
+  Attributes:
+    features: output channels.
+    kernel_size: int or (kh, kw).
+    strides: int or (sh, sw).
+    padding: ``"SAME"``, ``"VALID"``, an int (symmetric, as PyTorch's ``padding=``) or
+      explicit ``((top, bottom), (left, right))``.  Default: ``kernel_size // 2`` on
+      every side, which matches PyTorch's usual ``padding=k // 2``.
+    feature_group_count: grouped convolution (ResNeXt); ``in_channels`` and
+      ``features`` must both be divisible by it.
+  """
+  features: int
+  kernel_size: int | Sequence[int] = 3
+  strides: int | Sequence[int] = 1
+  padding: Any = None
+  feature_group_count: int = 1
+  use_bias: bool = False
+  kernel_init: Initializer = he_normal
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  def _padding(self, k: tuple[int, int]):
+    p = self.padding
+    if p is None:
+      return ((k[0] // 2, k[0] // 2), (k[1] // 2, k[1] // 2))
+    if isinstance(p, int):
+      return ((p, p), (p, p))
+    return p
+
+  @nn.compact
+  def __call__(self, x: Any) -> Any:
+    if len(x.shape) != 4:
+      raise ValueError(f"Conv expects an NHWC batch of rank 4; got shape {tuple(x.shape)}.")
+    k = _pair(self.kernel_size)
+    in_ch = x.shape[-1]
+    g = self.feature_group_count
+    if in_ch % g or self.features % g:
+      raise ValueError(f"Conv: in_channels {in_ch} and features {self.features} must be "
+                       f"divisible by feature_group_count {g}.")
+    kernel = self.param("kernel", self.kernel_init, k + (in_ch // g, self.features))
+    bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    strides, padding = _pair(self.strides), self._padding(k)
+
+    def conv(a, w):
+      return lax.conv_general_dilated(a, w, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=g)
+    if is_abstract(x):
+      return x.affine(lambda a: conv(a, kernel), lambda a: conv(a, jnp.abs(kernel)), bias)
+    y = conv(x, kernel)
+    return y if bias is None else y + bias
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation over every axis but the last (channels).
+
+  In training mode the batch statistics normalise the input and update the running
+  averages in the ``batch_stats`` collection (``ra = momentum * ra + (1 - momentum) *
+  batch``; PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here).  In evaluation mode
+  the layer is the affine map ``x * scale + shift`` and so runs on abstract values.
+  Under ``jit`` with a batch sharded over devices the statistics are global.
+
+  Raises:
+    ValueError: an abstract input in training mode (batch statistics of a set are
+      undefined).
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  scale_init: Initializer = nn.initializers.ones_init()
+
+  @nn.compact
+  def __call__(self, x: Any, train: bool = False) -> Any:
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    gamma = self.param("scale", self.scale_init, (c,)) if self.use_scale else 1.0
+    beta = self.param("bias", nn.initializers.zeros_init(), (c,)) if self.use_bias else 0.0
+    if train:
+      if is_abstract(x):
+        raise ValueError("BatchNorm in training mode cannot run on an abstract value; "
+                         "call the model with train=False for certification.")
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x, axes)
+      # One pass over the data: E[x^2] - E[x]^2 (fused with the mean by XLA).
+      var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        m = self.momentum
+        n = x.size // c
+        ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
+        # Unbiased running variance, as PyTorch keeps it.
+        ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var) * (n / max(n - 1, 1))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    scale = gamma * lax.rsqrt(var + self.epsilon)
+    shift = beta - mean * scale
+    return scale_shift(x, scale, shift)
+
+
+class Normalize(nn.Module):
+  """Per-channel input normalisation ``(x - mean) / std`` with fixed constants.
+
+  Models keep this layer first, so attacks and certification work in [0, 1] pixel
+  space while the network sees normalised inputs.
+  """
+  mean: Sequence[float]
+  std: Sequence[float]
+
+  @nn.compact
+  def __call__(self, x: Any) -> Any:
+    mean = jnp.asarray(self.mean, jnp.float32)
+    std = jnp.asarray(self.std, jnp.float32)
+    if mean.shape != std.shape or (mean.ndim and mean.shape[-1] not in (1, x.shape[-1])):
+      raise ValueError(f"Normalize: mean {tuple(self.mean)} and std {tuple(self.std)} must "
+                       f"have one entry per channel ({x.shape[-1]}).")
+    return scale_shift(x, 1.0 / std, -mean / std)
+
+
+class ReLU(nn.Module):
+  """ReLU as a module (for :class:`Sequential`)."""
+
+  def __call__(self, x: Any) -> Any:
+    return relu(x)
+
+
+class Sigmoid(nn.Module):
+  def __call__(self, x: Any) -> Any:
+    return sigmoid(x)
+
+
+class Tanh(nn.Module):
+  def __call__(self, x: Any) -> Any:
+    return tanh(x)
+
+
+class Flatten(nn.Module):
+  def __call__(self, x: Any) -> Any:
+    return flatten(x)
+
+
+class AvgPool(nn.Module):
+  window: int | Sequence[int] = 2
+  strides: int | Sequence[int] | None = None
+  padding: str = "VALID"
+
+  def __call__(self, x: Any) -> Any:
+    return avg_pool(x, self.window, self.strides, self.padding)
+
+
+class GlobalAvgPool(nn.Module):
+  def __call__(self, x: Any) -> Any:
+    return global_avg_pool(x)
+
+
+class PadShortcut(nn.Module):
+  """Parameter-free "option A" shortcut of the CIFAR ResNets (He et al. 2016).
+
+  Subsamples the spatial axes by ``stride`` and zero-pads the channels to ``features``
+  (half the padding on each side), a linear map with non-negative weights.
+  """
+  features: int
+  stride: int = 2
+
+  def __call__(self, x: Any) -> Any:
+    extra = self.features - x.shape[-1]
+    if extra < 0:
+      raise ValueError(f"PadShortcut cannot reduce channels {x.shape[-1]} -> {self.features}.")
+    s = self.stride
+
+    def fn(a):
+      a = a[:, ::s, ::s, :]
+      return jnp.pad(a, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return linear_map(x, fn)
+
+
+def _accepts_train(module: nn.Module) -> bool:
+  try:
+    return "train" in inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):  # pragma: no cover
+    return False
+
+
+class Sequential(nn.Module):
+  """Apply ``layers`` in order; ``train`` is passed to the layers that take it."""
+  layers: Sequence[nn.Module]
+
+  def __call__(self, x: Any, train: bool = False) -> Any:
+    for layer in self.layers:
+      x = layer(x, train=train) if _accepts_train(layer) else layer(x)
+    return x

@@ -1,0 +1,53 @@
+"""Shared pytest setup: a persistent XLA compilation cache and small fixtures.
+
+The cache (one folder per test session) lets subprocesses launched by tests reuse the
+executables the test process already compiled (the variable is exported to them), which
+matters on a busy 2-core machine where compiling a small ResNet step takes seconds.
+Configuring JAX here is allowed (entry points and conftest only, see STYLE.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Sequence
+
+import jax
+import pytest
+
+_CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(
+    prefix="jaxdefense_test_xla_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def subprocess_env(host_devices: int | None = None) -> dict[str, str]:
+  """Environment for a child Python process: same cache, chosen CPU device count."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if host_devices:
+    flags.append(f"--xla_force_host_platform_device_count={host_devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def run_python(args: Sequence[str], *, host_devices: int | None = None, timeout: float = 300,
+               cwd: str | None = None) -> subprocess.CompletedProcess:
+  """Run ``python ARGS`` in a child process and capture its output."""
+  return subprocess.run([sys.executable, *args], env=subprocess_env(host_devices),
+                        capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+  """Overrides that make the ``demo`` preset a seconds-long MLP run on digits."""
+  return ["model.name=mlp", "model.hidden=(32,)", "epochs=2", "batch_size=64",
+          "eval_batch_size=200", "validation_size=200", "checkpoint.keep_best=true",
+          "progress_bar=false", "log_every_steps=5", "schedule.name=constant",
+          "optimizer.learning_rate=0.05"]

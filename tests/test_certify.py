@@ -1,0 +1,598 @@
+"""Tests of jaxdefense.certify: soundness, exactness, abstract layers, pytrees, errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdefense as jd
+from jaxdefense import certify
+from jaxdefense import nn as L
+from jaxdefense.certify import _api
+from jaxdefense.certify import _domains
+from jaxdefense.certify import Box, HybridZonotope
+from jaxdefense.models import _diffai  # noqa: F401  (registers the DiffAI zoo)
+
+DOMAINS = [("box", {}), ("zonotope", {}), ("deepz", {})]
+
+
+# ------------------------------------------------------------------------ helpers
+class RandomNet(nn.Module):
+  """A small network whose architecture is drawn from ``seed``: every layer kind."""
+  seed: int
+  abstract_layers: bool = True
+  num_classes: int = 5
+
+  @nn.compact
+  def __call__(self, x: Any, train: bool = False) -> Any:
+    rng = np.random.RandomState(self.seed)
+    x = L.Normalize((0.4,) * x.shape[-1], (0.3,) * x.shape[-1])(x)
+    x = L.Conv(4, 3, strides=int(rng.choice([1, 2])), use_bias=True)(x)
+    x = L.relu(x)
+    ops = ["conv", "res", "res_relu_short", "bn", "pool", "sig", "tanh", "concat",
+           "group", "pad"]
+    if self.abstract_layers:
+      ops += ["cmaxk", "cfix", "cpool", "dmin", "dall", "call"]
+    for op in rng.choice(ops, size=4, replace=True):
+      c = x.shape[-1]
+      if op == "conv":
+        x = L.relu(L.Conv(4, 3, use_bias=True)(x))
+      elif op == "res":  # branch with a ReLU (new DeepZ symbols), identity shortcut
+        y = L.relu(L.Conv(c, 3)(x))
+        x = L.relu(L.add(x, L.Conv(c, 3)(y)))
+      elif op == "res_relu_short":  # both branches create symbols
+        a = L.relu(L.Conv(c, 1)(x))
+        b = L.relu(L.Conv(c, 3)(x))
+        x = L.add(a, L.scale_shift(b, -0.5))
+      elif op == "bn":
+        x = L.relu(L.BatchNorm()(x, train=False))
+      elif op == "pool" and x.shape[1] >= 2:
+        x = L.avg_pool(x, 2, 1)
+      elif op == "sig":
+        x = L.sigmoid(x)
+      elif op == "tanh":
+        x = L.tanh(x)
+      elif op == "concat":
+        x = L.concatenate([x, L.relu(L.Conv(2, 3)(x))], -1)
+      elif op == "group" and c % 2 == 0:
+        x = L.relu(L.Conv(4, 3, feature_group_count=2)(x))
+      elif op == "pad" and x.shape[1] >= 2:
+        x = L.PadShortcut(c + 2, 2)(x)
+      elif op == "cmaxk":
+        x = L.CorrelateMaxK(6)(x, train=train)
+      elif op == "cfix":
+        x = L.CorrelateFixed(5)(x, train=train)
+      elif op == "cpool" and x.shape[1] >= 2:
+        x = L.CorrelateMaxPool(2, 1)(x, train=train)
+      elif op == "dmin":
+        x = L.DecorrelateMinK(4)(x, train=train)
+      elif op == "dall":
+        x = L.Concretize()(x, train=train)
+      elif op == "call":
+        x = L.CorrelateAll()(x, train=train)
+    x = L.flatten(x)
+    x = L.relu(L.Dense(12)(x))
+    return L.Dense(self.num_classes)(x)
+
+
+def _randomize_batch_stats(variables: Any, key: jax.Array) -> Any:
+  """Non-trivial eval-mode batch norm (negative scales included)."""
+  variables = jax.tree_util.tree_map(lambda a: a, dict(variables))
+  if "batch_stats" in variables:
+    leaves, tree = jax.tree_util.tree_flatten(variables["batch_stats"])
+    keys = jax.random.split(key, len(leaves))
+    leaves = [jax.random.uniform(k, l.shape, minval=0.2, maxval=2.0) for k, l in zip(keys, leaves)]
+    variables["batch_stats"] = jax.tree_util.tree_unflatten(tree, leaves)
+  params = variables["params"]
+  scales = {"scale": lambda k, a: jax.random.normal(k, a.shape)}
+  def fix(path, a):
+    if path and getattr(path[-1], "key", None) in scales:
+      return scales[path[-1].key](jax.random.fold_in(key, a.size), a)
+    return a
+  variables["params"] = jax.tree_util.tree_map_with_path(fix, params)
+  return variables
+
+
+def _sample_points(key: jax.Array, lo: jax.Array, hi: jax.Array, n: int) -> jax.Array:
+  """``n`` points of the box ``[lo, hi]`` (one example): half corners, half uniform."""
+  k1, k2 = jax.random.split(key)
+  u = jax.random.uniform(k1, (n,) + lo.shape)
+  corners = jax.random.bernoulli(k2, 0.5, (n // 2,) + lo.shape).astype(lo.dtype)
+  u = u.at[: n // 2].set(corners)
+  u = u.at[0].set(0.0).at[1].set(1.0).at[2].set(0.5)
+  return lo + u * (hi - lo)
+
+
+def _count_violations(model, variables, x, eps, results, key, n, train=False) -> int:
+  """Sample ``n`` points per example (vmapped, jitted) against every bound in results."""
+  lo_in = jnp.clip(x - eps, 0, 1)
+  hi_in = jnp.clip(x + eps, 0, 1)
+
+  @jax.jit
+  def outputs(pts):
+    return jax.vmap(lambda p: model.apply(variables, p[None], train=train)[0])(pts)
+
+  bad = 0
+  for b in range(x.shape[0]):
+    pts = _sample_points(jax.random.fold_in(key, b), lo_in[b], hi_in[b], n)
+    out = outputs(pts)
+    for lo, hi in results:
+      tol = 1e-5 * (1.0 + float(jnp.max(jnp.abs(jnp.stack([lo, hi])))))
+      bad += int(jnp.sum(out < lo[b] - tol)) + int(jnp.sum(out > hi[b] + tol))
+  return bad
+
+
+def _hz(key, shape=(2, 4, 4, 2), m=3, mode="box") -> HybridZonotope:
+  k1, k2, k3 = jax.random.split(key, 3)
+  return HybridZonotope(jax.random.normal(k1, shape),
+                        jax.random.uniform(k2, shape),
+                        jax.random.normal(k3, (m,) + shape) * 0.3, relu_mode=mode)
+
+
+# ---------------------------------------------------------------------- soundness
+@pytest.mark.parametrize("seed", range(4))
+def test_random_nets_sound_in_every_domain(seed):
+  """4 random nets x 2 inputs x 1250 points (half corners) = 10,000 points per domain."""
+  key = jax.random.PRNGKey(seed)
+  model = RandomNet(seed)
+  shape = (2, 6, 6, 1 + seed % 2)
+  x = jax.random.uniform(key, shape)
+  x = x.at[0, 0, 0].set(0.0).at[1, 0, 0].set(1.0)   # clipping at the [0, 1] edges
+  variables = _randomize_batch_stats(model.init(key, x), jax.random.fold_in(key, 1))
+  eps = float(jax.random.uniform(jax.random.fold_in(key, 2), (), minval=0.01, maxval=0.3))
+  domains = DOMAINS + [("deepz", {"relu_budget": 8})] if seed % 2 else DOMAINS
+  results = [certify.bounds(model, variables, x, eps, d, **kw) for d, kw in domains]
+  for lo, hi in results:
+    assert lo.shape == hi.shape == (2, 5)
+    assert bool(jnp.all(lo <= hi + 1e-6)) and bool(jnp.all(jnp.isfinite(lo)))
+  assert _count_violations(model, variables, x, eps, results, key, 1250) == 0
+
+
+@pytest.mark.parametrize("name,shape,train", [
+    ("conv_small", (2, 12, 12, 1), False),
+    ("ffnn", (2, 6, 6, 1), False),
+    ("resnet_tiny_few_combo", (2, 5, 5, 3), True),
+])
+def test_zoo_nets_sound(name, shape, train):
+  key = jax.random.PRNGKey(7)
+  model = jd.models.create(name, num_classes=4, normalize=((0.5,) * shape[-1],
+                                                           (0.25,) * shape[-1]))
+  x = jax.random.uniform(key, shape)
+  variables = model.init(key, x)
+  eps = 0.08
+  domains = [("box", {}), ("zonotope", {"correlate_input": False})]
+  if name != "resnet_tiny_few_combo":   # (DeepZ on residual nets: the random nets)
+    domains += [("deepz", {"relu_budget": 16})]
+  results = [certify.bounds(model, variables, x, eps, d, train=train, **kw)
+             for d, kw in domains]
+  assert _count_violations(model, variables, x, eps, results, key, 1000, train) == 0
+
+
+@pytest.mark.slow
+def test_other_zoo_model_certifiable_and_sound():
+  """A registry ResNet (batch norm in eval mode, Euler steps) runs abstractly too."""
+  if "resnet8" not in jd.models.names():
+    pytest.skip("resnet8 not registered")
+  key = jax.random.PRNGKey(3)
+  model = jd.models.create("resnet8", num_classes=4)
+  x = jax.random.uniform(key, (1, 8, 8, 1))
+  variables = _randomize_batch_stats(model.init(key, x), key)
+  results = [certify.bounds(model, variables, x, 0.03, "zonotope")]
+  assert _count_violations(model, variables, x, 0.03, results, key, 200) == 0
+
+
+def test_bounds_under_vmap_match_batched():
+  model = RandomNet(1, abstract_layers=False)
+  key = jax.random.PRNGKey(0)
+  x = jax.random.uniform(key, (3, 6, 6, 1))
+  variables = model.init(key, x)
+  eps = jnp.array([0.01, 0.05, 0.1])
+  for domain in ("box", "deepz"):
+    fn = certify.make_bounds_fn(model, domain)
+    lo, hi = certify.bounds(model, variables, x, eps, domain)
+    vlo, vhi = jax.jit(jax.vmap(lambda xi, e: fn(variables, xi[None], e)))(x, eps)
+    np.testing.assert_allclose(vlo[:, 0], lo, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(vhi[:, 0], hi, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------- exactness
+class AffineNet(nn.Module):
+  """Only affine layers: every transformer must be exact on a zonotope."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = L.Normalize((0.3, 0.5), (0.2, 0.4))(x)
+    x = L.Conv(4, 3, strides=2, use_bias=True)(x)
+    x = L.BatchNorm()(x, train=False)
+    x = L.add(x, L.Conv(4, 3, feature_group_count=2)(x))
+    x = L.concatenate([x, L.Conv(2, 1)(x)], -1)
+    x = L.PadShortcut(8, 1)(x)
+    x = L.avg_pool(x, 2, 1)
+    y = L.global_avg_pool(x)
+    x = L.Dense(7)(L.flatten(x))
+    return x - 0.5 * L.Dense(7)(y)
+
+
+def test_zonotope_exact_on_affine_networks():
+  key = jax.random.PRNGKey(0)
+  model = AffineNet()
+  x = jax.random.uniform(key, (2, 6, 6, 2))
+  x = x.at[0, 0, 0, 0].set(0.01)   # the box is clipped at 0 there
+  variables = _randomize_batch_stats(model.init(key, x), key)
+  eps = 0.05
+  lo_in, hi_in = jnp.clip(x - eps, 0, 1), jnp.clip(x + eps, 0, 1)
+  c, r = (lo_in + hi_in) / 2, (hi_in - lo_in) / 2
+  f = lambda a: model.apply(variables, a[None])[0]
+  for b in range(2):
+    jac = jax.jacobian(f)(c[b]).reshape(7, -1)
+    want_lo = f(c[b]) - jnp.abs(jac) @ r[b].reshape(-1)
+    want_hi = f(c[b]) + jnp.abs(jac) @ r[b].reshape(-1)
+    for domain in ("zonotope",):
+      lo, hi = certify.bounds(model, variables, x, eps, domain)
+      np.testing.assert_allclose(lo[b], want_lo, rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(hi[b], want_hi, rtol=1e-4, atol=1e-4)
+  blo, bhi = certify.bounds(model, variables, x, eps, "box")
+  zlo, zhi = certify.bounds(model, variables, x, eps, "zonotope")
+  assert bool(jnp.all(blo <= zlo + 1e-5)) and bool(jnp.all(bhi >= zhi - 1e-5))
+  assert float(jnp.sum(bhi - blo)) > float(jnp.sum(zhi - zlo)) * 1.01  # strictly looser
+
+
+def test_box_exact_on_one_dense_layer():
+  key = jax.random.PRNGKey(1)
+  model = L.Sequential([L.Flatten(), L.Dense(3)])
+  x = jax.random.uniform(key, (2, 4))
+  variables = model.init(key, x)
+  lo, hi = certify.bounds(model, variables, x, 0.1, "box")
+  w = variables["params"]["layers_1"]["kernel"]
+  lo_in, hi_in = jnp.clip(x - 0.1, 0, 1), jnp.clip(x + 0.1, 0, 1)
+  c, r = (lo_in + hi_in) / 2, (hi_in - lo_in) / 2
+  out = model.apply(variables, c)
+  np.testing.assert_allclose(lo, out - r @ jnp.abs(w), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(hi, out + r @ jnp.abs(w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zonotope_inside_box_without_abstract_layers(seed):
+  """With DiffAI's box ReLU the hybrid zonotope is never looser than interval bounds."""
+  key = jax.random.PRNGKey(100 + seed)
+  model = RandomNet(seed + 10, abstract_layers=False)
+  x = jax.random.uniform(key, (2, 6, 6, 1))
+  variables = _randomize_batch_stats(model.init(key, x), key)
+  blo, bhi = certify.bounds(model, variables, x, 0.1, "box")
+  for kw in ({}, {"correlate_input": False}):
+    zlo, zhi = certify.bounds(model, variables, x, 0.1, "zonotope", **kw)
+    tol = 1e-5 * (1 + float(jnp.max(jnp.abs(bhi))))
+    assert bool(jnp.all(zlo >= blo - tol)) and bool(jnp.all(zhi <= bhi + tol))
+  # Without input correlation and abstract layers the zonotope *is* the box.
+  zlo, zhi = certify.bounds(model, variables, x, 0.1, "zonotope", correlate_input=False)
+  np.testing.assert_allclose(zlo, blo, rtol=1e-5, atol=1e-5)
+
+
+def test_margins_in_domain_tighter_than_interval_subtraction():
+  key = jax.random.PRNGKey(5)
+  model = jd.models.create("conv_small", num_classes=4)
+  x = jax.random.uniform(key, (3, 12, 12, 1))
+  y = jnp.array([0, 1, 2])
+  variables = model.init(key, x)
+  mask = jax.nn.one_hot(y, 4) == 0
+
+  @jax.jit
+  def margins(variables, x):
+    z = certify.abstract_logits(model, variables, x, 0.02, "zonotope")
+    lo, hi = z.concretize()
+    return certify.margin_lower_bounds(z, y), lo[jnp.arange(3), y][:, None] - hi
+
+  low, naive = margins(variables, x)
+  assert bool(jnp.all(jnp.where(mask, low >= naive - 1e-5, True)))
+  assert float(jnp.sum(jnp.where(mask, low - naive, 0))) > 0  # strictly better somewhere
+  m = certify.certified_margins(model, variables, x, y, 0.02, "zonotope")
+  np.testing.assert_allclose(m, jnp.min(low, -1), rtol=1e-5, atol=1e-6)
+  # A box is its own best case: in-domain margins equal interval subtraction.
+  zb = certify.input_set(x, 0.02, "box")
+  zb = model.apply(variables, zb)
+  lo, hi = zb.concretize()
+  np.testing.assert_allclose(jnp.where(mask, certify.margin_lower_bounds(zb, y), 0),
+                             jnp.where(mask, lo[jnp.arange(3), y][:, None] - hi, 0),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_verified_examples_resist_pgd_and_sampling():
+  key = jax.random.PRNGKey(11)
+  model = jd.models.create("conv_small", num_classes=4)
+  x = jax.random.uniform(key, (16, 12, 12, 1))
+  variables = model.init(key, x)
+  logits_fn = lambda a: model.apply(variables, a)
+  y = jnp.argmax(logits_fn(x), -1)
+  eps = 0.01
+  ok = certify.verify(model, variables, x, y, eps, "deepz")
+  assert int(jnp.sum(ok)) >= 2, "test needs certified examples"
+  adv = jd.attacks.pgd(logits_fn, x, y, key=key, eps=eps, step_size=eps / 4, steps=30)
+  still = jnp.argmax(logits_fn(adv), -1) == y
+  assert bool(jnp.all(jnp.where(ok, still, True)))
+  # The box domain proves a subset of what the DeepZ zonotope proves here.
+  ok_box = certify.verify(model, variables, x, y, eps, "box")
+  assert int(jnp.sum(ok_box & ~ok)) == 0 or int(jnp.sum(ok_box)) <= int(jnp.sum(ok))
+
+
+# ------------------------------------------------------------------- transformers
+def test_relu_modes():
+  z = HybridZonotope(jnp.array([[-2.0, 2.0, 0.5]]), jnp.array([[0.5, 0.5, 0.0]]),
+                     jnp.array([[[0.5, 0.5, 1.0]]]))
+  lo, hi = z.concretize()
+  np.testing.assert_allclose(lo, [[-3.0, 1.0, -0.5]])
+  box = z.relu()
+  blo, bhi = box.concretize()
+  np.testing.assert_allclose(blo, [[0.0, 1.0, 0.0]])
+  np.testing.assert_allclose(bhi, [[0.0, 3.0, 1.5]])
+  assert box.num_generators == 1
+  np.testing.assert_allclose(box.generators[0], [[0.0, 0.5, 0.0]])  # crossing -> box
+  dz = z.replace(relu_mode="deepz").relu()
+  assert dz.num_generators == 1 + 3 and len(dz.segments) == 2
+  lam, mu = 1.5 / 2.0, 1.5 * 0.5 / 2 / 2.0 * 2  # u / (u - l), -lam l / 2
+  mu = -lam * -0.5 / 2
+  np.testing.assert_allclose(dz.center()[0, 2], lam * 0.5 + mu, rtol=1e-6)
+  np.testing.assert_allclose(dz.generators[3, 0, 2], mu, rtol=1e-6)
+  dlo, dhi = dz.concretize()
+  np.testing.assert_allclose(dhi[0, 2], 1.5, rtol=1e-6)        # upper bound kept
+  np.testing.assert_allclose(dlo[0, 2], lam * -0.5, rtol=1e-6)  # minimal-area lower
+  budget = z.replace(relu_mode="deepz", relu_budget=1).relu()
+  assert budget.num_generators == 2
+  np.testing.assert_allclose(budget.concretize()[1], dz.concretize()[1], rtol=1e-6)
+
+
+def test_monotone_and_box_ops():
+  b = Box.from_bounds(jnp.array([[-1.0, 0.5]]), jnp.array([[2.0, 0.7]]))
+  lo, hi = b.monotone(jnp.tanh).concretize()
+  np.testing.assert_allclose(lo, jnp.tanh(jnp.array([[-1.0, 0.5]])), rtol=1e-6)
+  np.testing.assert_allclose(hi, jnp.tanh(jnp.array([[2.0, 0.7]])), rtol=1e-6)
+  lo, hi = b.relu().concretize()
+  np.testing.assert_allclose(lo, [[0.0, 0.5]])
+  lo, hi = (b * -2.0 + 1.0).concretize()
+  np.testing.assert_allclose(lo, [[-3.0, -0.4]], rtol=1e-6)
+  np.testing.assert_allclose(hi, [[3.0, 0.0]], atol=1e-6)
+  z = _hz(jax.random.PRNGKey(0))
+  mixed = L.add(Box.from_bounds(z.center(), z.center() + 1), z)
+  assert isinstance(mixed, HybridZonotope)
+  cat = L.concatenate([z, z.relu().replace(relu_mode="box")], -1)
+  assert cat.shape == (2, 4, 4, 4)
+
+
+def test_residual_deepz_symbols_stay_distinct():
+  z = _hz(jax.random.PRNGKey(1), m=2, mode="deepz")
+  a, b = z.relu(), (-z).relu()
+  assert a.segments[0] == b.segments[0] and a.segments[1] != b.segments[1]
+  s = a + b
+  p = 4 * 4 * 2
+  assert s.num_generators == 2 + p + p
+  # relu(x) + relu(-x) = |x|: sound on sampled points of z (share the input symbols).
+  key = jax.random.PRNGKey(2)
+  e = jax.random.uniform(key, (500, 2), minval=-1, maxval=1)
+  beta = jax.random.uniform(jax.random.fold_in(key, 1), (500,) + z.shape, minval=-1, maxval=1)
+  pts = z.center() + z.box * beta + jnp.einsum("nm,m...->n...", e, z.generators)
+  lo, hi = s.concretize()
+  assert bool(jnp.all(jnp.abs(pts) >= lo - 1e-5)) and bool(jnp.all(jnp.abs(pts) <= hi + 1e-5))
+
+
+# ----------------------------------------------------------------- abstract layers
+ABSTRACT_CORRELATE = [
+    (L.CorrelateAll(), 4 * 4 * 2),
+    (L.CorrelateFixed(5), 5),
+    (L.CorrelateMaxK(7), 7),
+    (L.CorrelateMaxPool(2), 2 * 2 * 2),
+    (L.CorrelateMaxPool((2, 2, 2), strides=1, by="center"), 3 * 3),
+]
+
+
+@pytest.mark.parametrize("layer,added", ABSTRACT_CORRELATE)
+def test_correlation_layers_keep_the_set(layer, added):
+  z = _hz(jax.random.PRNGKey(3))
+  out = layer.apply({}, z)
+  assert out.num_generators == z.num_generators + added
+  np.testing.assert_allclose(out.center(), z.center())
+  for a, b in zip(out.concretize(), z.concretize()):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # Same set: any linear functional has the same range.
+  w = jax.random.normal(jax.random.PRNGKey(4), (32, 3))
+  lin = lambda v: v.affine(lambda a: a.reshape(a.shape[0], -1) @ w,
+                           lambda a: a.reshape(a.shape[0], -1) @ jnp.abs(w))
+  for a, b in zip(lin(out).concretize(), lin(z).concretize()):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert float(jnp.sum(lin(out).radius())) <= float(jnp.sum(lin(z).radius())) + 1e-4
+  new = out.generators[z.num_generators:].reshape(added, 2, -1)
+  assert bool(jnp.all(jnp.sum(new != 0, -1) <= 1))  # one variable per new generator
+  # Identity on arrays, on boxes, and (only_train) at evaluation.
+  x = jnp.ones((2, 4, 4, 2))
+  assert layer.apply({}, x) is x
+  b = Box(z.center(), z.box)
+  assert layer.apply({}, b) is b
+  lazy = layer.clone(only_train=True)
+  assert lazy.apply({}, z, train=False) is z
+  assert lazy.apply({}, z, train=True).num_generators == out.num_generators
+
+
+def test_decorrelation_layers_as_defined():
+  z = _hz(jax.random.PRNGKey(5), m=5)
+  total = jnp.sum(jnp.abs(z.generators.reshape(5, 2, -1)), -1)   # [m, B]
+  out = L.DecorrelateMinK(2).apply({}, z)
+  assert out.num_generators == 2
+  for b in range(2):
+    keep = np.sort(np.argsort(-np.asarray(total[:, b]))[:2])
+    np.testing.assert_allclose(out.generators[:, b], z.generators[keep, b])
+  for a, b in zip(out.concretize(), z.concretize()):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  allz = L.DecorrelateAll().apply({}, z)
+  assert allz.num_generators == 0
+  np.testing.assert_allclose(allz.box, z.radius(), rtol=1e-6)
+  assert L.Concretize().apply({}, z).num_generators == 0
+  assert L.DecorrelateMinK(9).apply({}, z) is z
+  # Decorrelating enlarges the set: a linear functional's range can only grow.
+  w = jax.random.normal(jax.random.PRNGKey(6), (32, 3))
+  lin = lambda v: v.affine(lambda a: a.reshape(a.shape[0], -1) @ w,
+                           lambda a: a.reshape(a.shape[0], -1) @ jnp.abs(w))
+  for dec in (out, allz):
+    lo, hi = lin(dec).concretize()
+    lo0, hi0 = lin(z).concretize()
+    assert bool(jnp.all(lo <= lo0 + 1e-5)) and bool(jnp.all(hi >= hi0 - 1e-5))
+
+
+def test_deep_loss_matches_quadratic_definition_and_is_sown():
+  key = jax.random.PRNGKey(8)
+  lo = jnp.round(jax.random.normal(key, (3, 17)) * 2) / 2          # ties included
+  hi = lo + jnp.round(jax.random.uniform(jax.random.fold_in(key, 1), (3, 17)) * 4) / 2
+  got = L.deep_loss(lo, hi)
+  def naive(l, u):
+    lb = jnp.max(jnp.where(l[None, :] <= l[:, None], jax.nn.relu(u[None, :] - l[:, None]), 0), 1)
+    ub = jnp.max(jnp.where(u[:, None] <= u[None, :], jax.nn.relu(u[:, None] - l[None, :]), 0), 1)
+    return (jnp.sum(lb) + jnp.sum(ub)) / (2 * l.shape[0])
+  np.testing.assert_allclose(got, jax.vmap(naive)(lo, hi), rtol=1e-6)
+  box = Box.from_bounds(lo, hi)
+  layer = L.DeepLoss(weight=0.5)
+  out, state = layer.apply({}, box, train=True, mutable=["losses"])
+  assert out is box
+  np.testing.assert_allclose(state["losses"]["deep_loss"][0], 0.5 * jnp.mean(got), rtol=1e-6)
+  _, state = layer.apply({}, box, train=False, mutable=["losses"])   # only_train
+  assert not state.get("losses")
+
+
+# ------------------------------------------------------------------------ pytrees
+def test_domains_are_pytrees_through_jit_vmap_grad():
+  z = _hz(jax.random.PRNGKey(9), mode="deepz").replace(relu_budget=4)
+  leaves, tree = jax.tree_util.tree_flatten(z)
+  assert len(leaves) == 3
+  back = jax.tree_util.tree_unflatten(tree, leaves)
+  assert back.relu_mode == "deepz" and back.relu_budget == 4 and back.segments == z.segments
+  out = jax.jit(lambda v: v.relu())(z)
+  assert isinstance(out, HybridZonotope) and out.num_generators == 3 + 4
+  np.testing.assert_allclose(out.concretize()[1], z.relu().concretize()[1], rtol=1e-6)
+  # vmap over a stack of zonotopes (a leading axis on every leaf).
+  zs = jax.tree_util.tree_map(lambda *a: jnp.stack(a), z, z * 2.0)
+  his = jax.vmap(lambda v: v.relu().concretize()[1])(zs)
+  np.testing.assert_allclose(his[1], (z * 2.0).relu().concretize()[1], rtol=1e-5)
+  # grad w.r.t. the abstract value and w.r.t. parameters.
+  g = jax.grad(lambda v: jnp.sum(v.relu().concretize()[1]))(z)
+  assert isinstance(g, HybridZonotope) and bool(jnp.all(jnp.isfinite(g.generators)))
+  b = Box(z.center(), z.box)
+  gb = jax.grad(lambda v: jnp.sum(v.relu().concretize()[1]))(b)
+  assert isinstance(gb, Box)
+  model = jd.models.create("ffnn", num_classes=3)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 3, 3, 1))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  for domain in ("box", "deepz"):
+    fn = certify.make_bounds_fn(model, domain)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(fn({"params": p}, x, 0.05)[1])))(
+        variables["params"])
+    norms = [float(jnp.linalg.norm(g)) for g in jax.tree_util.tree_leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(norms) > 0
+
+
+def test_no_retracing_across_batches():
+  model = jd.models.create("conv_small", num_classes=3)
+  key = jax.random.PRNGKey(0)
+  variables = model.init(key, jnp.zeros((4, 12, 12, 1)))
+  fn = certify.make_bounds_fn(model, "zonotope")
+  traced = jax.jit(chex.assert_max_traces(fn, n=1))
+  for i in range(3):
+    x = jax.random.uniform(jax.random.fold_in(key, i), (4, 12, 12, 1))
+    traced(variables, x, 0.01 * (i + 1))
+    certify.verify(model, variables, x, jnp.zeros(4, jnp.int32), 0.01 * (i + 1))
+  jitted = _api._jitted("verify", model, "zonotope", "box", None, True, False)
+  assert jitted._cache_size() == 1
+
+
+def test_count_neurons_and_input_set():
+  model = RandomNet(0, abstract_layers=False)
+  x = jnp.full((1, 6, 6, 1), 0.5)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  assert certify.count_neurons(model, variables, x) > 12
+  z = certify.input_set(jnp.array([[0.0, 0.5, 1.0]]), 0.2, "zonotope")
+  lo, hi = z.concretize()
+  np.testing.assert_allclose(lo, [[0.0, 0.3, 0.8]], atol=1e-6)
+  np.testing.assert_allclose(hi, [[0.2, 0.7, 1.0]], atol=1e-6)
+  assert z.num_generators == 3 and z.segments == ((0, 3),)
+  hb = certify.input_set(jnp.array([[0.5]]), 0.1, "zonotope", correlate_input=False)
+  assert hb.num_generators == 0
+
+
+# -------------------------------------------------------------------------- errors
+@pytest.fixture(scope="module")
+def small():
+  model = jd.models.create("ffnn", num_classes=3)
+  x = jnp.full((2, 4, 4, 1), 0.5)
+  return model, model.init(jax.random.PRNGKey(0), x), x
+
+
+def test_bad_inputs_raise_clear_errors(small):
+  model, variables, x = small
+  with pytest.raises(ValueError, match="eps"):
+    certify.bounds(model, variables, x, -0.1)
+  with pytest.raises(ValueError, match="eps"):
+    certify.verify(model, variables, x, jnp.zeros(2, jnp.int32), 2.0)
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    certify.bounds(model, variables, x * 3, 0.1)
+  with pytest.raises(TypeError, match="floating"):
+    certify.bounds(model, variables, jnp.ones((2, 4, 4, 1), jnp.int32), 0.1)
+  with pytest.raises(ValueError, match="domain"):
+    certify.bounds(model, variables, x, 0.1, domain="polytope")
+  with pytest.raises(ValueError, match="relu"):
+    certify.bounds(model, variables, x, 0.1, domain="zonotope", relu="sigmoid")
+  with pytest.raises(ValueError, match="eps"):
+    certify.bounds(model, variables, x, jnp.array([0.1, 0.1, 0.1]))
+  with pytest.raises(ValueError, match="y"):
+    certify.verify(model, variables, x, jnp.zeros(3, jnp.int32), 0.1)
+  with pytest.raises(TypeError, match="flax"):
+    certify.bounds(lambda a: a, variables, x, 0.1)
+  with pytest.raises(ValueError, match="relu_mode"):
+    HybridZonotope(x, x, relu_mode="nope")
+  with pytest.raises(ValueError, match="relu_budget"):
+    HybridZonotope(x, x, relu_budget=0)
+
+
+class NoisyNet(nn.Module):
+  """One residual step with the library's EulerMaruyama rule (noise on)."""
+  coef: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    step = jd.dynamics.EulerMaruyama(coef=self.coef)
+    fx = L.Conv(x.shape[-1], 3)(x)
+    x = step(self, x, fx, jd.dynamics.StepContext(0, False, train))
+    return L.Dense(2)(L.flatten(x))
+
+
+def test_stochastic_and_training_mode_models_are_not_certifiable():
+  x = jnp.full((2, 4, 4, 1), 0.5)
+  model = NoisyNet()
+  variables = model.init({"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}, x)
+  with pytest.raises(ValueError, match="not certifiable"):
+    certify.bounds(model, variables, x, 0.1)
+  lo, hi = certify.bounds(NoisyNet(coef=0.0), variables, x, 0.1)   # noise off: fine
+  assert bool(jnp.all(lo <= hi))
+  bn = L.Sequential([L.BatchNorm(), L.Flatten(), L.Dense(2)])
+  variables = bn.init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match="BatchNorm"):
+    certify.bounds(bn, variables, x, 0.1, train=True)
+
+
+def test_certified_accuracy_and_report(small):
+  from jaxdefense.evaluation._certified import certified_accuracy
+  model, variables, _ = small
+  key = jax.random.PRNGKey(4)
+  x = np.asarray(jax.random.uniform(key, (7, 4, 4, 1)))
+  y = np.asarray(jnp.argmax(model.apply(variables, x), -1)).astype(np.int32)
+  acc, mask = certified_accuracy(model, variables, (x, y), 0.001, "box", batch_size=3,
+                                 progress=False, return_mask=True)
+  want = certify.verify(model, variables, x, y, 0.001, "box")
+  np.testing.assert_array_equal(mask, np.asarray(want))
+  assert acc == pytest.approx(float(np.mean(want)))
+  rep = certify.report(model, variables, x, y, 0.001, batch_size=4, pgd_steps=3)
+  assert rep["standard"] == 1.0 and rep["n"] == 7
+  assert rep["certified_zonotope"] <= rep["pgd"] <= rep["standard"]
+  assert rep["certified_box"] <= rep["pgd"]
+  with pytest.raises(TypeError, match="data"):
+    certified_accuracy(model, variables, x, 0.1)

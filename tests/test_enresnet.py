@@ -1,0 +1,167 @@
+"""EnResNet presets (Wang et al. 2019) and logit integration: registry, overrides,
+equivalences at coef = 0, keyed noise, ensemble structure, clear errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdefense as jd
+import jaxdefense.models._enresnet  # noqa: F401  (registers the presets)
+from jaxdefense.dynamics import Euler, EulerMaruyama
+from jaxdefense.models._enresnet import BASES, average_logits, enresnet
+
+KEY = jax.random.key(0)
+X = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3))  # small CIFAR-like batch
+
+
+def _init(model, x=X, seed=0):
+  return model.init({"params": jax.random.key(seed), "noise": jax.random.key(seed + 1)}, x)
+
+
+def _stack(variables, n):
+  """Variables of an ``n``-member ensemble whose members are all ``variables``."""
+  return {k: {"member": jax.tree_util.tree_map(lambda a: jnp.stack([a] * n), v)}
+          for k, v in variables.items()}
+
+
+# ------------------------------------------------------------------ registry
+def test_every_preset_is_registered_with_the_right_structure():
+  names = set(jd.models.names())
+  for base in BASES:
+    m = jd.models.create(f"en_{base}")
+    assert isinstance(m, jd.models.ResNet)
+    assert m.step == EulerMaruyama(coef=0.1, std="batch", at_test=True)
+    assert m == jd.models.create(base, step=EulerMaruyama(0.1))  # a preset, not a copy
+    for n in (1, 2, 5):
+      for prefix, shared in (("en", False), ("swe", True)):
+        e = jd.models.create(f"{prefix}{n}_{base}")
+        assert isinstance(e, jd.models.Ensemble)
+        assert (e.size, e.shared) == (n, shared)
+        assert e.member == m
+        assert jd.models.describe(f"{prefix}{n}_{base}")
+    for n in (2, 5):
+      e = jd.models.create(f"ens{n}_{base}")
+      assert (e.size, e.shared, e.member.step) == (n, False, Euler())
+    assert {f"en_{base}", f"en5_{base}", f"swe5_{base}", f"ens5_{base}"} <= names
+
+
+def test_overrides_pass_through():
+  m = jd.models.create("en5_preact_resnet44", num_classes=100, coef=0.2, std="sample",
+                       at_test=False, normalize=((0.5,) * 3, (0.25,) * 3))
+  assert m.member.num_classes == 100
+  assert m.member.step == EulerMaruyama(coef=0.2, std="sample", at_test=False)
+  assert m.member.normalize == ((0.5,) * 3, (0.25,) * 3)
+  assert m.member.stage_sizes == (7, 7, 7)
+  assert jd.models.create("en_wrn34_10", dropout=0.3).dropout == 0.3
+  assert jd.models.create("en2_preact_resnet20", size=3).size == 3
+  custom = jd.models.create("en_preact_resnet20", step=EulerMaruyama(0.4, "fixed"))
+  assert custom.step == EulerMaruyama(0.4, "fixed")
+  assert enresnet("preact_resnet8", 2).member.stage_sizes == (1, 1, 1)
+
+
+def test_parameter_counts_of_ensembles():
+  def count(name):
+    m = jd.models.create(name)
+    return jd.models.count_params(jax.eval_shape(lambda: _init(m, jnp.zeros((1, 32, 32, 3)))))
+  single = count("preact_resnet20")
+  assert count("en_preact_resnet20") == single
+  assert count("en5_preact_resnet20") == 5 * single
+  assert count("ens2_preact_resnet20") == 2 * single
+  assert count("swe5_preact_resnet20") == single  # n x En_1: one parameter set
+
+
+def test_en_wrn_has_the_wrn_parameter_tree():
+  shapes = lambda m: jax.eval_shape(lambda: _init(m, jnp.zeros((1, 32, 32, 3))))
+  a = shapes(jd.models.create("en_wrn34_10"))
+  b = shapes(jd.models.create("wrn34_10"))
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  assert jd.models.count_params(a) == 46_160_474
+
+
+# -------------------------------------------------------------- equivalences
+def test_coef_zero_enresnet_equals_the_plain_network():
+  plain = jd.models.create("preact_resnet20")
+  v = _init(plain)
+  ref = plain.apply(v, X)
+  noisy0 = jd.models.create("en_preact_resnet20", coef=0.0)
+  np.testing.assert_array_equal(noisy0.apply(v, X), ref)  # no noise key needed
+  # and ensembles of identical coef-0 members equal one member
+  for name in ("en5_preact_resnet20", "ens5_preact_resnet20"):
+    kw = {"coef": 0.0} if name.startswith("en5") else {}
+    ens = jd.models.create(name, **kw)
+    np.testing.assert_allclose(ens.apply(_stack(v, 5), X), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jd.models.create("swe5_preact_resnet20", coef=0.0).apply(
+      {"params": {"member": v["params"]}, "batch_stats": {"member": v["batch_stats"]}}, X),
+      ref, rtol=1e-5, atol=1e-5)
+
+
+def test_noise_is_keyed_and_members_are_independent():
+  model = jd.models.create("en2_preact_resnet20")
+  v = _init(model)
+  apply = jax.jit(lambda v, k: model.apply(v, X, rngs={"noise": k}))
+  a = apply(v, jax.random.key(3))
+  np.testing.assert_array_equal(a, apply(v, jax.random.key(3)))
+  assert float(jnp.max(jnp.abs(a - apply(v, jax.random.key(4))))) > 1e-4
+  # independently initialised members
+  p = v["params"]["member"]["Conv_0"]["kernel"]
+  assert float(jnp.max(jnp.abs(p[0] - p[1]))) > 1e-3
+  # noise is on at test time by default (the paper), off with at_test=False
+  quiet = jd.models.create("en2_preact_resnet20", at_test=False)
+  np.testing.assert_array_equal(quiet.apply(v, X), quiet.apply(v, X))
+  with pytest.raises(ValueError, match="noise key"):
+    model.apply(v, X)
+
+
+# ----------------------------------------------------------- average_logits
+def test_average_logits_integrates_models():
+  f1 = lambda x: jnp.ones((x.shape[0], 3))
+  f2 = lambda x: 3.0 * jnp.ones((x.shape[0], 3))
+  np.testing.assert_allclose(average_logits([f1, f2])(X), 2.0 * np.ones((2, 3)))
+  np.testing.assert_allclose(average_logits([f1, f2], weights=[3, 1])(X),
+                             1.5 * np.ones((2, 3)))
+  # stochastic members get independent keys
+  g = lambda x, k: jax.random.normal(k, (x.shape[0], 3))
+  comb = average_logits([g, g])
+  k1, k2 = jax.random.split(KEY)
+  np.testing.assert_allclose(comb(X, KEY), (g(X, k1) + g(X, k2)) / 2, rtol=1e-6)
+  # across architectures: a preact_resnet20 and an En_2 ensemble at coef 0
+  m1 = jd.models.create("preact_resnet20")
+  v1 = _init(m1)
+  m2 = jd.models.create("preact_resnet8")
+  v2 = _init(m2)
+  comb = average_logits([lambda x: m1.apply(v1, x), lambda x: m2.apply(v2, x)])
+  np.testing.assert_allclose(comb(X), (m1.apply(v1, X) + m2.apply(v2, X)) / 2, rtol=1e-5,
+                             atol=1e-6)
+
+
+# -------------------------------------------------------------------- errors
+def test_bad_arguments_are_clear_errors():
+  with pytest.raises(ValueError, match="EulerMaruyama.coef must be >= 0"):
+    jd.models.create("en_preact_resnet20", coef=-0.1)
+  with pytest.raises(ValueError, match="EulerMaruyama.std must be one of"):
+    jd.models.create("en2_preact_resnet20", std="channel")
+  with pytest.raises(ValueError, match="size must be >= 1"):
+    jd.models.create("en2_preact_resnet20", size=0)
+  with pytest.raises(ValueError, match="both step="):
+    jd.models.create("en_preact_resnet20", step=Euler(), coef=0.2)
+  with pytest.raises(ValueError, match="noise=False"):
+    jd.models.create("ens5_preact_resnet20", coef=0.1)
+  with pytest.raises(ValueError, match="unknown model name"):
+    jd.models.create("en3_preact_resnet20")
+  with pytest.raises(ValueError, match="unknown model name"):
+    enresnet("resnet21")
+  with pytest.raises(ValueError, match="does not take override"):
+    jd.models.create("en_preact_resnet20", colour=3)
+  with pytest.raises(ValueError, match="at least one"):
+    average_logits([])
+  with pytest.raises(TypeError, match=r"logit_fns\[1\] must be callable"):
+    average_logits([lambda x: x, 3])
+  with pytest.raises(ValueError, match="one entry per logits function"):
+    average_logits([lambda x: x], weights=[1, 2])
+  with pytest.raises(ValueError, match=r"weights\[0\] must be >= 0"):
+    average_logits([lambda x: x], weights=[-1])
+  with pytest.raises(ValueError, match="disagree on the logits shape"):
+    average_logits([lambda x: jnp.zeros((2, 3)), lambda x: jnp.zeros((2, 4))])(X)

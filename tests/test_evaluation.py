@@ -1,0 +1,123 @@
+"""Robustness tables and gradient-masking diagnostics on a small trained model."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxdefense as jd
+
+EPS = 0.1
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """An MLP trained on digits to ~95 % test accuracy (a few seconds)."""
+  train = jd.data.load("digits", "train")
+  test = jd.data.load("digits", "test")
+  model = jd.models.create("mlp", hidden=(64,), num_classes=10)
+  x, y = jnp.asarray(train.images), jnp.asarray(train.labels)
+  params = model.init(jax.random.key(0), x[:2])
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt):
+    def loss(p):
+      return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
+    g = jax.grad(loss)(params)
+    updates, opt = tx.update(g, opt)
+    return optax.apply_updates(params, updates), opt
+  for _ in range(300):
+    params, opt = step(params, opt)
+  logits_fn = jax.jit(lambda xb: model.apply(params, xb))
+  return logits_fn, test.images[:128], test.labels[:128]
+
+
+def test_report_numbers_and_tables(trained, tmp_path):
+  logits_fn, x, y = trained
+  rep = jd.evaluation.evaluate_robustness(
+      logits_fn, x, y, key=jax.random.key(1), eps=EPS, suite="fgsm,pgd:steps=10",
+      corruptions=("gaussian_noise",), severities=(1, 5), batch_size=64, progress=False,
+      meta={"title": "digits mlp"})
+  assert rep.clean > 0.9
+  acc_fgsm, acc_pgd = rep.attacks["fgsm"], rep.attacks["pgd(steps=10)"]
+  assert acc_pgd <= acc_fgsm + 1e-9 and acc_fgsm < rep.clean
+  # independent check of the clean number
+  expected = float(np.mean(np.argmax(np.asarray(logits_fn(jnp.asarray(x))), -1) == y))
+  assert rep.clean == pytest.approx(expected)
+  assert set(rep.corruptions["gaussian_noise"]) == {1, 5}
+  assert rep.corruptions["gaussian_noise"][5] <= rep.corruptions["gaussian_noise"][1] + 0.05
+  text = rep.to_text()
+  assert "pgd(steps=10)" in text and "%" in text
+  md, js = rep.save(tmp_path)
+  assert "| clean |" in open(md).read()
+  assert json.load(open(js))["attacks"]["fgsm"] == acc_fgsm
+
+
+def test_partial_last_batch_counts_every_example_once(trained):
+  logits_fn, x, y = trained
+  full = jd.evaluation.evaluate_robustness(logits_fn, x[:100], y[:100], key=jax.random.key(0),
+                                           suite=(), batch_size=100, progress=False)
+  odd = jd.evaluation.evaluate_robustness(logits_fn, x[:100], y[:100], key=jax.random.key(0),
+                                          suite=(), batch_size=64, progress=False)
+  assert full.clean == odd.clean and odd.num_examples == 100
+
+
+def test_stochastic_models_are_attacked_with_eot(trained):
+  logits_fn, x, y = trained
+
+  def noisy(xb, key):
+    return logits_fn(xb) + 0.5 * jax.random.normal(key, (xb.shape[0], 10))
+  rep = jd.evaluation.evaluate_robustness(noisy, x[:64], y[:64], key=jax.random.key(2), eps=EPS,
+                                          suite="fgsm", stochastic=True, eot_samples=4,
+                                          progress=False)
+  assert rep.meta["eot_samples"] == 4 and rep.meta["stochastic"]
+  assert rep.attacks["fgsm"] < rep.clean
+
+
+def test_plain_model_passes_the_masking_checks(trained):
+  logits_fn, x, y = trained
+  diag = jd.evaluation.diagnose(logits_fn, x[:64], y[:64], key=jax.random.key(3), eps=EPS,
+                                pgd_steps=10, spsa_steps=30, spsa_samples=32, batch_size=64)
+  assert not diag.masked, diag.to_text()
+  assert not diag["randomness"].flagged
+  assert "no sign of gradient masking" in diag.to_text()
+
+
+def test_quantised_input_layer_is_flagged(trained):
+  logits_fn, x, y = trained
+
+  def masked(xb):  # quantise the input under stop_gradient: all input gradients vanish
+    return logits_fn(jax.lax.stop_gradient(jnp.round(xb * 4) / 4))
+  diag = jd.evaluation.diagnose(masked, x[:64], y[:64], key=jax.random.key(4), eps=EPS,
+                                pgd_steps=10, spsa_steps=30, spsa_samples=32, batch_size=64,
+                                surrogate_fn=logits_fn)
+  assert diag.masked
+  assert diag["bad_gradients"].flagged
+  assert diag["bad_gradients"].numbers["zero_fraction"] == 1.0
+  assert diag["transfer_stronger"].flagged or diag["black_box_stronger"].flagged
+  assert json.dumps(diag.to_json())
+
+
+def test_bad_inputs_are_clear_errors(trained):
+  logits_fn, x, y = trained
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="unknown attack 'pgdd'"):
+    jd.evaluation.evaluate_robustness(logits_fn, x, y, key=key, suite="pgdd")
+  with pytest.raises(ValueError, match="key=value"):
+    jd.evaluation.parse_attack("pgd:steps")
+  with pytest.raises(ValueError, match="eps must be <= 1"):
+    jd.evaluation.evaluate_robustness(logits_fn, x, y, key=key, eps=8)
+  with pytest.raises(ValueError, match="corruptions must be one of"):
+    jd.evaluation.evaluate_robustness(logits_fn, x, y, key=key, suite=(),
+                                      corruptions=("fog",))
+  with pytest.raises(ValueError, match=r"images must lie in \[0, 1\]"):
+    jd.evaluation.evaluate_robustness(logits_fn, x * 255, y, key=key)
+  with pytest.raises(ValueError, match="large_eps must exceed eps"):
+    jd.evaluation.diagnose(logits_fn, x, y, key=key, eps=0.3, large_eps=0.2)

@@ -1,0 +1,303 @@
+"""Model zoo, step rules and ensembles: mathematics and errors."""
+
+from __future__ import annotations
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdefense as jd
+from jaxdefense.dynamics import Damped, Euler, EulerMaruyama, StepContext
+
+KEY = jax.random.key(0)
+
+
+def _x(shape=(4, 8, 8, 1), seed=1):
+  return jax.random.uniform(jax.random.key(seed), shape)
+
+
+def _init(model, x, seed=0):
+  return model.init({"params": jax.random.key(seed), "noise": jax.random.key(seed + 1)}, x)
+
+
+# ------------------------------------------------------------------ parameter counts
+@pytest.mark.parametrize("name,expected", [
+    ("resnet20", 269_722),       # published 0.27M
+    ("resnet32", 464_154),
+    ("resnet44", 658_586),       # published 0.66M
+    ("resnet56", 853_018),       # published 0.85M
+    ("resnet110", 1_727_962),    # published 1.7M
+    ("preact_resnet164", 1_703_258),  # published 1.7M
+    ("wrn34_10", 46_160_474),    # published 46.2M
+    ("resnext29_8x64d", 34_426_698),  # published 34.4M
+])
+def test_parameter_counts_match_published(name, expected):
+  model = jd.models.create(name)
+  shapes = jax.eval_shape(lambda: model.init(KEY, jnp.zeros((1, 32, 32, 3))))
+  assert jd.models.count_params(shapes) == expected
+
+
+def test_published_counts_rounded():
+  # The papers quote rounded figures; our exact counts round to them.
+  def count(name):
+    m = jd.models.create(name)
+    return jd.models.count_params(jax.eval_shape(lambda: m.init(KEY, jnp.zeros((1, 32, 32, 3)))))
+  assert round(count("resnet20") / 1e6, 2) == 0.27
+  assert round(count("resnet44") / 1e6, 2) == 0.66
+  assert round(count("resnet110") / 1e6, 1) == 1.7
+  assert round(count("wrn34_10") / 1e6) == 46
+  assert round(count("resnext29_8x64d") / 1e6) == 34
+
+
+def test_every_registered_model_runs_on_small_inputs():
+  for name in ["resnet8", "preact_resnet8", "mlp"]:
+    model = jd.models.create(name, num_classes=7)
+    x = _x((2, 8, 8, 1))
+    v = _init(model, x)
+    assert model.apply(v, x).shape == (2, 7)
+  model = jd.models.create("resnet8", num_classes=10)
+  x = _x((2, 28, 28, 1))
+  assert model.apply(_init(model, x), x).shape == (2, 10)
+
+
+# ------------------------------------------------------------------------ step rules
+def test_noise_coefficient_zero_equals_plain_resnet():
+  x = _x()
+  plain = jd.models.create("preact_resnet8")
+  noisy0 = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.0))
+  v = _init(plain, x)
+  np.testing.assert_array_equal(plain.apply(v, x), noisy0.apply(v, x, rngs={"noise": KEY}))
+  np.testing.assert_array_equal(plain.apply(v, x, train=True, mutable=["batch_stats"])[0],
+                                noisy0.apply(v, x, train=True, mutable=["batch_stats"])[0])
+
+
+def _set_lambdas(params, value):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.full_like(a, value) if path[-1].key == "lambda" else a, params)
+
+
+@pytest.mark.parametrize("kind", ["relu", "lambda"])
+def test_damped_at_lambda_zero_equals_resnet(kind):
+  x = _x()
+  damped = jd.models.create("preact_resnet20", step=Damped(kind))
+  plain = jd.models.create("preact_resnet20")
+  vd = _init(damped, x)
+  vd = {**vd, "params": _set_lambdas(vd["params"], 0.0)}
+  # the plain net has the same variables without the damping coefficients
+  vp = {**vd, "params": {name: ({k: a for k, a in sub.items() if k != "lambda"}
+                                if isinstance(sub, dict) else sub)
+                         for name, sub in vd["params"].items()}}
+  np.testing.assert_allclose(damped.apply(vd, x), plain.apply(vp, x), rtol=0, atol=0)
+
+
+def test_damped_lambda_one_is_plain_cnn_step():
+  class Probe(fnn.Module):
+    step: object
+
+    @fnn.compact
+    def __call__(self, x, fx):
+      return self.step(self, x, fx, StepContext(index=3, transition=False, train=False))
+
+  x, fx = _x((2, 4, 4, 3), 1), _x((2, 4, 4, 3), 2)
+  probe = Probe(Damped("relu", init_range=(1.0, 1.0)))
+  v = probe.init(KEY, x, fx)
+  np.testing.assert_allclose(probe.apply(v, x, fx), fx, atol=1e-7)
+  probe = Probe(Damped("lambda", init_range=(0.3, 0.3)))
+  v = probe.init(KEY, x, fx)
+  np.testing.assert_allclose(probe.apply(v, x, fx), 0.7 * x + 1.3 * fx, atol=1e-6)
+  # first block and transitions stay plain residual, as in the authors' code
+  first = Damped("relu", init_range=(1.0, 1.0))
+  assert not first.damped(StepContext(0, False, False))
+  assert not first.damped(StepContext(5, True, False))
+  assert first.damped(StepContext(5, False, False))
+
+
+def test_damped_lambda_init_range():
+  x = _x()
+  model = jd.models.create("preact_resnet20", step=Damped("relu", init_range=(0.1, 0.2)))
+  v = _init(model, x)
+  lams = [a for p, a in jax.tree_util.tree_leaves_with_path(v["params"]) if p[-1].key == "lambda"]
+  # 9 blocks, minus the first and the two transitions
+  assert len(lams) == 6
+  assert all(0.1 <= float(a) <= 0.2 for a in lams)
+
+
+def test_gating_variants_run_and_start_as_constant_gate():
+  x = _x()
+  for kind in ("gating", "gating_sig"):
+    model = jd.models.create("preact_resnet20", step=Damped(kind))
+    v = _init(model, x)
+    assert model.apply(v, x).shape == (4, 10)
+
+
+class _StepProbe(fnn.Module):
+  step: object
+  train: bool = True
+
+  @fnn.compact
+  def __call__(self, x, fx):
+    return self.step(self, x, fx, StepContext(index=1, transition=False, train=self.train))
+
+
+def test_injected_noise_has_configured_scale():
+  x = jax.random.normal(jax.random.key(3), (64, 8, 8, 16)) * 2.0 + 1.0
+  fx = jnp.zeros_like(x)
+  for coef in (0.1, 0.5):
+    probe = _StepProbe(EulerMaruyama(coef=coef))
+    out = probe.apply({}, x, fx, rngs={"noise": jax.random.key(4)})
+    noise = np.asarray(out - x)
+    expected = coef * float(jnp.std(x))
+    assert abs(noise.std() / expected - 1) < 0.01
+    assert abs(noise.mean()) < 0.01 * expected
+  probe = _StepProbe(EulerMaruyama(coef=0.2, std="fixed"))
+  noise = np.asarray(probe.apply({}, x, fx, rngs={"noise": jax.random.key(4)}) - x)
+  assert abs(noise.std() / 0.2 - 1) < 0.01
+  scales = jnp.arange(1.0, 65.0).reshape(64, 1, 1, 1)
+  probe = _StepProbe(EulerMaruyama(coef=0.1, std="sample"))
+  xs = x * scales
+  noise = np.asarray(probe.apply({}, xs, fx, rngs={"noise": jax.random.key(4)}) - xs)
+  per_sample = noise.reshape(64, -1).std(axis=1)
+  expected = 0.1 * np.asarray(xs).reshape(64, -1).std(axis=1)
+  assert np.all(np.abs(per_sample / expected - 1) < 0.1)
+
+
+def test_noise_is_deterministic_per_key_and_differs_across_keys():
+  x = _x()
+  model = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.1))
+  v = _init(model, x)
+  a = model.apply(v, x, rngs={"noise": jax.random.key(7)})
+  b = model.apply(v, x, rngs={"noise": jax.random.key(7)})
+  c = model.apply(v, x, rngs={"noise": jax.random.key(8)})
+  np.testing.assert_array_equal(a, b)
+  assert float(jnp.max(jnp.abs(a - c))) > 1e-4
+
+
+def test_noise_off_at_test_when_asked():
+  x = _x()
+  model = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.1, at_test=False))
+  v = _init(model, x)
+  np.testing.assert_array_equal(model.apply(v, x), jd.models.create("preact_resnet8").apply(v, x))
+  assert jd.dynamics.is_stochastic(model.step, train=True)
+  assert not jd.dynamics.is_stochastic(model.step, train=False)
+
+
+# ---------------------------------------------------------------- perturbed execution
+def test_perturbations_enter_each_block_additively():
+  x = _x()
+  model = jd.models.create("preact_resnet8")
+  v = _init(model, x)
+  logits, states = model.apply(v, x, capture_states=True)
+  assert len(states) == 3
+  zeros = [jnp.zeros_like(s) for s in states]
+  np.testing.assert_array_equal(model.apply(v, x, perturbations=zeros), logits)
+
+  def loss(deltas):
+    return jnp.sum(model.apply(v, x, perturbations=deltas) ** 2)
+  grads = jax.grad(loss)(zeros)
+  assert [g.shape for g in grads] == [s.shape for s in states]
+  assert all(float(jnp.abs(g).max()) > 0 for g in grads)
+  # a perturbation on the last block shifts the pooled features linearly
+  delta = [None, None, jnp.ones_like(states[2]) * 0.01]
+  assert not np.allclose(model.apply(v, x, perturbations=delta), logits)
+  with pytest.raises(ValueError, match="one entry per residual block"):
+    model.apply(v, x, perturbations=zeros[:2])
+
+
+# ------------------------------------------------------------------------- ensembles
+def test_ensemble_of_identical_members_equals_one_member():
+  x = _x()
+  member = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.0))
+  ens = jd.models.Ensemble(member, size=3)
+  vm = _init(member, x)
+  stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a] * 3), vm)
+  ve = {k: {"member": val} for k, val in stacked.items()}
+  np.testing.assert_allclose(ens.apply(ve, x), member.apply(vm, x), atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(jd.models.member_variables(ve, 1)),
+                  jax.tree_util.tree_leaves(vm), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_ensemble_members_are_independent_and_averaged():
+  x = _x()
+  member = jd.models.create("resnet8")
+  ens = jd.models.Ensemble(member, size=2)
+  ve = _init(ens, x)
+  assert jd.models.count_params(ve) == 2 * jd.models.count_params(_init(member, x))
+  outs = [member.apply(jd.models.member_variables(ve, i), x) for i in range(2)]
+  assert float(jnp.abs(outs[0] - outs[1]).max()) > 1e-4
+  np.testing.assert_allclose(ens.apply(ve, x), (outs[0] + outs[1]) / 2, atol=1e-5)
+
+
+def test_shared_weight_ensemble_averages_noise_draws():
+  x = _x()
+  member = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.1))
+  ens = jd.models.Ensemble(member, size=4, shared=True)
+  v = _init(member, x)
+  assert jd.models.count_params(_init(ens, x)) == jd.models.count_params(v)
+  ve = {k: {"member": val} for k, val in v.items()}
+  out = ens.apply(ve, x, rngs={"noise": jax.random.key(5)})
+  assert out.shape == (4, 10)
+  single = member.apply(v, x, rngs={"noise": jax.random.key(5)})
+  assert not np.allclose(out, single)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_unknown_model_name_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown model name='resnet21'.*resnet20"):
+    jd.models.create("resnet21")
+
+
+def test_unknown_override_is_a_clear_error():
+  with pytest.raises(ValueError, match="does not take override"):
+    jd.models.create("resnet20", widht=3)
+
+
+def test_bad_images_are_clear_errors():
+  model = jd.models.create("resnet8")
+  x = _x()
+  v = _init(model, x)
+  with pytest.raises(ValueError, match=r"x must lie in \[0, 1\].*255"):
+    model.apply(v, x * 255)
+  with pytest.raises(ValueError, match="rank 4"):
+    model.apply(v, x[0])
+  with pytest.raises(ValueError, match="NaN"):
+    model.apply(v, x.at[0, 0, 0, 0].set(jnp.nan))
+  with pytest.raises(TypeError, match="floating-point"):
+    model.apply(v, (x * 255).astype(jnp.uint8))
+
+
+def test_bad_step_arguments_are_clear_errors():
+  with pytest.raises(ValueError, match="EulerMaruyama.coef must be >= 0"):
+    EulerMaruyama(coef=-0.1)
+  with pytest.raises(ValueError, match="EulerMaruyama.std must be one of"):
+    EulerMaruyama(std="channel")
+  with pytest.raises(ValueError, match="Damped.kind must be one of"):
+    Damped("tanh")
+  with pytest.raises(ValueError, match="init_range"):
+    Damped("relu", init_range=(0.3, 0.1))
+
+
+def test_missing_noise_key_is_a_clear_error():
+  x = _x()
+  model = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.1))
+  v = _init(model, x)
+  with pytest.raises(ValueError, match="noise key"):
+    model.apply(v, x)
+
+
+def test_model_apply_compiles_once_under_jit():
+  x = _x()
+  model = jd.models.create("resnet8")
+  v = _init(model, x)
+  traces = []
+
+  @jax.jit
+  def f(v, x):
+    traces.append(1)
+    return model.apply(v, x)
+  for seed in range(3):
+    f(v, _x(seed=seed + 10))
+  assert len(traces) == 1
+  assert Euler() == Euler() and hash(EulerMaruyama(0.1)) == hash(EulerMaruyama(0.1))

@@ -1,0 +1,389 @@
+"""Training: builders, compiled steps, the loop, checkpoints, resume, data parallelism."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxdefense as jd
+from jaxdefense import configs, training
+from jaxdefense.training import _loop
+
+from conftest import run_python, subprocess_env
+
+TINY = ["model.name=mlp", "model.hidden=(32,)", "epochs=2", "batch_size=64",
+        "eval_batch_size=200", "validation_size=200", "checkpoint.keep_best=true",
+        "progress_bar=false", "log_every_steps=5", "schedule.name=constant",
+        "optimizer.learning_rate=0.05"]
+
+
+def tiny_config(*extra: str):
+  return configs.get("demo", [*TINY, *extra])
+
+
+def params_close(a, b, atol=0.0):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  return all(np.allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol) if atol else
+             np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """One uninterrupted tiny run (mlp on digits, 2 epochs = 38 steps)."""
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  state = training.train_and_evaluate(tiny_config(), workdir, verbose=False)
+  return workdir, state
+
+
+# ------------------------------------------------------------------ builders
+def test_piecewise_schedule_multiplies_at_epoch_milestones():
+  c = configs.get("demo", ["schedule.name=piecewise", "schedule.milestones=(2, 3)",
+                           "schedule.factor=0.1", "optimizer.learning_rate=1.0"])
+  s = training.build_schedule(c, steps_per_epoch=10, total_steps=50)
+  got = [float(s(i)) for i in (0, 19, 20, 29, 30, 49)]
+  np.testing.assert_allclose(got, [1, 1, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+
+
+def test_cosine_and_warmup_schedules():
+  c = configs.get("demo", ["schedule.name=cosine", "optimizer.learning_rate=0.5",
+                           "schedule.final_factor=0.1"])
+  s = training.build_schedule(c, steps_per_epoch=10, total_steps=100)
+  np.testing.assert_allclose([float(s(0)), float(s(50)), float(s(100))],
+                             [0.5, 0.5 * (0.1 + 0.9 * 0.5), 0.05], rtol=1e-5)
+  c = configs.get("demo", ["schedule.name=constant", "schedule.warmup_epochs=1",
+                           "optimizer.learning_rate=0.4"])
+  s = training.build_schedule(c, steps_per_epoch=10, total_steps=100)
+  np.testing.assert_allclose([float(s(0)), float(s(5)), float(s(10)), float(s(60))],
+                             [0.0, 0.2, 0.4, 0.4], rtol=1e-6)
+
+
+def _run_optimizer(tx, params, grads_seq):
+  state = tx.init(params)
+  for g in grads_seq:
+    updates, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_weight_decay_is_pytorchs(nesterov):
+  """Coupled decay: g + wd p before momentum (torch.optim.SGD, dampening 0)."""
+  lr, mu, wd = 0.1, 0.9, 5e-4
+  c = configs.get("demo", ["schedule.name=constant", f"optimizer.learning_rate={lr}",
+                           f"optimizer.momentum={mu}", f"optimizer.weight_decay={wd}",
+                           f"optimizer.nesterov={nesterov}"])
+  tx = training.build_optimizer(c, training.build_schedule(c, 1, 10))
+  rng = np.random.default_rng(0)
+  p0 = rng.normal(size=(5,)).astype(np.float32)
+  grads = [rng.normal(size=(5,)).astype(np.float32) for _ in range(4)]
+  p, buf = p0.astype(np.float64), np.zeros(5)
+  for g in grads:
+    d = g + wd * p
+    buf = mu * buf + d
+    p = p - lr * ((d + mu * buf) if nesterov else buf)
+  got = _run_optimizer(tx, jnp.asarray(p0), [jnp.asarray(g) for g in grads])
+  np.testing.assert_allclose(np.asarray(got), p, rtol=1e-5, atol=1e-6)
+  # Decoupled: p <- p - lr * (buf + wd * p), buf from the raw gradients.
+  c2 = configs.override(c, ["optimizer.decoupled_weight_decay=true"])
+  tx2 = training.build_optimizer(c2, training.build_schedule(c2, 1, 10))
+  p, buf = p0.astype(np.float64), np.zeros(5)
+  for g in grads:
+    buf = mu * buf + g
+    p = p - lr * (((g + mu * buf) if nesterov else buf) + wd * p)
+  got = _run_optimizer(tx2, jnp.asarray(p0), [jnp.asarray(g) for g in grads])
+  np.testing.assert_allclose(np.asarray(got), p, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_matches_optax():
+  c = configs.get("demo", ["optimizer.name=adamw", "schedule.name=constant",
+                           "optimizer.learning_rate=0.01", "optimizer.weight_decay=0.1"])
+  tx = training.build_optimizer(c, training.build_schedule(c, 1, 10))
+  ref = optax.adamw(0.01, weight_decay=0.1)
+  p0 = jnp.arange(4.0)
+  grads = [jnp.ones(4) * k for k in (1.0, -2.0, 0.5)]
+  np.testing.assert_allclose(_run_optimizer(tx, p0, grads), _run_optimizer(ref, p0, grads),
+                             rtol=1e-6)
+
+
+def test_build_model_and_step_rules():
+  c = configs.get("demo", ["model.step.name=euler_maruyama", "model.step.coef=0.2",
+                           "ensemble.size=3", "ensemble.shared=true"])
+  model = training.build_model(c, 10)
+  assert isinstance(model, jd.models.Ensemble) and model.size == 3 and model.shared
+  assert model.member.step == jd.dynamics.EulerMaruyama(coef=0.2)
+  assert model.member.normalize == jd.data.channel_stats("digits")
+  step = training.build_step({"name": "damped", "kind": "sig", "coef": 0.3})
+  assert step == jd.dynamics.Damped(kind="sig")
+  with pytest.raises(ValueError, match="has no residual step"):
+    training.build_model(configs.get("demo", ["model.name=mlp",
+                                              "model.step.name=euler"]), 10)
+  with pytest.raises(ValueError, match="unknown model.step.name='rk4'"):
+    training.build_step({"name": "rk4"})
+  with pytest.raises(ValueError, match="unknown model.step field"):
+    training.build_step({"name": "euler", "sigma": 1.0})
+  with pytest.raises(ValueError, match="unknown model name='resnet9'"):
+    training.build_model(configs.get("demo", ["model.name=resnet9"]), 10)
+  with pytest.raises(ValueError, match="num_classes"):
+    training.build_model(configs.get("demo", ["model.num_classes=7"]), 10)
+
+
+def test_train_state_is_a_pytree_with_static_functions():
+  c = tiny_config()
+  exp = training.build_experiment(c, num_classes=10, image_shape=(8, 8, 1),
+                                  steps_per_epoch=19)
+  state = exp.init_fn()(exp.root_key())
+  leaves = jax.tree_util.tree_leaves(state)
+  assert all(isinstance(x, jax.Array) for x in leaves)
+  assert state.step.dtype == jnp.int32 and int(state.step) == 0
+  assert state.model_state == {} and state.batch_stats == {}
+  doubled = jax.tree_util.tree_map(lambda x: x * 2, state)
+  assert doubled.apply_fn is state.apply_fn and doubled.tx is state.tx
+
+
+# ----------------------------------------------------------------- steps
+def _counting(objective, calls):
+  def counted(apply_fn, x, y, key):
+    calls.append(1)
+    return objective(apply_fn, x, y, key)
+  return counted
+
+
+def test_train_step_compiles_once_noise_and_batch_stats():
+  """EnResNet-8 with augmentation: one trace over several steps; state advances."""
+  c = configs.get("demo", ["model.step.name=euler_maruyama", "augment.enabled=true",
+                           "augment.pad=1", "batch_size=32"])
+  exp = training.build_experiment(c, num_classes=10, image_shape=(8, 8, 1),
+                                  steps_per_epoch=10)
+  mesh = training.make_mesh()
+  state = exp.init_state(mesh)
+  calls = []
+  step = training.make_train_step(_counting(exp.objective, calls),
+                                  augment={"pad": 1, "crop": True, "flip": False},
+                                  mesh=mesh)
+  ds = jd.data.load("digits", "train")
+  stats0 = jax.device_get(state.batch_stats)
+  losses = []
+  for x, y in list(jd.data.batches(ds, 32, seed=0, epoch=0))[:4]:
+    xb, yb = training.shard_batch((x, y), training.batch_sharding(mesh))
+    state, metrics = step(state, xb, yb)
+    losses.append(float(metrics["loss"]) / 32)
+  assert step.traces == 1 and len(calls) == 1
+  assert int(state.step) == 4 and np.all(np.isfinite(losses))
+  assert not params_close(stats0, jax.device_get(state.batch_stats))
+  # Evaluation: stochastic model, fixed eval key -> deterministic; one compile for
+  # two data sets of different sizes (padded last batches).
+  eval_step = training.make_eval_step(mesh)
+  test = jd.data.load("digits", "test")
+  val = jd.data.load("digits", "validation", validation_size=150)
+  r1 = training.evaluate(state, test, 100, mesh=mesh, eval_step=eval_step)
+  r2 = training.evaluate(state, test, 100, mesh=mesh, eval_step=eval_step)
+  r3 = training.evaluate(state, val, 100, mesh=mesh, eval_step=eval_step)
+  assert r1 == r2 and r1["count"] == 360 and r3["count"] == 150
+  assert eval_step.traces == 1
+
+
+def test_objective_must_return_logits_and_model_state():
+  exp = training.build_experiment(configs.get("demo"), num_classes=10,
+                                  image_shape=(8, 8, 1), steps_per_epoch=10)
+  mesh = training.make_mesh()
+  state = exp.init_state(mesh)
+
+  def no_state(apply_fn, x, y, key):
+    logits, _ = apply_fn(x)
+    return jnp.mean(logits), {"logits": logits}
+
+  step = training.make_train_step(no_state, mesh=mesh, donate=False)
+  x = np.zeros((8, 8, 8, 1), np.float32)
+  y = np.zeros((8,), np.int32)
+  with pytest.raises(ValueError, match="model_state"):
+    step(state, x, y)
+
+
+# ----------------------------------------------------------------- the loop
+def test_train_and_evaluate_writes_metrics_checkpoints_and_restores(tiny_run, capsys):
+  workdir, state = tiny_run
+  records = training.read_metrics(workdir / "metrics.jsonl")
+  kinds = [r["kind"] for r in records]
+  assert kinds.count("epoch") == 2 and kinds[-1] == "final" and "train" in kinds
+  final = records[-1]
+  assert final["step"] == 38 and final["train_step_traces"] == 1
+  assert final["eval_step_traces"] == 1
+  assert final["test/accuracy"] > 0.6 and final["validation/count"] == 200
+  assert (workdir / "config.json").is_file()
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit())[-1] == 38
+  restored, config = training.restore(workdir)
+  assert config == tiny_config()
+  assert int(restored.step) == 38 and params_close(restored.params, state.params)
+  best, _ = training.restore(workdir, which="best")
+  assert int(best.step) in (19, 38)
+  rows = training.evaluate_checkpoint(workdir, splits=("validation", "test"))
+  assert [r["split"] for r in rows] == ["validation", "test"]
+  assert rows[1]["accuracy"] == pytest.approx(final["test/accuracy"])
+  # Running the finished run again only evaluates, and prints the table.
+  again = training.train_and_evaluate(tiny_config(), workdir)
+  out = capsys.readouterr().out
+  assert "resuming" in out or "test" in out
+  assert "accuracy" in out and "validation" in out
+  assert params_close(again.params, state.params)
+
+
+def test_resume_after_an_interrupt_is_exact(tiny_run, tmp_path, monkeypatch):
+  _, reference = tiny_run
+  real_batches = jd.data.batches
+  seen = []
+
+  def failing_batches(*args, **kwargs):
+    for b in real_batches(*args, **kwargs):
+      if len(seen) == 25:
+        raise KeyboardInterrupt("simulated interruption")
+      seen.append(1)
+      yield b
+
+  config = tiny_config("checkpoint.every_steps=3")
+  monkeypatch.setattr(_loop._data, "batches", failing_batches)
+  with pytest.raises(KeyboardInterrupt):
+    training.train_and_evaluate(config, tmp_path, verbose=False)
+  monkeypatch.setattr(_loop._data, "batches", real_batches)
+  assert training.Checkpoints(tmp_path).latest_step() == 24
+  state = training.train_and_evaluate(config, tmp_path, verbose=False)
+  assert int(state.step) == 38
+  assert params_close(state.params, reference.params)
+  assert params_close(state.opt_state, reference.opt_state)
+  steps = [r["step"] for r in training.read_metrics(tmp_path / "metrics.jsonl")
+           if r["kind"] == "train"]
+  assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tiny_run, tmp_path):
+  _, reference = tiny_run
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "jaxdefense", "train", "--config", "demo", "--workdir",
+         str(workdir), *[f"--config.{o}" for o in TINY], "--config.checkpoint.every_steps=1",
+         "--compile_cache", os.environ["JAX_COMPILATION_CACHE_DIR"]]
+  proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  ckpts = workdir / "checkpoints"
+  deadline = time.time() + 240
+  killed_at = None
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] \
+        if ckpts.is_dir() else []
+    if steps and max(steps) >= 3:
+      os.kill(proc.pid, signal.SIGKILL)
+      killed_at = max(steps)
+      break
+    time.sleep(0.005)
+  proc.wait(timeout=60)
+  out = proc.stdout.read().decode()
+  assert killed_at is not None, f"run ended before it could be killed:\n{out}"
+  latest = training.Checkpoints(workdir).latest_step()
+  assert latest is not None and latest < 38, "the kill came too late to test resuming"
+  result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert f"resuming {workdir}" in result.stdout + result.stderr
+  state, _ = training.restore(workdir)
+  assert int(state.step) == 38
+  assert params_close(state.params, reference.params)
+  assert params_close(state.opt_state, reference.opt_state)
+
+
+MULTI = ["model.name=resnet8", "batch_size=32", "eval_batch_size=200",
+         "num_train_steps=4", "validation_size=200", "augment.enabled=true",
+         "augment.pad=1", "progress_bar=false", "checkpoint.keep_best=false",
+         "model.step.name=euler"]
+
+_MULTI_SCRIPT = """
+import sys, numpy as np, jax
+import jaxdefense as jd
+assert jax.device_count() == 4, jax.devices()
+overrides = sys.argv[2:]
+try:
+  jd.training.train_and_evaluate(jd.configs.get("demo", overrides + ["batch_size=30"]),
+                                 sys.argv[1] + "_bad", verbose=False)
+  raise SystemExit("no error for batch_size=30 on 4 devices")
+except ValueError as e:
+  assert "not divisible by the number of devices (4" in str(e), e
+  print("divisibility error ok")
+state = jd.training.train_and_evaluate(jd.configs.get("demo", overrides), sys.argv[1],
+                                       verbose=False)
+leaves = jax.tree_util.tree_leaves(jax.device_get(state.params))
+print("sharding", state.params["Dense_0"]["kernel"].sharding)
+np.savez(sys.argv[1] + ".npz", *leaves)
+"""
+
+
+def test_four_host_devices_match_one_device(tmp_path):
+  script = tmp_path / "multi.py"
+  script.write_text(textwrap.dedent(_MULTI_SCRIPT))
+  result = run_python([str(script), str(tmp_path / "four"), *MULTI], host_devices=4)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "divisibility error ok" in result.stdout
+  four = np.load(tmp_path / "four.npz")
+  four = [four[f"arr_{i}"] for i in range(len(four.files))]
+  state = training.train_and_evaluate(configs.get("demo", MULTI), tmp_path / "one",
+                                      verbose=False)
+  one = jax.tree_util.tree_leaves(jax.device_get(state.params))
+  assert len(one) == len(four)
+  for a, b in zip(one, four):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+  records = training.read_metrics(tmp_path / "four" / "metrics.jsonl")
+  assert records[-1]["devices"] == 4 and records[-1]["train_step_traces"] == 1
+
+
+# ------------------------------------------------------------- reliability
+def test_corrupt_checkpoint_is_a_clear_error(tiny_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(tiny_run[0], workdir)
+  state_dir = workdir / "checkpoints" / "38" / "state"
+  files = [p for p in state_dir.rglob("*") if p.is_file()]
+  assert files
+  for p in files:
+    p.write_bytes(b"\x00garbage" * 8)
+  with pytest.raises(training.CheckpointError, match="corrupt"):
+    training.restore(workdir)
+  with pytest.raises(training.CheckpointError, match="checkpoints/38"):
+    training.train_and_evaluate(tiny_config(), workdir, verbose=False)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tiny_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(tiny_run[0], workdir)
+  with pytest.raises(training.CheckpointError, match="does not match"):
+    training.train_and_evaluate(tiny_config("model.hidden=(16,)"), workdir, verbose=False)
+
+
+def test_restore_without_checkpoints(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no latest checkpoints"):
+    training.restore(tmp_path)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+  config = tiny_config("optimizer.learning_rate=1e30", "log_every_steps=1")
+  with pytest.raises(training.NonFiniteLossError, match="loss became"):
+    training.train_and_evaluate(config, tmp_path, verbose=False)
+  assert training.Checkpoints(tmp_path).latest_step() is None
+
+
+@pytest.mark.parametrize("override,match", [
+    ("dataset=cifar11", "cifar11"),
+    ("model.name=resnet9", "resnet9"),
+    ("batch_size=5000", "larger than"),
+])
+def test_bad_configs_fail_before_training(tmp_path, override, match):
+  with pytest.raises(ValueError, match=match):
+    training.train_and_evaluate(tiny_config(override), tmp_path, verbose=False)
