@@ -1,5 +1,7 @@
 """``python -m jaxdefense``: the same command line as the ``jaxdefense`` script."""
 
+from __future__ import annotations
+
 import sys
 
 from jaxdefense.cli import main

@@ -155,8 +155,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
-  from jaxdefense import training  # pylint: disable=import-outside-toplevel
-  training.run_demo(args.workdir, quick=args.quick, epochs=args.epochs, overrides=overrides)
+  from jaxdefense._demo import run_demo  # pylint: disable=import-outside-toplevel
+  run_demo(args.workdir, quick=args.quick, epochs=args.epochs, overrides=overrides)
   return 0
 
 
@@ -178,7 +178,7 @@ register(Command("train", "train a model from a config (resumes an existing run)
                  _train_args, _train, config_overrides=True))
 register(Command("eval", "clean accuracy of a run's latest or best checkpoint",
                  _eval_args, _eval))
-register(Command("demo", "train a ResNet and an EnResNet on digits and compare them",
+register(Command("demo", "train a ResNet and an EnResNet on digits, attack both, compare them",
                  _demo_args, _demo, config_overrides=True))
 register(Command("config", "print a resolved config, or list the config names",
                  _config_args, _config, config_overrides=True))

@@ -8,7 +8,9 @@ Configuring JAX here is allowed (entry points and conftest only, see STYLE.md).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,9 +19,11 @@ from typing import Sequence
 import jax
 import pytest
 
-_CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(
-    prefix="jaxdefense_test_xla_cache_")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+_CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+if not _CACHE_DIR:
+  _CACHE_DIR = tempfile.mkdtemp(prefix="jaxdefense_test_xla_cache_")
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

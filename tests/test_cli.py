@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -110,8 +111,9 @@ def test_demo_quick(tmp_path, capsys):
   assert run_main("demo", "--quick", "--workdir", str(tmp_path)) == 0
   out = capsys.readouterr().out
   assert "ResNet (Euler)" in out and "EnResNet (Euler-Maruyama" in out
-  assert "test accuracy" in out
+  assert "test accuracy" in out and "pgd-10" in out
   assert (tmp_path / "euler" / "metrics.jsonl").is_file()
+  assert (tmp_path / "euler" / "robustness.json").is_file()
   assert (tmp_path / "euler_maruyama" / "metrics.jsonl").is_file()
 
 
@@ -123,9 +125,13 @@ def test_python_dash_m_and_console_script():
   script = shutil.which("jaxdefense")
   if script is None:
     pytest.skip("console script not installed")
+  result = subprocess.run([script, "config", "--list", "--compile_cache", "none"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and "demo" in result.stdout.split(), result.stderr
 
 
 @pytest.mark.slow
 def test_full_demo_reaches_90_percent(capsys):
-  rows = training.run_demo()
+  from jaxdefense._demo import run_demo
+  rows = run_demo()
   assert all(r["test accuracy"] > 0.9 for r in rows), rows

@@ -301,3 +301,22 @@ def test_model_apply_compiles_once_under_jit():
     f(v, _x(seed=seed + 10))
   assert len(traces) == 1
   assert Euler() == Euler() and hash(EulerMaruyama(0.1)) == hash(EulerMaruyama(0.1))
+
+
+def test_ensemble_passes_keyword_arguments_and_scan_matches_vmap():
+  x = _x()
+  member = jd.models.create("resnet8")
+  ens = jd.models.Ensemble(member, size=2)
+  ve = _init(ens, x)
+  # train=True as a keyword must reach the members (batch statistics change)
+  _, new = ens.apply(ve, x, train=True, mutable=["batch_stats"])
+  old_stats = jax.tree_util.tree_leaves(ve["batch_stats"])
+  new_stats = jax.tree_util.tree_leaves(new["batch_stats"])
+  assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(old_stats, new_stats))
+  seq = jd.models.Ensemble(member, size=2, vectorize=False)
+  np.testing.assert_allclose(seq.apply(ve, x), ens.apply(ve, x), atol=1e-5)
+  a, sa = seq.apply(ve, x, train=True, mutable=["batch_stats"])
+  b, sb = ens.apply(ve, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  for u, v in zip(jax.tree_util.tree_leaves(sa), jax.tree_util.tree_leaves(sb)):
+    np.testing.assert_allclose(u, v, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -250,3 +251,78 @@ def test_bad_batch_errors(batch):
     O.TRADES()(f, x, y[:3], KEY)
   with pytest.raises(TypeError, match="integer class labels"):
     O.Natural()(f, x, y.astype(jnp.float32), KEY)
+
+
+# ------------------------------------------------ training-loop contract (model state)
+
+
+class _TinyBN(nn.Module):
+  """Dense -> BatchNorm -> ReLU -> (noise) -> Dense, for the (logits, state) contract."""
+  noise: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Dense(16)(x.reshape(x.shape[0], -1))
+    h = nn.relu(nn.BatchNorm(use_running_average=not train)(h))
+    if self.noise:
+      h = h + self.noise * jax.random.normal(self.make_rng("noise"), h.shape)
+    return nn.Dense(4)(h)
+
+
+def _loop_apply_fn(model, params, model_state, default_key):
+  """The training loop's ``apply_fn(x, *, key=None) -> (logits, model_state)``."""
+  def apply_fn(x, *, key=None):
+    logits, new_state = model.apply({"params": params, **model_state}, x, train=True,
+                                    rngs={"noise": default_key if key is None else key},
+                                    mutable=["batch_stats"])
+    return logits, dict(new_state)
+  return apply_fn
+
+
+@pytest.fixture(scope="module")
+def bn_model(batch):
+  x = batch[0]
+  model = _TinyBN(noise=0.3)
+  variables = dict(model.init({"params": jax.random.key(0), "noise": jax.random.key(1)}, x))
+  params = variables.pop("params")
+  return model, params, variables
+
+
+@pytest.mark.parametrize("name", ["natural", "pgd", "trades"])
+def test_training_loop_contract_returns_model_state(batch, bn_model, name):
+  x, y, _ = batch
+  model, params, model_state = bn_model
+  objective = OBJECTIVES[name]
+  traces = []
+
+  @jax.jit
+  def step(params, x, y, key):
+    traces.append(1)
+    def loss(p):
+      apply_fn = _loop_apply_fn(model, p, model_state, jax.random.fold_in(key, 7))
+      return objective(apply_fn, x, y, key)
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (loss, aux), grads = step(params, x, y, KEY)
+  assert np.isfinite(float(loss))
+  assert jax.tree.structure(aux["model_state"]) == jax.tree.structure(model_state)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  # The state is the batch statistics of the pass the loss trains on.
+  if name == "natural":
+    clean_state = _loop_apply_fn(model, params, model_state, jax.random.fold_in(KEY, 7))(x)[1]
+    for a, b in zip(jax.tree.leaves(aux["model_state"]), jax.tree.leaves(clean_state)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+  # Deterministic for a key although every attack iteration draws fresh noise.
+  (loss2, _), _ = step(params, x, y, KEY)
+  assert float(loss) == float(loss2)
+  step(jax.tree.map(lambda p: p * 1.01, params), x, y, jax.random.key(3, impl="rbg"))
+  assert len(traces) == 1
+
+
+def test_training_build_objective_accepts_these_objectives():
+  from jaxdefense import training
+  spec = ml_collections.ConfigDict({"name": "pgd", "eps": 0.03, "steps": 2,
+                                    "step_size": 0.01})
+  assert training.build_objective(spec) == O.PGDAdversarial(eps=0.03, steps=2, step_size=0.01)
+  spec = ml_collections.ConfigDict({"name": "trades", "beta": 1.0})
+  assert training.build_objective(spec) == O.TRADES(beta=1.0)

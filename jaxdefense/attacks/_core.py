@@ -19,8 +19,9 @@ derive every key they hand to the model from their own ``key`` argument, so an a
 is a deterministic function of its inputs and key.
 
 Every loss is per example (``[B]``) and is *maximised*; the gradient of the batch sum
-is the per-example gradient, so examples never interact (and the whole attack can be
-``vmap``-ed over examples or keys).
+is the per-example gradient, so examples never interact as long as the model treats
+them independently (evaluation-mode batch norm), and the whole attack can be
+``vmap``-ed over examples or keys.
 """
 
 from __future__ import annotations

@@ -94,6 +94,10 @@ class Box(AbstractValue):
     return obj
 
   # ---------------------------------------------------------------- structure
+  def batch_axes(self) -> "Box":
+    """``in_axes`` / ``out_axes`` for ``jax.vmap`` over the batch axis (0 everywhere)."""
+    return Box(0, 0)
+
   @classmethod
   def from_bounds(cls, lower: Array, upper: Array) -> "Box":
     """The box ``[lower, upper]`` (elementwise, ``lower <= upper``)."""
@@ -253,6 +257,15 @@ class HybridZonotope(AbstractValue):
     obj._center, obj.box, obj.generators = children
     obj.relu_mode, obj.relu_budget, obj.segments = aux
     return obj
+
+  def batch_axes(self) -> "HybridZonotope":
+    """``in_axes`` / ``out_axes`` for ``jax.vmap`` over the batch axis of this value.
+
+    The generators carry the batch on axis 1 (``[m, B, ...]``), the other leaves on 0:
+    ``jax.vmap(f, in_axes=(z.batch_axes(),))(z)`` hands ``f`` one example at a time
+    (shapes without the batch axis).
+    """
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self), [0, 0, 1])
 
   def _new(self, center: Array, box: Array, generators: Array,
            segments: tuple[tuple[int, int], ...] | None = None) -> "HybridZonotope":

@@ -8,6 +8,8 @@ there); presets and config files change a few fields of it.  :func:`get` returns
 validated, locked config: a typo in a key is an error that lists close matches.
 """
 
+from __future__ import annotations
+
 from jaxdefense.configs._base import STEP_FIELDS as STEP_FIELDS
 from jaxdefense.configs._base import base_config as base_config
 from jaxdefense.configs._base import validate as validate

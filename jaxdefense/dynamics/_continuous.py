@@ -175,8 +175,9 @@ def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
               full_output: bool = False) -> Any:
   """Integrate ``dx/dt = vector_field(t, x, args)`` from ``t0`` to ``t1`` with diffrax.
 
-  Fixed-step solvers take ``n_steps`` equal steps (``ConstantStepSize``, so forward Euler with ``n_steps = L`` is a ResNet with ``L`` blocks of
-  residual ``dt * F``).  Adaptive solvers start from ``dt0 = (t1 - t0) / n_steps`` and
+  Fixed-step solvers take ``n_steps`` equal steps (``ConstantStepSize``), so forward
+  Euler with ``n_steps = L`` is a ResNet with ``L`` blocks of residual ``dt * F``.
+  Adaptive solvers start from ``dt0 = (t1 - t0) / n_steps`` and
   are controlled by ``PIDController(rtol, atol)``.
 
   Args:
@@ -379,8 +380,9 @@ class SDEBlock(ODEBlock):
     sigma: diffusion coefficient (>= 0), default 0.1.
     at_test: also draw noise when ``train=False`` (the EnResNet convention).
     tol: Brownian-tree resolution; default ``dt / 4``.
-    (others as :class:`ODEBlock`; ``solver``/``adaptive``/tolerances only apply to
-    the noiseless solve.)
+    (others as :class:`ODEBlock`; ``solver``, ``adaptive``, the tolerances and
+    ``adjoint="backsolve"`` only apply to the noiseless solve, the SDE solve
+    differentiates with ``"recursive"``.)
 
   Raises:
     ValueError: ``sigma < 0``; noise needed but no ``"noise"`` key given; as

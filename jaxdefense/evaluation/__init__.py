@@ -19,7 +19,9 @@ from jaxdefense.evaluation._robustness import evaluate_robustness as evaluate_ro
 from jaxdefense.evaluation._robustness import parse_attack as parse_attack
 from jaxdefense.evaluation._robustness import parse_suite as parse_suite
 from jaxdefense.evaluation._robustness import plot_accuracy_vs_eps as plot_accuracy_vs_eps
+from jaxdefense.evaluation._run import evaluate_run as evaluate_run
+from jaxdefense.evaluation._run import run_logits_fn as run_logits_fn
 
 __all__ = ["ATTACKS", "SUITES", "AttackSpec", "Check", "Diagnosis", "RobustnessReport",
            "accuracy_vs_eps", "certified_accuracy", "diagnose", "evaluate_robustness",
-           "parse_attack", "parse_suite", "plot_accuracy_vs_eps"]
+           "evaluate_run", "run_logits_fn", "parse_attack", "parse_suite", "plot_accuracy_vs_eps"]

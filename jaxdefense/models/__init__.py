@@ -17,3 +17,6 @@ from jaxdefense.models._resnet import ResNet as ResNet
 from jaxdefense.models._resnet import ResidualBlock as ResidualBlock
 from jaxdefense.models._ensemble import Ensemble as Ensemble
 from jaxdefense.models._ensemble import member_variables as member_variables
+from jaxdefense.models._enresnet import average_logits as average_logits
+from jaxdefense.models._enresnet import enresnet as enresnet
+from jaxdefense.models import _diffai  # registers the DiffAI zoo

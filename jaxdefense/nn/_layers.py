@@ -9,6 +9,7 @@ Layout: images are NHWC, convolution kernels HWIO, dense kernels ``[in, out]``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Sequence
 
@@ -16,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jaxdefense.nn._abstract import AbstractValue, is_abstract
 
@@ -110,6 +112,71 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
   return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
+# ------------------------------------------------------- convolution (concrete path)
+_CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_plain(x: Array, kernel: Array, strides: tuple[int, int], padding: Any,
+                groups: int) -> Array:
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_CONV_DIMS,
+                                  feature_group_count=groups)
+
+
+def _gather_copy(x: Array) -> Array:
+  # An identity gather (iota indices over the batch axis): XLA's fusion pass counts a
+  # gather as expensive, so it computes the value once into its own buffer instead of
+  # recomputing the elementwise chain that produced it inside every consumer.
+  n = x.shape[0]
+  dnums = lax.GatherDimensionNumbers(offset_dims=tuple(range(1, x.ndim)),
+                                     collapsed_slice_dims=(0,), start_index_map=(0,))
+  return lax.gather(x, lax.broadcasted_iota(jnp.int32, (n, 1), 0), dnums,
+                    (1,) + tuple(x.shape[1:]), indices_are_sorted=True,
+                    unique_indices=True, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _materialize(x: Array) -> Array:
+  """``x`` unchanged (bit for bit); on CPU it is computed into a buffer of its own.
+
+  Used for the input of a convolution whose kernel gradient is taken: XLA:CPU computes
+  that gradient as a convolution over transposed copies of the input, and without
+  this it fuses the input's whole producer chain (batch norm, ReLU, every residual
+  add back to the stage's start) into a transposing loop that reads its operands with a
+  stride of one image, several times slower than a plain transpose of one buffer.
+  Other platforms get the identity.
+  """
+  return lax.platform_dependent(x, cpu=_gather_copy, default=lambda a: a)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _conv(x: Array, kernel: Array, strides: tuple[int, int], padding: Any,
+          groups: int) -> Array:
+  """``lax.conv_general_dilated`` (NHWC, HWIO) with a JVP that materialises ``x``.
+
+  Same values and derivatives as the plain convolution (forward and reverse mode); the
+  rule only changes what XLA:CPU fuses when the kernel's tangent is nonzero (training).
+  """
+  return _conv_plain(x, kernel, strides, padding, groups)
+
+
+def _conv_jvp(strides, padding, groups, primals, tangents):
+  x, kernel = primals
+  tx, tk = tangents
+  x_const, k_const = isinstance(tx, SymbolicZero), isinstance(tk, SymbolicZero)
+  if not k_const:
+    x = _materialize(x)
+  y = _conv_plain(x, kernel, strides, padding, groups)
+  ty = None
+  if not x_const:
+    ty = _conv_plain(tx, kernel, strides, padding, groups)
+  if not k_const:
+    tk_y = _conv_plain(x, tk, strides, padding, groups)
+    ty = tk_y if ty is None else ty + tk_y
+  return y, (jnp.zeros_like(y) if ty is None else ty)
+
+
+_conv.defjvp(_conv_jvp, symbolic_zeros=True)
+
+
 # ------------------------------------------------------------------------ modules
 class Dense(nn.Module):
   """Fully connected layer ``y = x W + b`` on ``[..., in] -> [..., features]``."""
@@ -172,14 +239,14 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, k + (in_ch // g, self.features))
     bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
     strides, padding = _pair(self.strides), self._padding(k)
+    if not isinstance(padding, str):
+      padding = tuple(tuple(int(v) for v in side) for side in padding)  # hashable
 
     def conv(a, w):
-      return lax.conv_general_dilated(a, w, strides, padding,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      feature_group_count=g)
+      return _conv_plain(a, w, strides, padding, g)
     if is_abstract(x):
       return x.affine(lambda a: conv(a, kernel), lambda a: conv(a, jnp.abs(kernel)), bias)
-    y = conv(x, kernel)
+    y = _conv(x, kernel, strides, padding, g)
     return y if bias is None else y + bias
 
 

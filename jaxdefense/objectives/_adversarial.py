@@ -2,24 +2,36 @@
 
 An *objective* is a frozen (hence hashable, ``jit``-static) dataclass called as
 
-    ``loss, aux = objective(logits_fn, x, y, key)``
+    ``loss, aux = objective(apply_fn, x, y, key)``
 
-with ``logits_fn(x) -> logits [B, K]`` the model in train mode with the current
-parameters, ``x`` images ``[B, H, W, C]`` in [0, 1], ``y`` integer labels ``[B]`` and
-``key`` a PRNG key.  ``loss`` is a scalar to minimise; ``aux`` is a dict of arrays that
-always holds ``"logits"``, the logits of the examples the loss trains on (for accuracy
-metrics).  Objectives are pure functions, differentiable in the parameters that
-``logits_fn`` closes over.
+* ``apply_fn`` runs the model in train mode with the current parameters.  Two forms are
+  accepted: ``apply_fn(x) -> logits [B, K]`` (a plain logits function), or the training
+  loop's ``apply_fn(x, *, key=None) -> (logits, model_state)``, whose ``model_state``
+  (e.g. updated batch statistics) is passed on as ``aux["model_state"]`` and whose
+  ``key`` gives the model fresh noise (stochastic nets such as EnResNet).
+* ``x``: images ``[B, H, W, C]`` in [0, 1]; ``y``: integer labels ``[B]``; ``key``: a
+  PRNG key.
+
+``loss`` is a scalar to minimise; ``aux`` is a dict that always holds ``"logits"``, the
+logits of the examples the loss trains on (for accuracy metrics), ``"model_state"``
+when ``apply_fn`` returns one (the state of the forward pass on the training examples:
+the adversarial pass for :class:`PGDAdversarial` and :class:`TRADES`), and scalar loss
+terms.  Objectives are pure functions, differentiable in the parameters that
+``apply_fn`` closes over.
 
 Inner maximisations run on a copy of the model whose closed-over arrays (the
 parameters) go through ``jax.lax.stop_gradient`` (found with ``jax.closure_convert``),
 and the adversarial images are ``stop_gradient``-ed too: parameter gradients flow only
 through the outer loss, and ``jax.grad`` never differentiates through the attack loop.
+When ``apply_fn`` takes a ``key``, every attack iteration draws fresh model noise (as
+the EnResNet training code does); the attack's own forward passes never contribute a
+model state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Optional, Protocol
 
 import jax
@@ -34,20 +46,57 @@ Array = jax.Array
 class Objective(Protocol):
   """What the training loop calls: ``(loss scalar, aux dict with "logits")``."""
 
-  def __call__(self, logits_fn: Callable[[Array], Array], x: Array, y: Array,
-               key: Array) -> tuple[Array, dict[str, Array]]:
+  def __call__(self, apply_fn: Callable[..., Any], x: Array, y: Array,
+               key: Array) -> tuple[Array, dict[str, Any]]:
     ...
 
 
-def frozen(logits_fn: Callable[[Array], Array], x: Array) -> Callable[[Array], Array]:
-  """``logits_fn`` with every closed-over (possibly differentiated) array stop-gradient-ed.
+def frozen(fn: Callable[..., Any], *example_args: Any) -> Callable[..., Any]:
+  """``fn`` with every closed-over (possibly differentiated) array stop-gradient-ed.
 
   Used for inner maximisations: the attack then sees the parameters as constants, so an
   outer ``jax.grad`` w.r.t. the parameters does not trace tangents through the attack.
+  ``example_args`` fix the argument types (as for ``jax.closure_convert``).
   """
-  converted, consts = jax.closure_convert(logits_fn, x)
+  converted, consts = jax.closure_convert(fn, *example_args)
   consts = [jax.lax.stop_gradient(c) for c in consts]
-  return lambda z: converted(z, *consts)
+  return lambda *args: converted(*args, *consts)
+
+
+def split_output(out: Any) -> tuple[Array, Any]:
+  """``(logits, model_state or None)`` from either form of ``apply_fn``'s output."""
+  if isinstance(out, tuple) and len(out) == 2:
+    return out[0], out[1]
+  return out, None
+
+
+def _takes_key(fn: Callable[..., Any]) -> bool:
+  """Whether ``fn`` accepts a ``key=`` keyword (the training loop's ``apply_fn``)."""
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return "key" in params and params["key"].kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                    inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def attack_model(apply_fn: Callable[..., Any], x: Array, key: Array) -> Callable[..., Any]:
+  """The model as seen by an inner attack: logits only, parameters stop-gradient-ed.
+
+  A ``key``-taking ``apply_fn`` becomes ``attacks.eot(f, 1)`` (one fresh noise draw per
+  attack iteration, keys derived from the attack's key); otherwise a plain
+  ``f(x) -> logits``.
+  """
+  if _takes_key(apply_fn):
+    f = frozen(lambda z, k: split_output(apply_fn(z, key=k))[0], x, key)
+    return attacks.eot(f, 1)
+  return frozen(lambda z: split_output(apply_fn(z))[0], x)
+
+
+def _with_state(aux: dict, state: Any) -> dict:
+  if state is not None:
+    aux["model_state"] = state
+  return aux
 
 
 def _mean_ce(logits: Array, y: Array) -> Array:
@@ -83,18 +132,19 @@ def _validate_pgd_fields(obj: Any) -> None:
 class Natural:
   """Natural training: mean softmax cross-entropy on clean images.
 
-  Returns ``(loss, {"logits": clean logits})``.
+  Returns ``(loss, {"logits": clean logits, "loss_clean": loss})`` (plus
+  ``"model_state"`` of the clean pass when ``apply_fn`` returns one).
   """
 
-  def __call__(self, logits_fn: Callable[[Array], Array], x: Array, y: Array,
+  def __call__(self, apply_fn: Callable[..., Any], x: Array, y: Array,
                key: Optional[Array] = None, *,
                attack_logits_fn: Optional[Callable] = None) -> tuple[Array, dict]:
     """Loss and aux for one batch; ``key`` and ``attack_logits_fn`` are unused."""
     del key, attack_logits_fn
     _check_batch(x, y)
-    logits = logits_fn(x)
+    logits, state = split_output(apply_fn(x))
     loss = _mean_ce(logits, y)
-    return loss, {"logits": logits, "loss_clean": loss}
+    return loss, _with_state({"logits": logits, "loss_clean": loss}, state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,34 +183,38 @@ class PGDAdversarial:
     object.__setattr__(self, "mix", _checks.check_float(self.mix, "PGDAdversarial.mix",
                                                         minimum=0.0, maximum=1.0))
 
-  def __call__(self, logits_fn: Callable[[Array], Array], x: Array, y: Array,
+  def __call__(self, apply_fn: Callable[..., Any], x: Array, y: Array,
                key: Array, *,
                attack_logits_fn: Optional[Callable] = None) -> tuple[Array, dict]:
     """Loss and aux for one batch.
 
     Args:
-      logits_fn: train-mode model ``f(x) -> logits [B, K]`` with the current parameters.
+      apply_fn: train-mode model with the current parameters, ``f(x) -> logits [B, K]``
+        or ``f(x, *, key=None) -> (logits, model_state)`` (see the module docstring).
       x: clean images ``[B, H, W, C]`` in [0, 1].
       y: integer labels ``[B]``.
-      key: PRNG key for the random start.
+      key: PRNG key for the random start (and the attack's model noise).
       attack_logits_fn: optional model used for the inner attack (e.g. eval-mode batch
-        norm, as in the reference TRADES / Madry code); defaults to ``logits_fn``.
+        norm, as in the reference TRADES / Madry code), of either form; defaults to
+        ``apply_fn``.
 
     Returns:
-      ``(loss, aux)`` with ``aux["logits"]`` the adversarial logits, plus
-      ``"loss_adv"`` and, when ``mix > 0``, ``"clean_logits"`` and ``"loss_clean"``.
+      ``(loss, aux)`` with ``aux["logits"]`` the adversarial logits, ``"loss_adv"``,
+      ``"model_state"`` of the adversarial pass (if any) and, when ``mix > 0``,
+      ``"clean_logits"`` and ``"loss_clean"``.
     """
     _check_batch(x, y)
-    attack_fn = frozen(attack_logits_fn or logits_fn, x)
-    x_adv = attacks.pgd(attack_fn, x, y, key=key, eps=self.eps, step_size=self.step_size,
+    x = jnp.asarray(x)
+    model = attack_model(attack_logits_fn or apply_fn, x, key)
+    x_adv = attacks.pgd(model, x, y, key=key, eps=self.eps, step_size=self.step_size,
                         steps=self.steps, random_start=self.random_start)
     x_adv = jax.lax.stop_gradient(x_adv)
-    logits_adv = logits_fn(x_adv)
+    logits_adv, state = split_output(apply_fn(x_adv))
     loss_adv = _mean_ce(logits_adv, y)
-    aux = {"logits": logits_adv, "loss_adv": loss_adv}
+    aux = _with_state({"logits": logits_adv, "loss_adv": loss_adv}, state)
     if self.mix == 0.0:
       return loss_adv, aux
-    logits_clean = logits_fn(x)
+    logits_clean, _ = split_output(apply_fn(x))
     loss_clean = _mean_ce(logits_clean, y)
     aux.update(clean_logits=logits_clean, loss_clean=loss_clean)
     return (1.0 - self.mix) * loss_adv + self.mix * loss_clean, aux
@@ -202,33 +256,36 @@ class TRADES:
                                                              "TRADES.init_std",
                                                              minimum=0.0))
 
-  def __call__(self, logits_fn: Callable[[Array], Array], x: Array, y: Array,
+  def __call__(self, apply_fn: Callable[..., Any], x: Array, y: Array,
                key: Array, *,
                attack_logits_fn: Optional[Callable] = None) -> tuple[Array, dict]:
     """Loss and aux for one batch (arguments as :meth:`PGDAdversarial.__call__`).
 
     Returns:
       ``(loss, aux)`` with ``aux["logits"]`` the clean logits, ``"adv_logits"``,
-      ``"loss_clean"`` (CE) and ``"loss_robust"`` (the mean KL term).
+      ``"loss_clean"`` (CE), ``"loss_robust"`` (the mean KL term) and
+      ``"model_state"`` of the adversarial pass (if ``apply_fn`` returns one).
     """
     _check_batch(x, y)
     x = jnp.asarray(x)
-    attack_fn = frozen(attack_logits_fn or logits_fn, x)
-    clean_for_attack = jax.lax.stop_gradient(attack_fn(x))
+    k_clean, k_start, k_loop = jax.random.split(key, 3)
+    model = attack_model(attack_logits_fn or apply_fn, x, key)
+    clean_for_attack = jax.lax.stop_gradient(attacks.predict(
+        model, x, key=k_clean if isinstance(model, attacks.EOT) else None))
     kl_to_clean = lambda z: kl_divergence(clean_for_attack, z)
     project = attacks.make_projection("linf", x, self.eps)
-    k_start, k_loop = jax.random.split(key)
     x0 = attacks.random_start(k_start, x, self.eps, "linf", kind="normal",
                               scale=self.init_std)
-    vg = attacks.make_value_and_grad(attack_fn, kl_to_clean)
+    vg = attacks.make_value_and_grad(model, kl_to_clean)
     rule = attacks.sign_ascent(self.step_size, project, "linf")
-    x_adv, _ = attacks.ascent_loop(vg, rule, x0, self.steps, k_loop)
+    x_adv, _ = attacks.ascent_loop(vg, rule, x0, self.steps,
+                                   k_loop if isinstance(model, attacks.EOT) else None)
     x_adv = jax.lax.stop_gradient(x_adv)
 
-    logits_clean = logits_fn(x)
-    logits_adv = logits_fn(x_adv)
+    logits_clean, _ = split_output(apply_fn(x))
+    logits_adv, state = split_output(apply_fn(x_adv))
     loss_clean = _mean_ce(logits_clean, y)
     loss_robust = jnp.mean(kl_divergence(logits_clean, logits_adv))
     aux = {"logits": logits_clean, "adv_logits": logits_adv, "loss_clean": loss_clean,
            "loss_robust": loss_robust}
-    return loss_clean + self.beta * loss_robust, aux
+    return loss_clean + self.beta * loss_robust, _with_state(aux, state)

@@ -16,7 +16,7 @@ fractional epochs ``t``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Union
+from typing import Any, Callable, ClassVar, Union
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +65,11 @@ def _value(s: Schedule, epoch: Any) -> Array:
   return jnp.asarray(s(epoch) if callable(s) else s, jnp.float32)
 
 
-def _split(out: Any) -> tuple[Any, dict]:
+def _split(out: Any) -> tuple[Any, dict | None]:
   """``apply_fn`` may return ``outputs`` or ``(outputs, mutated_collections)``."""
   if isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "items"):
     return out[0], dict(out[1])
-  return out, {}
+  return out, None
 
 
 def _extra_losses(mutated: dict) -> Array:
@@ -95,34 +95,44 @@ class CertifiedObjective:
       model's correlation layers (``False``, default, as DiffAI trains).
     relu_budget: DeepZ generators per ReLU layer (``None``: one per neuron).
 
-  Call contract (for the training loop)::
+  Call contract (the training loop's, plus an optional ``epoch``)::
 
       loss, aux = objective(apply_fn, x, y, key, epoch=epoch)
 
   * ``apply_fn(inputs)`` runs the model with the current parameters on a batch of
     images ``[B, H, W, C]`` *or* on an abstract value (``Box``/``HybridZonotope``) of
-    that shape, and returns logits ``[B, K]`` (concrete or abstract).  It may instead
-    return ``(outputs, mutated)`` as ``model.apply(..., mutable=[...])`` does; then
-    every leaf of ``mutated["losses"]`` (the :class:`~jaxdefense.nn.DeepLoss` terms of
-    the abstract pass) is added to the loss, and ``mutated`` of the *point* pass is
-    returned as ``aux["mutated"]`` (e.g. updated ``batch_stats``).  Typical::
+    that shape.  It returns logits ``[B, K]`` (concrete or abstract), or the training
+    loop's pair ``(logits, model_state)`` (what ``model.apply(..., mutable=[...])``
+    returns).  With pairs, every leaf of the abstract pass's ``model_state["losses"]``
+    (the :class:`~jaxdefense.nn.DeepLoss` terms; make ``"losses"`` mutable to get them)
+    is added to the loss.  Typical::
 
         def apply_fn(v):
           return model.apply({"params": params}, v, train=True, mutable=["losses"])
 
-    For a model with batch norm, run abstract inputs in evaluation mode:
-    ``train=not jaxdefense.nn.is_abstract(v)``.
+    A model with batch norm must run abstract inputs in evaluation mode
+    (``train=not jaxdefense.nn.is_abstract(v)``): batch statistics of a set are undefined.
   * ``x``: images ``[B, H, W, C]`` in ``[0, 1]``; ``y``: int labels ``[B]``;
-    ``key``: a PRNG key (unused by this objective; kept for the common contract);
-    ``epoch``: fractional epoch (float or traced scalar; no retracing as it changes).
-  * Returns the scalar loss and ``aux``: ``{"point_loss", "abstract_loss",
-    "deep_loss", "eps", "mix", "accuracy", "certified"}`` (scalars; ``certified`` is the
-    fraction of the batch whose training box is proved at the current ``eps(t)``),
-    plus ``"mutated"`` when ``apply_fn`` returns collections.
+    ``key``: a PRNG key (unused; kept for the common contract).
+  * ``epoch``: fractional epoch (``step / steps_per_epoch``; a float or a traced
+    scalar, no retracing as it changes) at which the schedules are read.  ``None``
+    (the default, for loops that do not pass it) reads both schedules at their end:
+    full ``eps`` and final ``mix`` from the first step.  ``uses_epoch = True`` marks the
+    class for loops that pass it.
+  * Returns the scalar loss and ``aux``: ``"logits"`` (point logits ``[B, K]``),
+    ``"model_state"`` (the point pass's state, ``{}`` for plain logits), and the scalars
+    ``"point_loss"``, ``"abstract_loss"``, ``"deep_loss"``, ``"eps"``, ``"mix"``,
+    ``"certified"`` (fraction of the batch whose training set ``B(x, eps(t))`` is
+    proved).
 
   Raises:
     ValueError: bad ``eps`` or ``domain`` (at construction).
   """
+  # Markers for the training loop: call with ``epoch=`` and an ``apply_fn`` that accepts
+  # abstract values (not only a ``logits_fn`` on arrays).
+  uses_epoch: ClassVar[bool] = True
+  needs_abstract_apply: ClassVar[bool] = True
+
   eps: float = 0.1
   domain: str = "box"
   eps_schedule: Schedule = Lin(0.0, 1.0, 0.0, 10.0)
@@ -134,13 +144,15 @@ class CertifiedObjective:
     _checks.check_eps(self.eps, "eps")
     _checks.check_choice(self.domain, "domain", certify_api.DOMAINS)
 
-  def schedules(self, epoch: Any) -> tuple[Array, Array]:
-    """``(eps(t), lam(t))`` at fractional epoch ``t``."""
+  def schedules(self, epoch: Any = None) -> tuple[Array, Array]:
+    """``(eps(t), lam(t))`` at fractional epoch ``t`` (``None``: the end values)."""
+    if epoch is None:
+      epoch = 1e9
     eps_t = self.eps * jnp.clip(_value(self.eps_schedule, epoch), 0.0, 1.0)
     return eps_t, jnp.clip(_value(self.mix, epoch), 0.0, 1.0)
 
   def __call__(self, apply_fn: Callable[[Any], Any], x: Array, y: Array, key: Array, *,
-               epoch: Any = 0.0) -> tuple[Array, dict[str, Any]]:
+               epoch: Any = None) -> tuple[Array, dict[str, Any]]:
     del key
     eps_t, lam = self.schedules(epoch)
     logits, mutated = _split(apply_fn(x))
@@ -153,18 +165,17 @@ class CertifiedObjective:
                       "abstract input; build the model from jaxdefense.nn layers.")
     worst = worst_case_logits(z, y)
     abstract = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(worst, y))
-    deep = _extra_losses(abs_mutated)
+    deep = _extra_losses(abs_mutated or {})
     loss = (1.0 - lam) * point + lam * abstract + deep
     others = jnp.where(jax.nn.one_hot(y, worst.shape[-1]) > 0, -jnp.inf, worst)
     aux = {
+        "logits": logits,
+        "model_state": {} if mutated is None else mutated,
         "point_loss": point,
         "abstract_loss": abstract,
         "deep_loss": deep,
         "eps": eps_t,
         "mix": lam,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
         "certified": jnp.mean(jnp.max(others, -1) < 0),
     }
-    if mutated:
-      aux["mutated"] = mutated
     return loss, aux

@@ -6,15 +6,18 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from jaxdefense.objectives import _adversarial
+from jaxdefense.objectives import _certified
 
 _REGISTRY: dict[str, Callable[..., Any]] = {
     "natural": _adversarial.Natural,
     "pgd": _adversarial.PGDAdversarial,
     "trades": _adversarial.TRADES,
+    "certified": _certified.CertifiedObjective,
 }
 _ALIASES: dict[str, str] = {
     "clean": "natural", "standard": "natural", "ce": "natural",
     "pgd_at": "pgd", "madry": "pgd", "adversarial": "pgd",
+    "ibp": "certified", "diffai": "certified",
 }
 
 

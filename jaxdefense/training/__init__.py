@@ -14,6 +14,8 @@ where ``apply_fn(x) -> (logits, model_state)`` runs the model in training mode a
 ``aux`` holds at least ``"logits"`` and ``"model_state"`` (see `make_train_step`).
 """
 
+from __future__ import annotations
+
 from jaxdefense.training._build import build_model as build_model
 from jaxdefense.training._build import build_objective as build_objective
 from jaxdefense.training._build import build_optimizer as build_optimizer
@@ -21,7 +23,6 @@ from jaxdefense.training._build import build_schedule as build_schedule
 from jaxdefense.training._build import build_step as build_step
 from jaxdefense.training._checkpoint import CheckpointError as CheckpointError
 from jaxdefense.training._checkpoint import Checkpoints as Checkpoints
-from jaxdefense.training._demo import run_demo as run_demo
 from jaxdefense.training._loop import CONFIG_FILE as CONFIG_FILE
 from jaxdefense.training._loop import METRICS_FILE as METRICS_FILE
 from jaxdefense.training._loop import Experiment as Experiment
@@ -50,6 +51,6 @@ __all__ = [
     "build_experiment", "build_model", "build_objective", "build_optimizer",
     "build_schedule", "build_step", "create_train_state", "evaluate",
     "evaluate_checkpoint", "format_table", "make_eval_step", "make_mesh",
-    "make_train_step", "read_metrics", "replicated", "restore", "run_demo",
+    "make_train_step", "read_metrics", "replicated", "restore",
     "shard_batch", "train_and_evaluate",
 ]

@@ -107,6 +107,11 @@ class Checkpoints:
               keep_checkpoints_without_metrics=False),
           item_handlers=handlers())
 
+  @property
+  def keeps_best(self) -> bool:
+    """Whether a best-on-validation manager is open."""
+    return self._best is not None
+
   def _manager(self, which: str) -> ocp.CheckpointManager:
     if which == LATEST or which == "latest":
       return self._latest

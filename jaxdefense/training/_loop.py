@@ -263,8 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       state = exp.init_state(mesh)
     else:
       _, old_config, _ = ckpt.restore_config(start)
-      tree, _ = ckpt.restore(exp.abstract_state(mesh).to_tree(), start)
-      state = exp.abstract_state(mesh).from_tree(tree)
+      abstract = exp.abstract_state(mesh)
+      tree, _ = ckpt.restore(abstract.to_tree(), start)
+      state = abstract.from_tree(tree)
       log(f"[jaxdefense] resuming {workdir} from step {start} (epoch {start // spe}, "
           f"batch {start % spe}) of {total}.")
       changed = _config_diff(old_config, config_json)
@@ -277,7 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       os.replace(tmp, workdir / CONFIG_FILE)
     writer = MetricsWriter(workdir / METRICS_FILE, resume_step=start if start else None,
                            enabled=is_main)
-    train_step = make_train_step(exp.objective, augment=_augment_kwargs(config), mesh=mesh)
+    train_step = make_train_step(exp.objective, augment=_augment_kwargs(config), mesh=mesh,
+                                 steps_per_epoch=exp.steps_per_epoch)
     eval_step = make_eval_step(mesh)
     loop = _Loop(exp, config, mesh, ckpt, writer, log, train_step, eval_step, splits,
                  config_json)
@@ -418,7 +420,7 @@ class _Loop:
     if config.test_every_epochs > 0 and epoch % config.test_every_epochs == 0:
       record.update({f"test/{k}": v for k, v in self._evaluate(state, "test").items()})
     self.writer.write(record)
-    if val is not None and self.ckpt._best is not None:  # pylint: disable=protected-access
+    if val is not None and self.ckpt.keeps_best:
       meta = {"epoch": epoch, **self.exp.info(), "validation": val}
       self.ckpt.save(state.to_tree(), self.config_json, meta, best=True, metrics=val)
     if config.checkpoint.every_steps <= 0 and step < self.exp.total_steps:
@@ -442,12 +444,19 @@ class _Loop:
         rows.append({"split": split, "loss": m["loss"], "accuracy": m["accuracy"],
                      "examples": m["count"]})
         final.update({f"{split}/{k}": v for k, v in m.items()})
+        if split == "validation" and self.ckpt.keeps_best:
+          meta = {"epoch": step // self.exp.steps_per_epoch, **self.exp.info(), "validation": m}
+          self.ckpt.save(state.to_tree(), self.config_json, meta, best=True, metrics=m)
+    if self.train_step.traces > 1 or self.eval_step.traces > 1:
+      self.log(f"[jaxdefense] warning: the train step was traced {self.train_step.traces} "
+               f"times and the eval step {self.eval_step.traces} times (expected once each); "
+               "something changes shapes, dtypes or static values between steps.")
     final.update({"train_step_traces": self.train_step.traces,
                   "eval_step_traces": self.eval_step.traces,
                   "devices": int(self.mesh.size), "seconds": elapsed})
     self.writer.write(final)
     title = (f"{self.exp.describe()}: step {step}/{self.exp.total_steps} "
-             f"({step / self.exp.steps_per_epoch:g} epochs) on {self.mesh.size} "
+             f"({step / self.exp.steps_per_epoch:.3g} epochs) on {self.mesh.size} "
              f"{self.mesh.devices.flat[0].platform} device(s), {elapsed:.1f} s")
     return format_table(rows, ["split", "loss", "accuracy", "examples"], title=title)
 

@@ -83,7 +83,8 @@ def _check_aux(aux: Any, state: TrainState, labels: jax.Array) -> None:
 
 def make_train_step(objective: Callable[..., Any], *,
                     augment: Mapping[str, Any] | None = None,
-                    mesh: Mesh | None = None, donate: bool = True) -> CompiledStep:
+                    mesh: Mesh | None = None, donate: bool = True,
+                    steps_per_epoch: int | None = None) -> CompiledStep:
   """Build the jit-compiled training step ``(state, images, labels) -> (state, metrics)``.
 
   One call: derive the step key ``fold_in(state.key, state.step)`` and split it into
@@ -105,6 +106,9 @@ def make_train_step(objective: Callable[..., Any], *,
     mesh: device mesh; the batch is sharded over it and the state replicated.
       ``None``: no sharding constraints (one device).
     donate: donate the input state's buffers (the state is updated in place).
+    steps_per_epoch: when given and the objective sets ``uses_epoch = True`` (the
+      certified objective's eps / mixing ramps), it is called with
+      ``epoch=state.step / steps_per_epoch`` (a traced fractional epoch).
 
   Returns:
     A :class:`CompiledStep`; its metrics are device scalars ``loss`` (sum over the
@@ -135,8 +139,10 @@ def make_train_step(objective: Callable[..., Any], *,
                                            mutable=["batch_stats"])
         return logits, dict(new_state)
 
-      loss, aux = objective(apply_fn, images, labels, obj_key)
-      return loss, aux
+      if steps_per_epoch and getattr(objective, "uses_epoch", False):
+        epoch = state.step.astype(jnp.float32) / float(steps_per_epoch)
+        return objective(apply_fn, images, labels, obj_key, epoch=epoch)
+      return objective(apply_fn, images, labels, obj_key)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     _check_aux(aux, state, labels)

@@ -4,3 +4,6 @@ They ship with the package, so ``jaxdefense.configs.get("demo")`` works wherever
 `jaxdefense` is installed.  Each starts from
 :func:`jaxdefense.configs.base_config` and changes only what differs.
 """
+
+from __future__ import annotations
+

@@ -1,0 +1,282 @@
+"""Certified training and evaluation of DiffAI's ConvSmall / ConvMed on Fashion-MNIST.
+
+  python experiments/diffai/run.py [--config.KEY=VALUE ...] [--out DIR] [--quick]
+
+Trains every model of the config with the IBP-style objective
+(:class:`jaxdefense.objectives._certified.CertifiedObjective`), then reports standard,
+PGD and certified (box, hybrid zonotope, DeepZ zonotope) accuracy, and writes
+``DIR/report.md`` and ``DIR/results.json`` (default DIR: ``experiments/diffai/results``).
+``--quick`` is a smoke test (a few hundred examples, one short epoch).
+
+The training loop here is minimal on purpose (Adam, a jitted step, fractional-epoch
+schedules); the library loop of :mod:`jaxdefense.training` can replace it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import config as default_config  # noqa: E402  (experiments/diffai/config.py)
+import jaxdefense as jd  # noqa: E402
+from jaxdefense.evaluation._certified import certified_accuracy  # noqa: E402
+from jaxdefense.models import _diffai  # noqa: E402,F401  (registers the DiffAI zoo)
+from jaxdefense.objectives._certified import CertifiedObjective, Lin  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> tuple[Any, str, bool]:
+  cfg = default_config.get_config()
+  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  quick = False
+  for arg in argv:
+    if arg == "--quick":
+      quick = True
+    elif arg.startswith("--out="):
+      out = arg.split("=", 1)[1]
+    elif arg.startswith("--config."):
+      key, value = arg[len("--config."):].split("=", 1)
+      if key not in cfg:
+        raise ValueError(f"unknown config key {key!r}; expected one of {sorted(cfg)}.")
+      try:
+        value = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        pass
+      cfg[key] = value
+    else:
+      raise ValueError(f"unknown argument {arg!r}.")
+  if quick:
+    cfg.epochs, cfg.hold_epochs, cfg.ramp_epochs = 1, 0.2, 0.5
+    cfg.zonotope_examples, cfg.deepz_examples = 50, 20
+  return cfg, out, quick
+
+
+def train(cfg: Any, name: str, train_ds: Any, log: Any) -> tuple[Any, Any, float]:
+  model = jd.models.create(name, num_classes=train_ds.num_classes, normalize=cfg.normalize)
+  key = jax.random.PRNGKey(cfg.seed)
+  variables = jax.jit(model.init)(key, jnp.asarray(train_ds.images[:2]))
+  steps_per_epoch = train_ds.labels.shape[0] // cfg.batch_size
+  total = int(cfg.epochs * steps_per_epoch)
+  lr = optax.cosine_decay_schedule(cfg.learning_rate, max(total, 1))
+  tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
+  params = variables["params"]
+  opt_state = tx.init(params)
+  objective = CertifiedObjective(
+      eps=min(1.0, cfg.eps * cfg.train_eps_factor), domain=cfg.domain,
+      eps_schedule=Lin(0.0, 1.0, cfg.hold_epochs, cfg.ramp_epochs),
+      mix=Lin(0.0, cfg.final_mix, cfg.hold_epochs, cfg.ramp_epochs))
+
+  @jax.jit
+  def step(params, opt_state, x, y, key, epoch):
+    def loss_fn(p):
+      return objective(lambda v: model.apply({"params": p}, v, train=True), x, y, key,
+                       epoch=epoch)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    metrics = {k: v for k, v in aux.items() if k not in ("logits", "model_state")}
+    metrics["accuracy"] = jnp.mean(jnp.argmax(aux["logits"], -1) == y)
+    return optax.apply_updates(params, updates), opt_state, loss, metrics
+
+  start = time.time()
+  cpu0 = time.process_time()
+  done = 0
+  for epoch in range(int(np.ceil(cfg.epochs))):
+    sums: dict[str, float] = {}
+    count = 0
+    for x, y in jd.data.batches(train_ds, cfg.batch_size, seed=cfg.seed, epoch=epoch):
+      if done >= total:
+        break
+      key, sub = jax.random.split(key)
+      params, opt_state, loss, aux = step(params, opt_state, x, y, sub,
+                                          jnp.float32(done / steps_per_epoch))
+      done += 1
+      count += 1
+      if count % 50 == 0 or count == 1:
+        for k, v in {"loss": loss, **aux}.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+    n = max(1, len([c for c in range(1, count + 1) if c % 50 == 0 or c == 1]))
+    log(f"  {name} epoch {epoch + 1}: " + ", ".join(f"{k}={v / n:.4f}" for k, v in sums.items())
+        + f" ({time.time() - start:.0f}s)")
+  return model, {"params": params}, (time.time() - start, time.process_time() - cpu0)
+
+
+def evaluate(cfg: Any, model: Any, variables: Any, test_ds: Any, log: Any) -> dict:
+  x, y = test_ds.images, test_ds.labels
+  eps = cfg.eps
+  out: dict[str, Any] = {"n_test": int(y.shape[0])}
+  logits_fn = lambda a: model.apply(variables, a)
+  predict = jax.jit(lambda a: jnp.argmax(logits_fn(a), -1))
+  attack = jax.jit(lambda a, b, k: jd.attacks.pgd(
+      logits_fn, a, b, key=k, eps=eps, step_size=2.5 * eps / cfg.pgd_steps,
+      steps=cfg.pgd_steps, restarts=cfg.pgd_restarts))
+  t = time.time()
+  clean = pgd = 0
+  key = jax.random.PRNGKey(cfg.seed + 1)
+  bs = cfg.eval_batch_size
+  for s in range(0, y.shape[0], bs):
+    xb, yb = jnp.asarray(x[s:s + bs]), jnp.asarray(y[s:s + bs])
+    clean += int(jnp.sum(predict(xb) == yb))
+    key, sub = jax.random.split(key)
+    pgd += int(jnp.sum(predict(attack(xb, yb, sub)) == yb))
+  out["standard"] = clean / y.shape[0]
+  out["pgd"] = pgd / y.shape[0]
+  out["time_clean_pgd_s"] = time.time() - t
+  log(f"  standard {out['standard']:.4f}  PGD-{cfg.pgd_steps} {out['pgd']:.4f} "
+      f"({out['time_clean_pgd_s']:.0f}s)")
+
+  t = time.time()
+  acc, box_mask = certified_accuracy(model, variables, (x, y), eps, "box", bs,
+                                     progress=False, return_mask=True)
+  out["certified_box"] = acc
+  out["time_box_s"] = time.time() - t
+  log(f"  certified box (IBP) {acc:.4f} on {y.shape[0]} ({out['time_box_s']:.1f}s)")
+
+  nz = min(cfg.zonotope_examples, y.shape[0])
+  out["n_zonotope"] = nz
+  out["certified_box_prefix"] = float(box_mask[:nz].mean())
+  t = time.time()
+  acc, zmask = certified_accuracy(model, variables, (x, y), eps, "zonotope",
+                                  cfg.zonotope_batch_size, limit=nz, progress=False,
+                                  return_mask=True)
+  out["certified_zonotope"] = acc
+  out["certified_box_or_zonotope"] = float((zmask | box_mask[:nz]).mean())
+  out["time_zonotope_s"] = time.time() - t
+  log(f"  certified hybrid zonotope {acc:.4f} on {nz} (box on the same: "
+      f"{out['certified_box_prefix']:.4f}) ({out['time_zonotope_s']:.0f}s)")
+
+  nd = min(cfg.deepz_examples, y.shape[0])
+  out["n_deepz"] = nd
+  t = time.time()
+  acc, dmask = certified_accuracy(model, variables, (x, y), eps, "deepz",
+                                  cfg.deepz_batch_size, limit=nd, progress=False,
+                                  return_mask=True)
+  out["certified_deepz"] = acc
+  out["certified_box_prefix_deepz"] = float(box_mask[:nd].mean())
+  out["certified_zonotope_prefix_deepz"] = float(zmask[:nd].mean())
+  out["time_deepz_s"] = time.time() - t
+  log(f"  certified DeepZ zonotope {acc:.4f} on {nd} (box {out['certified_box_prefix_deepz']:.4f},"
+      f" hybrid {out['certified_zonotope_prefix_deepz']:.4f}) ({out['time_deepz_s']:.0f}s)")
+  return out
+
+
+def write_report(cfg: Any, results: dict, out_dir: str, command: str, total_s: float,
+                 cpu_s: float) -> str:
+  lines = [
+      "# DiffAI on Fashion-MNIST at eps = 0.1 (CPU scale)",
+      "",
+      f"Command: `{command}`",
+      "",
+      f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
+      f"(shared with other jobs); jax {jax.__version__}; total wall time "
+      f"{total_s / 60:.1f} min, CPU time {cpu_s / 60:.1f} min (both cores together).",
+      "",
+      f"Training: IBP-style certified objective (DiffAI 'Baseline': Mix(Point, Sub(Lin, Box), "
+      f"Lin)), domain={cfg.domain}, eps_train={cfg.eps * cfg.train_eps_factor:g}, "
+      f"{cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.learning_rate:g} with "
+      f"cosine decay; eps and the worst-case weight held at 0 for {cfg.hold_epochs:g} "
+      f"epochs, then ramped linearly over {cfg.ramp_epochs:g} epochs (to eps and "
+      f"{cfg.final_mix:g}).",
+      "",
+      "Evaluation at eps = 0.1 on the test set: standard accuracy, PGD "
+      f"({cfg.pgd_steps} steps, step 2.5 eps / steps, random start) and certified "
+      "accuracy (verified: min over j != y of the lower bound of z_y - z_j > 0 on "
+      "[max(x - eps, 0), min(x + eps, 1)]).  Box = interval bound propagation; hybrid "
+      "zonotope = DiffAI's domain with every input pixel correlated and the box ReLU; "
+      "DeepZ = zonotope with the minimal-area ReLU (one generator per crossing neuron).",
+      "",
+      "| network | standard | PGD | certified box | certified hybrid zonotope | "
+      "box or hybrid zonotope | certified DeepZ | train time |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for name, r in results.items():
+    lines.append(
+        f"| {name} | {100 * r['standard']:.1f} % | {100 * r['pgd']:.1f} % | "
+        f"{100 * r['certified_box']:.1f} % (box on the first {r['n_zonotope']}: "
+        f"{100 * r['certified_box_prefix']:.1f} %) | {100 * r['certified_zonotope']:.1f} % "
+        f"(first {r['n_zonotope']}) | {100 * r['certified_box_or_zonotope']:.1f} % "
+        f"(first {r['n_zonotope']}) | {100 * r['certified_deepz']:.1f} % (first "
+        f"{r['n_deepz']}; box there {100 * r['certified_box_prefix_deepz']:.1f} %) | "
+        f"{r['train_s'] / 60:.1f} min |")
+  lines += [
+      "",
+      "Standard, PGD and box columns use the 10,000 test images; the zonotope columns a "
+      "prefix of the test set (their cost is about 785 forward passes per image), with "
+      "the box result on the same prefix beside them for comparison.  DeepZ's "
+      "minimal-area ReLU is not uniformly tighter than the box ReLU (its interval lower "
+      "bound at a crossing neuron is negative); on networks trained with box bounds it "
+      "proves fewer images than the box, while DiffAI's hybrid zonotope (box ReLU plus "
+      "correlated inputs) is never looser than the box.",
+      "",
+      "For reference, the paper's table 9 (MNIST, not Fashion-MNIST, eps 0.1, 200+ epochs "
+      "on a GPU) reports ConvSmall 97.8 / 96.2 / 95.5 % and ConvMed 97.8 / 96.3 / 95.5 % "
+      "(standard / attacked / proved with the hybrid zonotope).  Fashion-MNIST is harder "
+      "and these runs are a few epochs long.",
+      "",
+      "Raw numbers: `results.json` beside this file.",
+  ]
+  path = os.path.join(out_dir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
+def main(argv: list[str]) -> None:
+  cfg, out_dir, quick = parse_args(argv)
+  os.makedirs(out_dir, exist_ok=True)
+  command = "python experiments/diffai/run.py" + "".join(" " + a for a in argv)
+  logfile = open(os.path.join(out_dir, "log.txt"), "w")
+
+  def log(msg: str) -> None:
+    print(msg, flush=True)
+    logfile.write(msg + "\n")
+    logfile.flush()
+
+  t0 = time.time()
+  cpu_start = time.process_time()
+  train_ds = jd.data.load(cfg.dataset, "train")
+  test_ds = jd.data.load(cfg.dataset, "test")
+  if quick:
+    train_ds, test_ds = _Subset(train_ds, 500), _Subset(test_ds, 200)
+  log(f"{cfg.dataset}: {train_ds.labels.shape[0]} train / {test_ds.labels.shape[0]} test")
+  results = {}
+  for name in cfg.models:
+    log(f"training {name}")
+    model, variables, (train_s, train_cpu_s) = train(cfg, name, train_ds, log)
+    log(f"evaluating {name}")
+    cpu0 = time.process_time()
+    r = evaluate(cfg, model, variables, test_ds, log)
+    r["eval_cpu_s"] = time.process_time() - cpu0
+    r["train_s"] = train_s
+    r["train_cpu_s"] = train_cpu_s
+    r["params"] = jd.models.count_params(variables)
+    results[name] = r
+  total = time.time() - t0
+  cpu = time.process_time() - cpu_start
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump({"config": cfg.to_dict(), "results": results, "command": command,
+               "total_s": total, "total_cpu_s": cpu}, f, indent=2, default=str)
+  path = write_report(cfg, results, out_dir, command, total, cpu)
+  log(f"wrote {path} ({total / 60:.1f} min)")
+
+
+class _Subset:
+  """The first ``n`` examples of a data set (for ``--quick``)."""
+
+  def __init__(self, ds: Any, n: int):
+    self.images, self.labels = ds.images[:n], ds.labels[:n]
+    self.num_classes = ds.num_classes
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,95 @@
+"""XLA:CPU flags recommended for speed, for entry points to install before JAX starts.
+
+Library code reads no environment variables and sets no global state.  Entry points
+(the command line, benchmarks, experiment drivers) call::
+
+  import os
+  from jaxdefense import _xla_flags
+  os.environ["XLA_FLAGS"] = _xla_flags.with_recommended_cpu_flags(os.environ.get("XLA_FLAGS"))
+
+before JAX creates its CPU backend (the first array, ``jit`` call or ``jax.devices()``;
+``import jax`` and ``import jaxdefense`` alone do not create it).  XLA reads
+``XLA_FLAGS`` once, when the backend starts; later changes have no effect
+(:func:`backend_started` tells).  A flag the user already set keeps the user's value.
+
+The flags (measured with ``benchmarks/train_step.py``; see ``benchmarks/TRAIN_STEP.md``):
+
+``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
+  jaxlib 0.10 hands every convolution to YNNPACK by default.  YNNPACK runs the
+  kernel-gradient convolutions of a training step (window = the whole feature map,
+  contraction over the batch) at 2-25 GFLOP/s on a 2-core AMD EPYC (AVX2), where
+  XLA's Eigen convolution runs the same ones at 40-75 GFLOP/s; forward and
+  input-gradient convolutions run at the same speed either way.  The flag removes
+  convolutions from the YNNPACK set and keeps its reductions and dots.  On the
+  ResNet-20 training step it alone took jaxdefense from 0.52x to 0.74x of PyTorch's
+  CPU time per step (one core); it changes results only at float rounding level (a
+  different summation order).  Applied for jaxlib 0.10.x and 0.11.x, where the flag
+  is known to exist (an unknown flag in ``XLA_FLAGS`` aborts the process).
+
+Flags tried and *not* recommended (no gain beyond noise, or slower): disabling
+YNNPACK entirely (``--xla_cpu_experimental_ynn_fusion_type=``), the legacy runtime
+(``--xla_cpu_use_thunk_runtime=false``), ``--xla_cpu_use_xnnpack=true``,
+``--xla_cpu_use_onednn=true``, the XNNPACK graph fusion, ``--xla_cpu_use_fusion_emitters
+=false``, ``--xla_cpu_enable_concurrency_optimized_scheduler=false``, and fast math
+(it also changes numerics).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+# (flag name, value, (min jaxlib version, first jaxlib version without it known))
+_CPU_FLAGS: tuple[tuple[str, str, tuple[tuple[int, ...], tuple[int, ...]]], ...] = (
+    ("--xla_cpu_experimental_ynn_fusion_type", "-individual_convolution",
+     ((0, 10, 0), (0, 12, 0))),
+)
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  try:
+    import jaxlib.version  # pylint: disable=import-outside-toplevel
+    text = jaxlib.version.__version__
+  except Exception:  # pragma: no cover - jaxlib missing or odd
+    return (0,)
+  parts = []
+  for piece in text.split(".")[:3]:
+    digits = "".join(ch for ch in piece if ch.isdigit())
+    parts.append(int(digits) if digits else 0)
+  return tuple(parts)
+
+
+def recommended_cpu_flags(jaxlib_version: Sequence[int] | None = None) -> tuple[str, ...]:
+  """The recommended XLA:CPU flags for the installed (or given) jaxlib version.
+
+  Args:
+    jaxlib_version: e.g. ``(0, 10, 2)``; default: the installed jaxlib.
+
+  Returns:
+    A tuple of ``--name=value`` strings (empty when no flag applies to that version).
+  """
+  version = tuple(jaxlib_version) if jaxlib_version is not None else _jaxlib_version()
+  return tuple(f"{name}={value}" for name, value, (lo, hi) in _CPU_FLAGS
+               if lo <= version < hi)
+
+
+def with_recommended_cpu_flags(xla_flags: str | None,
+                               jaxlib_version: Sequence[int] | None = None) -> str:
+  """``xla_flags`` (the current ``XLA_FLAGS`` value, or None) plus the recommended flags.
+
+  A recommended flag whose name already appears in ``xla_flags`` is left out, so a
+  user's explicit setting wins.  The result is meant for ``os.environ["XLA_FLAGS"]``.
+  """
+  flags = (xla_flags or "").split()
+  present = {f.split("=", 1)[0] for f in flags}
+  extra = [f for f in recommended_cpu_flags(jaxlib_version)
+           if f.split("=", 1)[0] not in present]
+  return " ".join(flags + extra)
+
+
+def backend_started() -> bool:
+  """Whether JAX has already created its backends (then ``XLA_FLAGS`` is fixed)."""
+  try:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    return bool(xla_bridge.backends_are_initialized())
+  except Exception:  # pragma: no cover - private API moved
+    return False

@@ -1,0 +1,55 @@
+"""``jaxdefense attack``: attack suite and corruptions on a saved run (thin wrapper)."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxdefense.cli import Command, register
+
+
+def _parse_eps(text: str) -> float:
+  if "/" in text:
+    num, den = text.split("/", 1)
+    return float(num) / float(den)
+  return float(text)
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--workdir", required=True, help="a training run's folder")
+  p.add_argument("--which", choices=("latest", "best"), default="latest")
+  p.add_argument("--suite", default="quick",
+                 help="suite name (quick, enresnet, inresnet, diffai, strong, full) or a "
+                      "comma list of attacks, e.g. 'fgsm,pgd:steps=50,restarts=2'")
+  p.add_argument("--eps", type=_parse_eps, default=8 / 255,
+                 help="l-inf radius in [0, 1] units; fractions allowed (default 8/255)")
+  p.add_argument("--corruptions", default="",
+                 help="comma list: gaussian_noise,shot_noise,impulse_noise,speckle_noise")
+  p.add_argument("--num_examples", type=int, default=1000,
+                 help="first N test examples (0: all)")
+  p.add_argument("--eot_samples", type=int, default=5)
+  p.add_argument("--batch_size", type=int, default=128)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--diagnose", action="store_true", help="also run the gradient-masking checks")
+  p.add_argument("--data_dir", default=None)
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+  import sys
+  import jax
+  from jaxdefense import evaluation
+  corruptions = tuple(c.strip() for c in args.corruptions.split(",") if c.strip())
+  report, diagnosis = evaluation.evaluate_run(
+      args.workdir, key=jax.random.key(args.seed), which=args.which, suite=args.suite,
+      eps=args.eps, num_examples=args.num_examples or None, corruptions=corruptions,
+      eot_samples=args.eot_samples, batch_size=args.batch_size, data_dir=args.data_dir,
+      progress=sys.stderr.isatty(), with_diagnosis=args.diagnose)
+  print(report.to_text(title=report.meta.get("title")))
+  if diagnosis is not None:
+    print()
+    print(diagnosis.to_text())
+  print(f"\nwritten: {args.workdir}/robustness.md, robustness.json")
+  return 0
+
+
+register(Command("attack", "attack a saved run with an attack suite and noise corruptions",
+                 _args, _run))
