@@ -386,6 +386,8 @@ def main(argv=None) -> int:
       "train_img_s_cpu": {k: _stats(v) for k, v in cpu.items()},
       "ratio_wall": _stats([o / t for o, t in zip(wall["ours"], wall["torch"])]),
       "ratio_cpu": _stats([o / t for o, t in zip(cpu["ours"], cpu["torch"])]),
+      # CPU seconds per wall second while stepping: how many cores a framework kept busy
+      "cores_busy": {k: _stats([w / c for w, c in zip(wall[k], cpu[k])]) for k in names},
       "flops_per_step_analytic": train_flops,
       "flops_per_step_xla": xla_flops,
       "matmul_peak_gflops": _stats(peaks),
@@ -423,6 +425,8 @@ def main(argv=None) -> int:
         f"{_fmt(res['train_img_s_wall']['torch']):>24s} {_fmt(res['ratio_wall'], 2):>22s}")
   print(f"  {'train step, process CPU':28s} {_fmt(res['train_img_s_cpu']['ours']):>24s} "
         f"{_fmt(res['train_img_s_cpu']['torch']):>24s} {_fmt(res['ratio_cpu'], 2):>22s}")
+  print(f"  {'cores kept busy (CPU/wall)':28s} {_fmt(res['cores_busy']['ours'], 2):>24s} "
+        f"{_fmt(res['cores_busy']['torch'], 2):>24s}")
   if args.plain_conv:
     print(f"  {'  ours, plain conv (wall)':28s} "
           f"{_fmt(res['train_img_s_wall']['ours_plain_conv']):>24s} {'':>24s} "
