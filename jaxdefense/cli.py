@@ -29,7 +29,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["Command", "register", "commands", "build_parser", "main", "EXTENSION_MODULES"]
+__all__ = ["Command", "parse_eps", "register", "commands", "build_parser", "main", "EXTENSION_MODULES"]
 
 #: Modules that may register more subcommands (``attack``, ``certify``, ``report``).
 EXTENSION_MODULES = (
@@ -61,6 +61,18 @@ class Command:
 
 
 _COMMANDS: dict[str, Command] = {}
+
+
+def parse_eps(text: str) -> float:
+  """A radius flag: ``0.1`` or a fraction such as ``8/255`` (for argparse ``type=``)."""
+  try:
+    if "/" in text:
+      num, den = text.split("/", 1)
+      return float(num) / float(den)
+    return float(text)
+  except (ValueError, ZeroDivisionError):
+    raise argparse.ArgumentTypeError(
+        f"expected a number or a fraction like 8/255; got {text!r}") from None
 
 
 def register(command: Command) -> Command:

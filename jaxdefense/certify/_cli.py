@@ -13,20 +13,13 @@ import argparse
 import json
 import os
 
-from jaxdefense.cli import Command, register
-
-
-def _parse_eps(text: str) -> float:
-  if "/" in text:
-    num, den = text.split("/", 1)
-    return float(num) / float(den)
-  return float(text)
+from jaxdefense.cli import Command, parse_eps, register
 
 
 def _args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workdir", required=True, help="a training run's folder")
   p.add_argument("--which", choices=("latest", "best"), default="latest")
-  p.add_argument("--eps", type=_parse_eps, default=0.1,
+  p.add_argument("--eps", type=parse_eps, default=0.1,
                  help="l-inf radius in [0, 1] units; fractions allowed (default 0.1)")
   p.add_argument("--domain", default="box,zonotope",
                  help="comma list of box, zonotope (DiffAI hybrid zonotope), deepz "

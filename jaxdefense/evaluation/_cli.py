@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxdefense.cli import Command, register
-
-
-def _parse_eps(text: str) -> float:
-  if "/" in text:
-    num, den = text.split("/", 1)
-    return float(num) / float(den)
-  return float(text)
+from jaxdefense.cli import Command, parse_eps, register
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +13,7 @@ def _args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--suite", default="quick",
                  help="suite name (quick, enresnet, inresnet, diffai, strong, full) or a "
                       "comma list of attacks, e.g. 'fgsm,pgd:steps=50,restarts=2'")
-  p.add_argument("--eps", type=_parse_eps, default=8 / 255,
+  p.add_argument("--eps", type=parse_eps, default=8 / 255,
                  help="l-inf radius in [0, 1] units; fractions allowed (default 8/255)")
   p.add_argument("--corruptions", default="",
                  help="comma list: gaussian_noise,shot_noise,impulse_noise,speckle_noise")
