@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-  python benchmarks/train_step.py                 # 7 repeats x 3 steps, about 2 minutes
-  python benchmarks/train_step.py --quick         # smoke run (well under a minute)
+  python benchmarks/train_step.py                 # 7 repeats x 3 steps, 2-4 minutes
+  python benchmarks/train_step.py --quick         # smoke run (about a minute)
   python benchmarks/train_step.py --json out.json --repeats 9
   python benchmarks/train_step.py --pin-core 1    # one core for both: CPU efficiency
 

@@ -21,10 +21,13 @@ The flags (measured with ``benchmarks/train_step.py``; see ``benchmarks/TRAIN_ST
   XLA's Eigen convolution runs the same ones at 40-75 GFLOP/s; forward and
   input-gradient convolutions run at the same speed either way.  The flag removes
   convolutions from the YNNPACK set and keeps its reductions and dots.  On the
-  ResNet-20 training step it alone took jaxdefense from 0.52x to 0.74x of PyTorch's
-  CPU time per step (one core); it changes results only at float rounding level (a
-  different summation order).  Applied for jaxlib 0.10.x and 0.11.x, where the flag
-  is known to exist (an unknown flag in ``XLA_FLAGS`` aborts the process).
+  ResNet-20 training step (one core each, images/s ours / PyTorch) it took jaxdefense
+  from 0.58x to 0.77x with the plain convolution and from 0.65x to 0.86x with the
+  library's materialising convolution (``jaxdefense/nn/_layers.py``).  It changes
+  results at float rounding level only (a different summation order: the step's loss
+  moved by 2e-7, gradients by 2e-6 relative).  Applied for jaxlib 0.10.x and 0.11.x,
+  where the flag is known to exist (an unknown flag in ``XLA_FLAGS`` aborts the
+  process); re-measure before widening the range.
 
 Flags tried and *not* recommended (no gain beyond noise, or slower): disabling
 YNNPACK entirely (``--xla_cpu_experimental_ynn_fusion_type=``), the legacy runtime
