@@ -18,7 +18,7 @@ from jaxdefense import models
 from jaxdefense.configs._base import STEP_FIELDS
 
 __all__ = ["build_step", "build_model", "build_objective", "build_schedule",
-           "build_optimizer", "NaturalFallback"]
+           "build_optimizer"]
 
 _STEP_RULES: dict[str, type] = {
     "euler": dynamics.Euler,
@@ -112,56 +112,17 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
   return model
 
 
-@dataclasses.dataclass(frozen=True)
-class NaturalFallback:
-  """Private stand-in for ``jaxdefense.objectives.Natural``: mean cross-entropy.
-
-  Used only while ``jaxdefense.objectives`` provides no ``from_config``.
-  """
-
-  def __call__(self, apply_fn: Callable[..., Any], x: jax.Array, y: jax.Array,
-               key: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
-    logits, model_state = apply_fn(x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, {"logits": logits, "model_state": model_state}
-
-
 def build_objective(spec: ml_collections.ConfigDict) -> Any:
   """The training objective named by ``config.objective``.
 
-  Goes through ``jaxdefense.objectives.from_config(spec)`` when the objectives package
-  provides it; otherwise only ``name="natural"`` is available (a private fallback).
+  Delegates to :func:`jaxdefense.objectives.from_config` (``name`` plus keyword
+  fields, e.g. ``{"name": "pgd", "eps": 8/255}``).
 
   Raises:
-    ValueError: an objective that is not available.
+    ValueError: an unknown objective name or option.
   """
   from jaxdefense import objectives  # pylint: disable=import-outside-toplevel
-  name = spec.get("name", "natural")
-  extra = sorted(k for k in spec.keys() if k != "name")
-  from_config = getattr(objectives, "from_config", None)
-  objective = from_config(spec) if callable(from_config) else None
-  if objective is not None and not _speaks_logits_fn(objective):
-    return objective
-  # Transitional: no objectives package yet, or one still written for the older
-  # ``logits_fn(x) -> logits`` contract (it cannot return the model state).
-  if name == "natural" and not extra:
-    return NaturalFallback()
-  why = ("is not available in this installation" if objective is None else
-         "still follows the logits_fn(x) -> logits contract, which cannot return the "
-         "model state (batch statistics)")
-  raise ValueError(f"objective {name!r} (options {extra}) cannot be used: "
-                   f"jaxdefense.objectives.from_config {why}; only objective.name='natural' "
-                   f"is available.")
-
-
-def _speaks_logits_fn(objective: Any) -> bool:
-  """True for an objective whose first argument is the older ``logits_fn``."""
-  import inspect  # pylint: disable=import-outside-toplevel
-  try:
-    params = list(inspect.signature(objective).parameters)
-  except (TypeError, ValueError):
-    return False
-  return bool(params) and params[0] == "logits_fn"
+  return objectives.from_config(spec)
 
 
 def build_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
