@@ -22,6 +22,13 @@ Run from the repository root::
    the deterministic IFGSM, whose results should agree to float rounding).  The
    robust accuracies should agree within one point.
 
+XLA flags: the recommended XLA:CPU flags of ``jaxdefense._xla_flags`` are installed
+before JAX starts, as the command line does (``--xla-flags none`` keeps ``XLA_FLAGS``
+as given).  The speed section also prints both frameworks' arithmetic rate against
+this machine's matrix-multiply peak, which bounds the speed-up any framework can have.
+The reference is ``pip install --no-deps torchattacks==3.5.1`` when present (its
+declared dependencies would downgrade ``requests``; it needs only torch).
+
 Nothing here is imported by the library; the numbers go into BENCHMARKS.md by hand.
 """
 
@@ -242,7 +249,42 @@ def bench_speed(args):
   print(f"  max|x_adv - x|: jaxdefense {budget:.5f}, PyTorch {budget_t:.5f} (eps {eps:.5f})")
   print(f"  time ratio jaxdefense / PyTorch: {med['jaxdefense'] / med['PyTorch']:.2f}x   "
         f"(jaxdefense / plain JAX: {med['jaxdefense'] / med['plain JAX']:.2f}x)")
+  print(f"  throughput ratio jaxdefense / PyTorch: {med['PyTorch'] / med['jaxdefense']:.2f}x")
+  _roofline(model, variables, xj, yj, steps, med)
   return med
+
+
+def _roofline(model, variables, x, y, steps, med):
+  """Arithmetic rate of both frameworks against this machine's matrix-multiply peak.
+
+  One PGD step is one forward and one input-gradient pass; XLA's cost analysis counts
+  its floating-point operations.  The peak is PyTorch's 4096^2 single-precision matrix
+  product with the same threads: no convolution runs faster than that on this CPU, so
+  the attainable speed-up over the reference is bounded by ``peak / its rate``.
+  """
+  torch = _torch()
+  loss = lambda z: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply(variables, z, train=False), y).mean()
+  cost = jax.jit(jax.grad(loss)).lower(x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) * steps
+  a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+  a @ b
+  reps = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    a @ b
+    reps.append(time.perf_counter() - t0)
+  peak = 2 * 2048 ** 3 / statistics.median(reps)
+  if not flops:
+    return
+  rate = {k: flops / v / 1e9 for k, v in med.items()}
+  print(f"  arithmetic: {flops / 1e9:.0f} GFLOP per attack; jaxdefense "
+        f"{rate['jaxdefense']:.0f} GFLOP/s, PyTorch {rate['PyTorch']:.0f} GFLOP/s; "
+        f"matrix-multiply peak {peak / 1e9:.0f} GFLOP/s")
+  print(f"  largest possible throughput ratio over PyTorch on this machine: "
+        f"{peak / 1e9 / rate['PyTorch']:.2f}x (PyTorch at {100e9 * rate['PyTorch'] / peak:.0f} % "
+        f"of peak)")
 
 
 def _digits():
@@ -326,14 +368,27 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=None, help="PGD steps (default 20)")
   parser.add_argument("--skip-speed", action="store_true")
   parser.add_argument("--skip-parity", action="store_true")
+  parser.add_argument("--xla-flags", choices=("recommended", "none"), default="recommended",
+                      help="install jaxdefense's recommended XLA:CPU flags (default) or keep "
+                      "XLA_FLAGS as given")
+  parser.add_argument("--pin-core", type=int, default=None,
+                      help="run on this one CPU core (both frameworks, one thread each)")
   args = parser.parse_args(argv)
+  if args.pin_core is not None:
+    os.sched_setaffinity(0, {args.pin_core})  # before JAX and PyTorch size their pools
+  # Importing jaxdefense does not start JAX's backend, so XLA_FLAGS still takes effect.
+  from jaxdefense import _xla_flags  # pylint: disable=import-outside-toplevel
+  if args.xla_flags == "recommended":
+    os.environ["XLA_FLAGS"] = _xla_flags.with_recommended_cpu_flags(
+        os.environ.get("XLA_FLAGS"))
   args.repeats = args.repeats or (2 if args.quick else 5)
   args.batch = args.batch or (16 if args.quick else 128)
   args.steps = args.steps or (3 if args.quick else 20)
   torch = _torch()
+  torch.set_num_threads(len(os.sched_getaffinity(0)))  # as many as XLA's pool
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)")
+        f"({torch.get_num_threads()} threads); XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
   if not args.skip_speed:
     print("[1] PGD speed, ResNet-20")
     bench_speed(args)

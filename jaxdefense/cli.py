@@ -29,6 +29,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from jaxdefense import _xla_flags
+
 __all__ = ["Command", "parse_eps", "register", "commands", "build_parser", "main", "EXTENSION_MODULES"]
 
 #: Modules that may register more subcommands (``attack``, ``certify``, ``report``).
@@ -102,8 +104,26 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--process_id", type=int, default=None, help="multi-host: this process")
 
 
+def install_xla_flags() -> bool:
+  """Add the recommended XLA:CPU flags to ``XLA_FLAGS`` unless JAX has already started.
+
+  Returns:
+    Whether ``XLA_FLAGS`` was updated (False once JAX's backend exists: XLA reads the
+    variable only when it starts).
+  """
+  if _xla_flags.backend_started():
+    return False
+  os.environ["XLA_FLAGS"] = _xla_flags.with_recommended_cpu_flags(os.environ.get("XLA_FLAGS"))
+  return True
+
+
 def _setup_runtime(args: argparse.Namespace) -> None:
-  """Environment and JAX flags; must run before JAX creates its backend."""
+  """Environment and JAX flags; must run before JAX creates its backend.
+
+  Adds the XLA:CPU flags of :mod:`jaxdefense._xla_flags` (measured in
+  ``benchmarks/TRAIN_STEP.md``) to ``XLA_FLAGS``; a flag the user already set there wins.
+  """
+  install_xla_flags()
   if args.host_devices:
     flag = f"--xla_force_host_platform_device_count={int(args.host_devices)}"
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()

@@ -549,3 +549,22 @@ def test_value_checks_are_skipped_under_jit():
   check_budget(out, x, 0.1, "linf")
   with pytest.raises(ValueError, match=re.escape("rank 4")):
     jax.jit(lambda x: A.fgsm(toy_logits, x, y, eps=0.1))(x[0])
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "pgd_l2", "pgd_eot", "mifgsm", "cw_linf",
+                                  "cw_l2", "spsa", "apgd", "apgd_t_dlr_l2"])
+def test_attacks_accept_a_batch_sharded_over_an_explicit_mesh(name):
+  """A batch laid out with explicit sharding (jax.make_mesh's axis type for users who
+  shard data themselves) is attacked as it is, and gives the unsharded result."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((1,), ("batch",), axis_types=(AxisType.Explicit,))
+  norm, attack = ATTACKS[name]
+  x, y = make_images(3, SHAPES[1])
+  key = rbg_key(5)
+  expected = jitted(name)(x, y, key, 0.1)
+  sharding = NamedSharding(mesh, P("batch"))
+  xs, ys = jax.device_put(x, sharding), jax.device_put(y, sharding)
+  x_adv = jax.jit(attack)(xs, ys, key, 0.1)
+  assert x_adv.sharding.spec[0] == "batch"
+  check_budget(x_adv, x, 0.1, norm)
+  np.testing.assert_allclose(np.asarray(x_adv), np.asarray(expected), rtol=1e-5, atol=1e-6)

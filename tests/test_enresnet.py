@@ -195,3 +195,37 @@ def test_bad_arguments_are_clear_errors():
     average_logits([lambda x: x], weights=[-1])
   with pytest.raises(ValueError, match="disagree on the logits shape"):
     average_logits([lambda x: jnp.zeros((2, 3)), lambda x: jnp.zeros((2, 4))])(X)
+
+
+def test_paper_configs_build_every_table_1_and_3_model():
+  """``enresnet_paper:DATASET,MODEL``: the right step rule, member count and weights."""
+  from jaxdefense import configs, dynamics, training
+  from jaxdefense.models import Ensemble
+
+  def params_of(arg):
+    config = configs.get(f"enresnet_paper:{arg}")
+    model = training.build_model(config, num_classes=100 if "cifar100" in arg else 10)
+    k = jax.random.key(0)
+    shapes = jax.eval_shape(lambda: model.init({"params": k, "noise": k},
+                                               jnp.zeros((2, 32, 32, 3))))
+    return config, model, sum(int(np.prod(l.shape))
+                              for l in jax.tree_util.tree_leaves(shapes["params"]))
+
+  config, model, base = params_of("cifar10,resnet20")
+  assert config.objective.steps == 10 and config.epochs == 200
+  assert tuple(config.schedule.milestones) == (80, 120, 160)
+  assert isinstance(model.step, dynamics.Euler)
+  _, en1, p_en1 = params_of("cifar10,en1_resnet20")
+  assert isinstance(en1.step, dynamics.EulerMaruyama) and en1.step.coef == 0.1
+  assert p_en1 == base
+  _, en2, p_en2 = params_of("cifar10,en2_resnet20,0.4")
+  assert isinstance(en2, Ensemble) and en2.size == 2 and en2.member.step.coef == 0.4
+  assert p_en2 == 2 * base
+  _, swe5, p_swe5 = params_of("cifar10,swe5_resnet20")
+  assert swe5.shared and swe5.size == 5 and p_swe5 == base
+  _, ens2, p_ens2 = params_of("cifar10,ens2_resnet20")
+  assert isinstance(ens2.member.step, dynamics.Euler) and p_ens2 == 2 * base
+  _, _, p_c100 = params_of("cifar100,resnet20")
+  assert p_c100 == base + 90 * 65  # a 64 -> 100 head instead of 64 -> 10
+  with pytest.raises(ValueError, match="DATASET,MODEL"):
+    configs.get("enresnet_paper:cifar10,en3_resnet20")

@@ -69,3 +69,17 @@ def test_recommended_flags_merge_and_version_gate():
   mine = "--xla_cpu_experimental_ynn_fusion_type="
   assert _xla_flags.with_recommended_cpu_flags(mine, (0, 10, 2)) == mine
   assert _xla_flags.with_recommended_cpu_flags(None, (0, 4, 35)) == ""
+
+
+def test_cli_installs_the_flags_only_before_jax_starts(monkeypatch):
+  from jaxdefense import cli
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.setattr(_xla_flags, "backend_started", lambda: False)
+  assert cli.install_xla_flags()
+  wanted = _xla_flags.with_recommended_cpu_flags("--xla_force_host_platform_device_count=2")
+  import os
+  assert os.environ["XLA_FLAGS"] == wanted
+  monkeypatch.setattr(_xla_flags, "backend_started", lambda: True)
+  monkeypatch.setenv("XLA_FLAGS", "--mine")
+  assert not cli.install_xla_flags()
+  assert os.environ["XLA_FLAGS"] == "--mine"

@@ -389,3 +389,13 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 def test_bad_configs_fail_before_training(tmp_path, override, match):
   with pytest.raises(ValueError, match=match):
     training.train_and_evaluate(tiny_config(override), tmp_path, verbose=False)
+
+
+def test_train_size_trains_on_a_prefix_of_the_training_split(tmp_path):
+  config = tiny_config("train_size=256", "epochs=1")
+  state = training.train_and_evaluate(config, tmp_path, verbose=False)
+  assert int(state.step) == 256 // 64  # 4 batches of 64 from the 256 examples
+  rows = training.evaluate_checkpoint(tmp_path, splits=("train",))
+  assert rows[0]["examples"] == 256
+  with pytest.raises(ValueError, match="train_size"):
+    training.train_and_evaluate(tiny_config("train_size=-1"), tmp_path / "bad", verbose=False)

@@ -304,27 +304,31 @@ def steepest_direction(g: Array, norm: str) -> Array:
   return jnp.sign(g) if norm == "linf" else l2_normalize(g)
 
 
-def _project_linf_one(x_adv: Array, x: Array, eps: Array) -> Array:
-  return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
-
-
-def _project_l2_one(x_adv: Array, x: Array, eps: Array) -> Array:
-  delta = x_adv - x
-  factor = jnp.minimum(1.0, eps / jnp.maximum(_l2_norm_one(delta), 1e-12))
-  # Clipping to the box after scaling only shrinks |delta| coordinate-wise, so the
-  # result stays inside the ball.
-  return jnp.clip(x + delta * factor, 0.0, 1.0)
+def _l2_norms(v: Array) -> Array:
+  """Per-example l2 norms of ``v [B, ...]``, shaped ``[B, 1, ...]`` to broadcast."""
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
 
 
 def make_projection(norm: str, x: Array, eps: Any) -> Callable[[Array], Array]:
   """Projection onto ``{x' : ||x' - x|| <= eps} ∩ [0, 1]^d`` (per-example ``eps``).
 
   Exact for l-inf; for l2 it scales into the ball and then clips to the box (feasible,
-  the usual approximation of the exact projection).
+  the usual approximation of the exact projection).  Written with broadcasting rather
+  than ``vmap`` over examples, so a batch sharded over devices (explicit sharding
+  included) keeps its sharding.
   """
-  eps_b = jnp.broadcast_to(jnp.asarray(eps, dtype=x.dtype), (x.shape[0],))
-  one = _project_linf_one if norm == "linf" else _project_l2_one
-  return lambda x_adv: jax.vmap(one)(x_adv, x, eps_b)
+  eps_e = per_example(eps, x)
+  if norm == "linf":
+    return lambda x_adv: jnp.clip(jnp.clip(x_adv, x - eps_e, x + eps_e), 0.0, 1.0)
+
+  def project_l2(x_adv: Array) -> Array:
+    delta = x_adv - x
+    factor = jnp.minimum(1.0, eps_e / jnp.maximum(_l2_norms(delta), 1e-12))
+    # Clipping to the box after scaling only shrinks |delta| coordinate-wise, so the
+    # result stays inside the ball.
+    return jnp.clip(x + delta * factor, 0.0, 1.0)
+
+  return project_l2
 
 
 def random_start(key: Array, x: Array, eps: Any, norm: str, kind: str = "uniform",

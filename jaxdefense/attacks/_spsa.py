@@ -36,10 +36,15 @@ def spsa_gradient(logits_fn: Callable, loss_fn: Callable, delta: Any, num_sample
       k_dir = jax.random.fold_in(key, j)
       k_model = _core.model_key(logits_fn, _core.model_key(logits_fn, key, calls), j)
       v = jax.random.rademacher(k_dir, (samples_per_call,) + x.shape, x.dtype)
-      probes = jnp.concatenate([x[None] + d * v, x[None] - d * v])  # [2S, B, ...]
+      # Probes batch-major, [B, 2S, ...] -> [B * 2S, ...]: merging into the (possibly
+      # sharded) batch axis from the minor side keeps the batch's sharding.
+      vb = jnp.moveaxis(v, 0, 1)
+      probes = jnp.concatenate([x[:, None] + d[:, None] * vb, x[:, None] - d[:, None] * vb],
+                               axis=1)
       flat = probes.reshape((-1,) + x.shape[1:])
-      draws = _core.logit_draws(logits_fn, flat, k_model)  # [n, 2S*B, K]
-      draws = draws.reshape((draws.shape[0], 2 * samples_per_call, batch, -1))
+      draws = _core.logit_draws(logits_fn, flat, k_model)  # [n, B*2S, K]
+      draws = draws.reshape((draws.shape[0], batch, 2 * samples_per_call, -1))
+      draws = jnp.swapaxes(draws, 1, 2)  # [n, 2S, B, K]
       values = jnp.mean(jax.vmap(jax.vmap(loss_fn))(draws), axis=0)  # [2S, B]
       plus, minus = values[:samples_per_call], values[samples_per_call:]
       coef = (plus - minus) / (2.0 * d_b)  # [S, B]

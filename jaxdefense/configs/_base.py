@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
       dataset ["digits"]       jaxdefense.data.names(): digits, mnist, fashion_mnist, cifar10...
       data_dir [None]          folder searched first by jaxdefense.data.load
       validation_size [0]      training examples held out for validation / best checkpoint
+      train_size [0]           if > 0, train on the first train_size examples left after
+                               the hold-out (small-scale experiments); 0: all of them
       batch_size [128]         global training batch (divisible by the device count)
       eval_batch_size [500]    evaluation batch (divisible by the device count)
       epochs [10]              training length in epochs
@@ -86,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = "digits"
   c.data_dir = config_dict.placeholder(str)
   c.validation_size = 0
+  c.train_size = 0
   c.batch_size = 128
   c.eval_batch_size = 500
   c.epochs = 10

@@ -147,6 +147,23 @@ def _materialize(x: Array) -> Array:
   return lax.platform_dependent(x, cpu=_gather_copy, default=lambda a: a)
 
 
+def _conv_input_tangent(tx: Array, kernel: Array, strides: tuple[int, int], padding: Any,
+                        groups: int) -> Array:
+  """The convolution's tangent in ``x``: the same values as ``_conv_plain(tx, kernel)``.
+
+  The kernel is handed over transposed to HWOI (and the dimension numbers say so), so
+  the arithmetic is unchanged, but the transpose of this linear map, the input gradient
+  that reverse mode needs, comes out of XLA in a layout whose convolution takes XLA:CPU's
+  fast path. With the HWIO kernel, the input gradient inside a ``lax`` loop (every
+  iterative attack) ran about 8x slower on CPU (PGD-5 on ResNet-20, batch 128: 34 s
+  against 4.1 s, identical outputs). On GPU both layouts compile to the same cuDNN call.
+  """
+  kernel_oi = jnp.transpose(kernel, (0, 1, 3, 2))
+  return lax.conv_general_dilated(tx, kernel_oi, strides, padding,
+                                  dimension_numbers=("NHWC", "HWOI", "NHWC"),
+                                  feature_group_count=groups)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _conv(x: Array, kernel: Array, strides: tuple[int, int], padding: Any,
           groups: int) -> Array:
@@ -167,7 +184,7 @@ def _conv_jvp(strides, padding, groups, primals, tangents):
   y = _conv_plain(x, kernel, strides, padding, groups)
   ty = None
   if not x_const:
-    ty = _conv_plain(tx, kernel, strides, padding, groups)
+    ty = _conv_input_tangent(tx, kernel, strides, padding, groups)
   if not k_const:
     tk_y = _conv_plain(x, tk, strides, padding, groups)
     ty = tk_y if ty is None else ty + tk_y

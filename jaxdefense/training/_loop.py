@@ -18,6 +18,7 @@ import optax
 import tqdm
 from jax.sharding import Mesh
 
+from jaxdefense import _checks
 from jaxdefense import data as _data
 from jaxdefense.configs._base import validate as _validate_config
 from jaxdefense.training import _build
@@ -136,7 +137,9 @@ def _augment_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
 def _load_splits(config: ml_collections.ConfigDict) -> dict[str, _data.Dataset]:
   kw = {"data_dir": config.data_dir, "validation_size": config.validation_size,
         "seed": config.seed}
-  out = {"train": _data.load(config.dataset, "train", **kw)}
+  train = _data.load(config.dataset, "train", **kw)
+  size = _checks.check_int(config.train_size, "train_size", minimum=0)
+  out = {"train": train.take(size) if size else train}
   if config.validation_size > 0:
     out["validation"] = _data.load(config.dataset, "validation", **kw)
   out["test"] = _data.load(config.dataset, "test", data_dir=config.data_dir)
@@ -558,6 +561,8 @@ def evaluate_checkpoint(workdir: str | os.PathLike, *, which: str = "latest",
     ds = _data.load(config.dataset, split, data_dir=data_dir or config.data_dir,
                     validation_size=config.validation_size if split != "test" else 0,
                     seed=config.seed)
+    if split == "train" and config.train_size > 0:
+      ds = ds.take(config.train_size)
     m = evaluate(state, ds, bs, mesh=mesh, eval_step=eval_step)
     rows.append({"split": split, "loss": m["loss"], "accuracy": m["accuracy"],
                  "examples": m["count"], "step": step, "run": run})
