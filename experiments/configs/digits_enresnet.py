@@ -1,8 +1,8 @@
 """CPU-scale EnResNet: an ensemble of two noisy pre-activation ResNet-8s on digits.
 
-The small twin of ``enresnet20_cifar10`` (natural training; switch to adversarial
-training with ``--config.objective.name=pgd`` plus its options once wanted), a few
-minutes on a laptop CPU.
+The small twin of ``enresnet_paper:cifar10,en2_resnet20`` (natural training; switch to
+adversarial training with ``--config.objective.name=pgd`` plus its options once
+wanted), a few minutes on a laptop CPU.
 """
 
 from __future__ import annotations
