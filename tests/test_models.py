@@ -222,7 +222,7 @@ def test_ensemble_of_identical_members_equals_one_member():
 def test_ensemble_members_are_independent_and_averaged():
   x = _x()
   member = jd.models.create("resnet8")
-  ens = jd.models.Ensemble(member, size=2)
+  ens = jd.models.Ensemble(member, size=2, vectorize=True)
   ve = _init(ens, x)
   assert jd.models.count_params(ve) == 2 * jd.models.count_params(_init(member, x))
   outs = [member.apply(jd.models.member_variables(ve, i), x) for i in range(2)]
@@ -306,7 +306,7 @@ def test_model_apply_compiles_once_under_jit():
 def test_ensemble_passes_keyword_arguments_and_scan_matches_vmap():
   x = _x()
   member = jd.models.create("resnet8")
-  ens = jd.models.Ensemble(member, size=2)
+  ens = jd.models.Ensemble(member, size=2, vectorize=True)
   ve = _init(ens, x)
   # train=True as a keyword must reach the members (batch statistics change)
   _, new = ens.apply(ve, x, train=True, mutable=["batch_stats"])
@@ -320,3 +320,22 @@ def test_ensemble_passes_keyword_arguments_and_scan_matches_vmap():
   np.testing.assert_allclose(a, b, atol=1e-5)
   for u, v in zip(jax.tree_util.tree_leaves(sa), jax.tree_util.tree_leaves(sb)):
     np.testing.assert_allclose(u, v, atol=1e-5)
+
+
+def test_ensemble_default_is_unrolled_on_cpu_and_vmapped_elsewhere():
+  """On CPU the default applies members one by one (no grouped convolutions, whose
+  kernel gradients XLA:CPU runs slowly); ``vectorize=True`` batches them with vmap."""
+  x = _x()
+  member = jd.models.create("resnet8")
+  ens = jd.models.Ensemble(member, size=2)
+  v = _init(jd.models.Ensemble(member, size=2, vectorize=True), x)
+  text = lambda m: str(jax.make_jaxpr(lambda v: m.apply(v, x))(v))
+  batched = text(jd.models.Ensemble(member, size=2, vectorize=True))
+  assert "feature_group_count=2" in batched
+  default = text(ens)
+  if jax.default_backend() == "cpu":
+    assert "feature_group_count=2" not in default
+  else:
+    assert "feature_group_count=2" in default
+  np.testing.assert_allclose(ens.apply(v, x), jd.models.Ensemble(
+      member, size=2, vectorize=True).apply(v, x), atol=1e-5)

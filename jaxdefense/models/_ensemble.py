@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxdefense import _checks
@@ -25,9 +26,14 @@ class Ensemble(nn.Module):
     the earlier noise.
 
   Extra call arguments (``train``, ``perturbations``...) go to every member.
-  ``vectorize=True`` evaluates the members with ``vmap`` (fast on accelerators);
-  ``False`` runs them one after another with ``scan`` (same variables, less memory,
-  and often faster on CPU, where batched convolutions over parameters are slow).
+  ``vectorize=True`` evaluates the members with ``vmap`` (one batched program, fast on
+  accelerators); ``False`` applies them one after another (a fully unrolled ``scan``:
+  the same variables, less memory).  ``None`` (default) picks ``vmap`` on GPU and TPU
+  and the unrolled form on CPU, decided when the model is traced.  On CPU the ``vmap``
+  form turns every convolution into a grouped one whose kernel gradient XLA:CPU runs
+  very slowly: a training-mode gradient of a 2-member pre-activation ResNet-8 (batch 128,
+  28 x 28) took 2.7 s with ``vmap`` and 4.2 s with a rolled ``scan`` (convolutions inside
+  a loop miss XLA:CPU's fast path), against 0.26 s unrolled.
 
   Raises:
     ValueError: ``size < 1``; an abstract input (certify one member at a time).
@@ -35,7 +41,7 @@ class Ensemble(nn.Module):
   member: nn.Module
   size: int = 2
   shared: bool = False
-  vectorize: bool = True
+  vectorize: bool | None = None
 
   @nn.compact
   def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -52,20 +58,23 @@ class Ensemble(nn.Module):
       return member(x, *args, **kwargs)
     axes = {"params": 0, "batch_stats": 0}
     rngs = {"params": True, "noise": True, "dropout": True}
-    if self.vectorize:
+    vectorize = self.vectorize
+    if vectorize is None:
+      vectorize = jax.default_backend() != "cpu"
+    if vectorize:
       stacked = nn.vmap(apply, variable_axes=axes, split_rngs=rngs, in_axes=None,
                         out_axes=0, axis_size=size)(self.member, x)
     else:
       def body(member, carry, x):
         return carry, apply(member, x)
       _, stacked = nn.scan(body, variable_axes=axes, split_rngs=rngs,
-                           in_axes=nn.broadcast, out_axes=0, length=size)(
+                           in_axes=nn.broadcast, out_axes=0, length=size,
+                           unroll=size)(
                                self.member, None, x)
     return jnp.mean(stacked, axis=0)
 
 
 def member_variables(variables: Any, i: int) -> Any:
   """Variables of member ``i`` of a (non-shared) :class:`Ensemble`."""
-  import jax
   inner = {k: v["member"] for k, v in variables.items()}
   return jax.tree_util.tree_map(lambda a: a[i], inner)
