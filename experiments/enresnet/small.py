@@ -11,10 +11,10 @@ where it stopped, a finished one is not retrained).  Each trained model is then
 evaluated once on the first ``--eval-examples`` test images (best-validation
 checkpoint; results cached in the run folder as ``small_eval.json``):
 
-* white-box FGSM, IFGSM-20 (step eps/4, as the paper's 2/255 at 8/255) and the paper's
-  C&W (l-inf, tanh space, Adam lr 6e-4, c = 10, kappa = 0), every gradient through a
-  noisy model averaged over 5 noise draws (EOT), plus APGD-CE (50 steps, EOT) beyond the
-  paper;
+* white-box FGSM and IFGSM-20 (step eps/4, as the paper's 2/255 at 8/255) on every
+  run, and on the ResNet and En1 the paper's C&W (l-inf, tanh space, Adam lr 6e-4,
+  c = 10, kappa = 0) and APGD-CE (50 steps) beyond the paper; every gradient through a
+  noisy model is averaged over 5 noise draws (EOT);
 * IFGSM-20 accuracy against eps (the curve in ``acc_vs_eps.png``);
 * blind attacks (IFGSM-20 crafted on one model, evaluated on another) between the
   plain ResNet and the noisy ensembles;
@@ -68,15 +68,15 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
                  {"model.step.name": "euler_maruyama", "model.step.coef": 0.4}),
     "en1_a0.8": ("En1 ResNet, a = 0.8",
                  {"model.step.name": "euler_maruyama", "model.step.coef": 0.8}),
-    "nat_resnet": ("ResNet, natural training", {"objective.name": "natural"}),
+    "nat_resnet": ("ResNet, natural training", {"objective": {"name": "natural"}}),
     "nat_en1": ("En1 ResNet, natural training",
-                {"model.step.name": "euler_maruyama", "objective.name": "natural"}),
+                {"model.step.name": "euler_maruyama", "objective": {"name": "natural"}}),
 }
 SIGMA_RUNS = ("en1_a0.05", "en1", "en1_a0.4", "en1_a0.8")
-CURVE_RUNS = ("resnet", "en1", "en2", "en5", "ens2")
-BLIND_PAIRS = (("resnet", "en1"), ("resnet", "en2"), ("resnet", "en5"), ("en2", "resnet"),
-               ("en5", "resnet"))
-APGD_RUNS = ("resnet", "en1", "en2", "en5")
+CURVE_RUNS = ("resnet", "en1")
+CW_RUNS = ("resnet", "en1")
+BLIND_PAIRS = (("resnet", "en1"), ("resnet", "en2"), ("resnet", "en5"), ("en1", "resnet"))
+APGD_RUNS = ("resnet", "en1")
 INTEGRATION = ("en1", "en2")  # separately trained, logits averaged (Table 5)
 
 
@@ -151,7 +151,7 @@ def evaluate_run(name: str, workdir: str, x: np.ndarray, y: np.ndarray, args: An
     out["attacks"] = {k.split("(")[0]: v for k, v in out["attacks"].items()}
     return out
   m = Model(workdir)
-  suite = (f"fgsm,ifgsm:steps=20,step_size={EPS / 4},cw"
+  suite = (f"fgsm,ifgsm:steps=20,step_size={EPS / 4}" + (",cw" if name in CW_RUNS else "")
            + (",apgd-ce:steps=50" if name in APGD_RUNS else ""))
   t = time.time()
   rep = jd.evaluation.evaluate_robustness(
@@ -164,7 +164,7 @@ def evaluate_run(name: str, workdir: str, x: np.ndarray, y: np.ndarray, args: An
   if name in CURVE_RUNS:
     out["acc_vs_eps"] = jd.evaluation.accuracy_vs_eps(
         m.fn, x[:args.curve_examples], y[:args.curve_examples], key=jax.random.key(2),
-        eps_values=(0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3),
+        eps_values=(0.0, 0.05, 0.1, 0.15, 0.2),
         attack="ifgsm:steps=20", stochastic=m.stochastic, eot_samples=5,
         batch_size=args.batch)
   with open(path, "w") as f:
@@ -226,18 +226,21 @@ def plot_training(curves: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for ax in axes:
+    ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
   for name, rows in curves.items():
-    tr = [(r["step"], r["train/accuracy"]) for r in rows if "train/accuracy" in r]
+    tr = [(r["step"], r["accuracy"]) for r in rows
+          if r.get("kind") == "train" and "accuracy" in r]
     va = [(r["step"], r["validation/accuracy"]) for r in rows if "validation/accuracy" in r]
     if tr:
       s, a = zip(*tr)
-      k = max(1, len(a) // 40)
+      k = max(1, len(a) // 12)
       sm = np.convolve(a, np.ones(k) / k, mode="valid")
       axes[0].plot(s[k - 1:], 100 * sm, label=name)
     if va:
       s, a = zip(*va)
       axes[1].plot(s, 100 * np.asarray(a), marker="o", ms=3, label=name)
-  axes[0].set_title("training accuracy on PGD examples (smoothed)")
+  axes[0].set_title("training accuracy (PGD examples; nat_*: clean), smoothed", fontsize=10)
   axes[1].set_title("validation accuracy (clean)")
   for ax in axes:
     ax.set_xlabel("step")
@@ -313,12 +316,12 @@ def claims(res: dict, blind_res: dict, integration: dict | None = None
                 "did not hold", f"SWE minus ResNet {d * 100:+.1f} pt, SWE minus En1 "
                 f"{d1 * 100:+.1f} pt (IFGSM-20)"))
   sig = [n for n in SIGMA_RUNS if n in res]
-  if len(sig) == len(SIGMA_RUNS):
+  if "en1_a0.8" in sig and len(sig) >= 3:
     r = {n: acc(n, "ifgsm") for n in sig}
-    small = [r["en1_a0.05"], r["en1"], r["en1_a0.4"]]
+    small = [r[n] for n in sig if n != "en1_a0.8"]
     ok = max(small) - min(small) < 0.03 and r["en1_a0.8"] < min(small)
-    out.append(("Robust accuracy is flat for a in {0.05, 0.1, 0.4} and drops at a = 0.8 "
-                "(Table 6)", "held" if ok else "did not hold",
+    out.append(("Robust accuracy is flat for a up to 0.4 and drops at a = 0.8 "
+                "(Table 6: 0.05 / 0.1 / 0.4 / 0.8)", "held" if ok else "did not hold",
                 "IFGSM-20 " + ", ".join(f"a={RUNS_COEF[n]}: {_pct(r[n])} %" for n in sig)))
   if have("nat_resnet", "nat_en1"):
     r = [acc(n, "ifgsm") for n in ("nat_resnet", "nat_en1")]
@@ -340,10 +343,10 @@ def claims(res: dict, blind_res: dict, integration: dict | None = None
     out.append(("Integrating separately trained EnResNets (logit average) is more robust "
                 "than its best member (Table 5)", "held" if v > best else "did not hold",
                 f"IFGSM-20 {_pct(v)} % vs best member {_pct(best)} %"))
-  if have("en2") and "apgd-ce" in res["en2"]["attacks"]:
-    d = res["en2"]["attacks"]["ifgsm"] - res["en2"]["attacks"]["apgd-ce"]
+  if have("en1") and "apgd-ce" in res["en1"]["attacks"]:
+    d = res["en1"]["attacks"]["ifgsm"] - res["en1"]["attacks"]["apgd-ce"]
     out.append(("(beyond the paper) APGD-CE with EOT is not much stronger than IFGSM-20 on "
-                "En2, i.e. IFGSM-20 was not overestimating robustness",
+                "En1, i.e. IFGSM-20 was not overestimating robustness",
                 "held" if d < 0.02 else "did not hold", f"IFGSM-20 minus APGD-CE: "
                 f"{d * 100:+.1f} pt"))
   return out
@@ -388,7 +391,8 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
       f"(L2), divided by 10 at epochs {tuple(cfg.schedule.milestones)} of {cfg.epochs}, "
       f"batch {cfg.batch_size}. The paper: CIFAR-10, 10 steps, 200 epochs.",
       f"- Evaluation at eps {EPS}: FGSM, IFGSM-20 (step eps/4), the paper's C&W (l-inf, 50 "
-      "Adam steps, lr 6e-4, c = 10), APGD-CE (50 steps) on the main runs; noisy models are "
+      f"Adam steps, lr 6e-4, c = 10) and APGD-CE (50 steps) on {' and '.join(CW_RUNS)} only "
+      "(CPU time); noisy models are "
       "attacked with EOT over 5 draws and classified with one fresh draw.",
       "- One seed per configuration: differences of 1-2 points are within seed noise at "
       "this scale (the paper's own Table 6 shows +-0.3 to +-0.9 points over 5 runs).",
@@ -420,7 +424,15 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
     for k, v in blind_res.items():
       tgt = k.split("->")[1]
       lines.append(f"| {k} | {_pct(v)} | {_pct(res.get(tgt, {}).get('attacks', {}).get('ifgsm'))} |")
+  n = meta["n_eval"]
+  se = 100 * (0.25 / max(n, 1)) ** 0.5
   lines += ["", "## The paper's claims, tested here", "",
+            f"A verdict says whether the sign of the measured difference agrees with the paper. "
+            f"With {n} test images the standard error of one accuracy near 50 % is "
+            f"{se:.1f} points and of a difference of two about {se * 2 ** 0.5:.1f} points "
+            "(less when, as here, both are measured on the same images), before seed-to-seed "
+            f"variation of the training: differences under about {2 * se * 2 ** 0.5:.0f} "
+            "points are not significant.", "",
             "| claim | verdict | evidence |", "|---|---|---|"]
   for c, v, e in claims(res, blind_res, integration):
     lines.append(f"| {c} | **{v}** | {e} |")
@@ -438,6 +450,12 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
     json.dump({"results": res, "blind": blind_res, "integration": integration, "meta": meta},
               f, indent=2, default=str)
   return path
+
+
+def _finished(workdir: str) -> bool:
+  path = os.path.join(workdir, "metrics.jsonl")
+  return os.path.exists(path) and any(
+      r.get("kind") == "final" for r in jd.training.read_metrics(path))
 
 
 def _train_seconds(workdir: str) -> float:
@@ -463,8 +481,8 @@ def main(argv: list[str]) -> int:
   p.add_argument("--quick", action="store_true", help="smoke run with tiny data")
   p.add_argument("--runs", default=None, help="folder of the training runs")
   p.add_argument("--out", default=None, help="report folder")
-  p.add_argument("--eval-examples", type=int, default=500)
-  p.add_argument("--curve-examples", type=int, default=300)
+  p.add_argument("--eval-examples", type=int, default=250)
+  p.add_argument("--curve-examples", type=int, default=150)
   p.add_argument("--batch", type=int, default=250)
   p.add_argument("--train-only", action="store_true")
   p.add_argument("--report-only", action="store_true")
@@ -497,6 +515,9 @@ def main(argv: list[str]) -> int:
       if not os.path.exists(os.path.join(wd, "config.json")):
         continue
       if args.report_only and not os.path.exists(os.path.join(wd, "small_eval.json")):
+        continue
+      if not _finished(wd):
+        print(f"== {n}: training not finished, not evaluated", flush=True)
         continue
       print(f"== evaluating {n}", flush=True)
       res[n] = evaluate_run(n, wd, x, y, args)
