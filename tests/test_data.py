@@ -289,8 +289,12 @@ def test_fashion_mnist_system_path():
 
 
 @pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
-def test_tfds_path_with_mock_data(tmp_path, name, shape):
+def test_tfds_path_with_mock_data(tmp_path, monkeypatch, name, shape):
   tfds = pytest.importorskip("tensorflow_datasets")
+  # mock_data makes scratch folders with tempfile.mkdtemp and leaves them behind: keep
+  # them inside this test's tmp_path.
+  import tempfile
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
     ds = data.load(name, "train", data_dir=tmp_path)
     va = data.load(name, "validation", data_dir=tmp_path, validation_size=4)
