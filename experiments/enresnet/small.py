@@ -368,7 +368,12 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
       "# EnResNet, small scale: Fashion-MNIST, PGD adversarial training" +
       (" (QUICK SMOKE RUN: numbers meaningless)" if quick else ""),
       "",
-      f"Command: `{meta['command']}`",
+      "Command that reproduces everything (trains what is missing, evaluates what is not "
+      "cached, writes this folder): `python experiments/enresnet/small.py`" +
+      ("" if meta["command"].strip() == "python experiments/enresnet/small.py" else
+       f"; this file was last written by `{meta['command']}`, which trains and evaluates "
+       "subsets of the same runs into the same folders (the runs were trained in several "
+       "invocations of `--train-only --only ...`)") + ".",
       "",
       f"Machine: {meta['machine']}; jax {jax.__version__}. Wall time of this invocation "
       f"{meta['wall_s'] / 60:.1f} min; time in training steps, all runs: "
@@ -394,8 +399,8 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
       f"Adam steps, lr 6e-4, c = 10) and APGD-CE (50 steps) on {' and '.join(CW_RUNS)} only "
       "(CPU time); noisy models are "
       "attacked with EOT over 5 draws and classified with one fresh draw.",
-      "- One seed per configuration: differences of 1-2 points are within seed noise at "
-      "this scale (the paper's own Table 6 shows +-0.3 to +-0.9 points over 5 runs).",
+      "- One seed per configuration (the paper's own Table 6 shows a spread of +-0.3 to "
+      "+-0.9 points over 5 seeds); see the note on sampling noise above the claims table.",
       "",
       "## White-box accuracy (%)",
       "",
