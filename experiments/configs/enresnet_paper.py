@@ -20,7 +20,7 @@ train/validation split, best validation checkpoint.  Evaluate with ``jaxdefense 
 
 from __future__ import annotations
 
-from jaxdefense.configs import base_config
+from jaxdefense.configs.presets import cifar10_resnet20
 
 #: MODEL -> (network, ensemble members, noise, shared weights)
 MODELS = {
@@ -50,14 +50,10 @@ def get_config(arg: str | None = None):
         f"{DATASETS} and MODEL in {sorted(MODELS)}; got {arg!r}.")
   dataset, name = parts[0], parts[1]
   network, members, noisy, shared = MODELS[name]
-  c = base_config()
+  c = cifar10_resnet20.get_config()  # SGD 0.1 / 0.9 / 5e-4, /10 at 80, 120, 160 of 200
   c.dataset = dataset
   c.validation_size = 5000
-  c.batch_size = 128
-  c.eval_batch_size = 500
-  c.epochs = 200
-  c.augment.pad = 4
-  c.augment.flip = True
+  c.checkpoint.keep_best = True
   c.model.name = network
   c.model.step.name = "euler_maruyama" if noisy else "euler"
   c.model.step.coef = float(parts[2]) if len(parts) == 3 else 0.1
@@ -66,13 +62,4 @@ def get_config(arg: str | None = None):
   c.ensemble.size = members
   c.ensemble.shared = shared
   c.objective = {"name": "pgd", "eps": 8 / 255, "step_size": 2 / 255, "steps": 10}
-  c.optimizer.name = "sgd"
-  c.optimizer.learning_rate = 0.1
-  c.optimizer.momentum = 0.9
-  c.optimizer.weight_decay = 5e-4
-  c.schedule.name = "piecewise"
-  c.schedule.milestones = (80, 120, 160)
-  c.schedule.factor = 0.1
-  c.checkpoint.keep_best = True
-  c.log_every_steps = 100
   return c
