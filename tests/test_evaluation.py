@@ -121,3 +121,37 @@ def test_bad_inputs_are_clear_errors(trained):
     jd.evaluation.evaluate_robustness(logits_fn, x * 255, y, key=key)
   with pytest.raises(ValueError, match="large_eps must exceed eps"):
     jd.evaluation.diagnose(logits_fn, x, y, key=key, eps=0.3, large_eps=0.2)
+
+
+def test_step_fraction_sets_the_step_relative_to_eps():
+  w = jax.random.normal(jax.random.key(0), (16, 3))
+  f = lambda x: x.reshape(x.shape[0], -1) @ w
+  x = jax.random.uniform(jax.random.key(1), (4, 4, 4, 1))
+  y = jnp.array([0, 1, 2, 0])
+  spec = jd.evaluation.parse_attack("ifgsm:steps=20,step_fraction=1/4")
+  assert spec.step_fraction == 0.25 and "step_size" not in spec.kwargs
+  for eps in (0.05, 0.1):
+    np.testing.assert_array_equal(
+        spec.run(f, x, y, jax.random.key(2), eps),
+        jd.attacks.ifgsm(f, x, y, eps=eps, step_size=eps / 4, steps=20))
+  # the EnResNet paper's suite: IFGSM-20 with steps of eps / 4 (2/255 at 8/255)
+  ifgsm = jd.evaluation.parse_suite("enresnet")[1]
+  assert ifgsm.kwargs["steps"] == 20 and ifgsm.step_fraction == 0.25
+  with pytest.raises(ValueError, match="step_size or step_fraction, not both"):
+    jd.evaluation.parse_attack("pgd:step_size=0.01,step_fraction=0.5")
+  with pytest.raises(ValueError, match="step_fraction must be a number > 0"):
+    jd.evaluation.parse_attack("pgd:step_fraction=-1")
+
+
+def test_diagnose_radii_increase_up_to_large_eps():
+  w = jax.random.normal(jax.random.key(0), (16, 3))
+  f = jax.jit(lambda x: x.reshape(x.shape[0], -1) @ w)
+  x = np.asarray(jax.random.uniform(jax.random.key(1), (8, 4, 4, 1)))
+  y = np.asarray(jnp.argmax(f(x), -1))
+  # 2 * eps > large_eps: the curve must not end below its largest radius (nor pass 1)
+  for eps, large in ((0.3, 0.5), (0.6, 0.9)):
+    diag = jd.evaluation.diagnose(f, x, y, key=jax.random.key(2), eps=eps, large_eps=large,
+                                  pgd_steps=3, spsa_steps=2, spsa_samples=4, batch_size=8)
+    radii = diag["not_monotone_in_eps"].numbers["eps"]
+    assert radii == sorted(radii) and radii[-1] == large and len(set(radii)) == len(radii)
+    assert "randomness" not in diag.to_text().splitlines()[0]

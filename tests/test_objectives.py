@@ -177,6 +177,31 @@ def test_attack_logits_fn_is_used_for_the_inner_attack(batch):
   np.testing.assert_allclose(aux["logits"], _mlp(params, x_adv), rtol=1e-5, atol=1e-6)
 
 
+def test_outer_passes_draw_independent_model_noise(batch):
+  """The clean and adversarial forward passes get different noise (as two PyTorch calls)."""
+  x, y, params = batch
+
+  def noisy_apply(z, *, key=None):  # the loop's form: default noise unless a key is given
+    k = jax.random.key(99) if key is None else key
+    return _mlp(params, z) + jax.random.normal(k, (z.shape[0], 4)), None
+  default = noisy_apply(x)[0]
+  _, aux = O.TRADES(eps=0.1, step_size=0.03, steps=2)(noisy_apply, x, y, KEY)
+  assert float(jnp.max(jnp.abs(aux["logits"] - default))) > 1e-2   # clean: its own draw
+  _, aux = O.PGDAdversarial(eps=0.1, step_size=0.03, steps=2, mix=0.5)(noisy_apply, x, y, KEY)
+  assert float(jnp.max(jnp.abs(aux["clean_logits"] - default))) > 1e-2
+  # a plain logits function is called as it is
+  _, aux = O.TRADES(eps=0.1, step_size=0.03, steps=2)(lambda z: _mlp(params, z), x, y, KEY)
+  np.testing.assert_allclose(aux["logits"], _mlp(params, x), rtol=1e-6)
+
+
+def test_attack_modes():
+  assert O.TRADES().attack_mode == "eval" and O.PGDAdversarial().attack_mode == "train"
+  assert O.from_config({"name": "pgd", "attack_mode": "eval"}).attack_mode == "eval"
+  with pytest.raises(ValueError, match=r"TRADES.attack_mode must be one of \['eval', "
+                                       r"'train'\]; got 'test'"):
+    O.TRADES(attack_mode="test")
+
+
 def test_kl_divergence():
   p = jax.random.normal(jax.random.key(0), (3, 5))
   np.testing.assert_allclose(O.kl_divergence(p, p), 0.0, atol=1e-6)
@@ -220,6 +245,13 @@ def test_register_a_new_objective():
     O.register("scaled_test", Scaled)
   with pytest.raises(ValueError, match=r"unknown option\(s\) \['bad'\]"):
     O.get("scaled_test", bad=1)
+  # names are looked up as they are registered: case and '-' / '_' alike
+  O.register("My-Scaled-Test", Scaled)
+  assert O.get("my_scaled_test") == Scaled() == O.get("MY-SCALED-TEST")
+  # an alias cannot be shadowed by a registration that would never be looked up
+  with pytest.raises(ValueError, match="'madry' is an alias of 'pgd'"):
+    O.register("madry", Scaled, overwrite=True)
+  assert O.get("madry") == O.PGDAdversarial()
 
 
 @pytest.mark.parametrize("call, exc, pattern", [

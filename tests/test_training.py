@@ -218,6 +218,40 @@ def test_objective_must_return_logits_and_model_state():
     step(state, x, y)
 
 
+def test_eval_mode_objectives_attack_the_evaluation_mode_model():
+  """attack_mode="eval" objectives (TRADES) get the eval-mode model for their attacks."""
+  import dataclasses
+  exp = training.build_experiment(configs.get("demo"), num_classes=10,
+                                  image_shape=(8, 8, 1), steps_per_epoch=10)
+  mesh = training.make_mesh()
+  state = exp.init_state(mesh)
+  # non-trivial running statistics, so train-mode and eval-mode outputs differ
+  state = state.replace(model_state=jax.tree_util.tree_map(
+      lambda v: v + 0.5, state.model_state))
+  x = np.random.RandomState(0).uniform(size=(8, 8, 8, 1)).astype(np.float32)
+  y = np.zeros((8,), np.int32)
+  variables = {"params": state.params, **state.model_state}
+  expected = state.apply_fn(variables, x, train=False)
+  in_train_mode = state.apply_fn(variables, x, train=True, mutable=["batch_stats"])[0]
+  assert float(jnp.max(jnp.abs(expected - in_train_mode))) > 1e-3
+
+  @dataclasses.dataclass(frozen=True)
+  class Probe:
+    attack_mode: str = "eval"
+
+    def __call__(self, apply_fn, x, y, key, *, attack_logits_fn=None):
+      logits, model_state = apply_fn(x)
+      seen = attack_logits_fn(x) if attack_logits_fn is not None else logits
+      return jnp.mean(logits), {"logits": logits, "model_state": model_state,
+                                "attack_sum": jnp.sum(seen)}
+
+  for mode, reference in (("eval", expected), ("train", in_train_mode)):
+    step = training.make_train_step(Probe(mode), mesh=mesh, donate=False)
+    _, metrics = step(state, x, y)
+    np.testing.assert_allclose(float(metrics["attack_sum"]) / 8, float(jnp.sum(reference)),
+                               rtol=1e-4)
+
+
 # ----------------------------------------------------------------- the loop
 def test_train_and_evaluate_writes_metrics_checkpoints_and_restores(tiny_run, capsys):
   workdir, state = tiny_run

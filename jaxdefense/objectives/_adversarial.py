@@ -93,6 +93,22 @@ def attack_model(apply_fn: Callable[..., Any], x: Array, key: Array) -> Callable
   return frozen(lambda z: split_output(apply_fn(z))[0], x)
 
 
+def forward(apply_fn: Callable[..., Any], x: Array,
+            key: Optional[Array] = None) -> tuple[Array, Any]:
+  """``(logits, model_state or None)`` of ``apply_fn(x)``, with its own noise draw.
+
+  A ``key``-taking ``apply_fn`` gets ``key=key`` (when given), so two forward passes of
+  one objective draw independent model noise and dropout masks, as two forward calls
+  of a PyTorch model do; a plain ``f(x)`` is called as it is.
+  """
+  if key is not None and _takes_key(apply_fn):
+    return split_output(apply_fn(x, key=key))
+  return split_output(apply_fn(x))
+
+
+_ATTACK_MODES = ("train", "eval")
+
+
 def _with_state(aux: dict, state: Any) -> dict:
   if state is not None:
     aux["model_state"] = state
@@ -164,6 +180,11 @@ class PGDAdversarial:
     steps: PGD iterations (>= 1).  Default 10.
     random_start: uniform start in the ball.  Default True.
     mix: weight of the clean loss in [0, 1].  Default 0.
+    attack_mode: the model the inner attack runs on in the training loop: ``"train"``
+      (default; batch statistics of the batch under attack, as Madry et al.'s and the
+      EnResNet authors' code) or ``"eval"`` (running statistics, no dropout).  The
+      training loop passes the matching ``attack_logits_fn``; called directly, the
+      objective uses the ``attack_logits_fn`` it is given, else ``apply_fn``.
 
   Raises:
     ValueError / TypeError (at construction): a field out of range or of the wrong type.
@@ -174,9 +195,12 @@ class PGDAdversarial:
   steps: int = 10
   random_start: bool = True
   mix: float = 0.0
+  attack_mode: str = "train"
 
   def __post_init__(self):
     _validate_pgd_fields(self)
+    _checks.check_choice(self.attack_mode, f"{type(self).__name__}.attack_mode",
+                         _ATTACK_MODES)
     if not isinstance(self.random_start, (bool, int)):
       raise TypeError(f"PGDAdversarial.random_start must be a bool; got {self.random_start!r}.")
     object.__setattr__(self, "random_start", bool(self.random_start))
@@ -214,7 +238,8 @@ class PGDAdversarial:
     aux = _with_state({"logits": logits_adv, "loss_adv": loss_adv}, state)
     if self.mix == 0.0:
       return loss_adv, aux
-    logits_clean, _ = split_output(apply_fn(x))
+    # the clean pass draws its own model noise (the adversarial pass has the step's)
+    logits_clean, _ = forward(apply_fn, x, jax.random.fold_in(key, 1))
     loss_clean = _mean_ce(logits_clean, y)
     aux.update(clean_logits=logits_clean, loss_clean=loss_clean)
     return (1.0 - self.mix) * loss_adv + self.mix * loss_clean, aux
@@ -237,6 +262,8 @@ class TRADES:
     step_size: inner step.  Default 2/255 (the paper uses 0.007).
     steps: inner iterations (>= 1).  Default 10.
     init_std: standard deviation of the Gaussian start.  Default 0.001.
+    attack_mode: ``"eval"`` (default: the reference code puts the model in eval mode for
+      the inner maximisation) or ``"train"``; see :class:`PGDAdversarial`.
 
   Raises:
     ValueError / TypeError (at construction): a field out of range or of the wrong type.
@@ -247,9 +274,12 @@ class TRADES:
   step_size: float = 2 / 255
   steps: int = 10
   init_std: float = 0.001
+  attack_mode: str = "eval"
 
   def __post_init__(self):
     _validate_pgd_fields(self)
+    _checks.check_choice(self.attack_mode, f"{type(self).__name__}.attack_mode",
+                         _ATTACK_MODES)
     object.__setattr__(self, "beta", _checks.check_float(self.beta, "TRADES.beta",
                                                          minimum=0.0))
     object.__setattr__(self, "init_std", _checks.check_float(self.init_std,
@@ -268,7 +298,7 @@ class TRADES:
     """
     _check_batch(x, y)
     x = jnp.asarray(x)
-    k_clean, k_start, k_loop = jax.random.split(key, 3)
+    k_clean, k_start, k_loop, k_outer = jax.random.split(key, 4)
     model = attack_model(attack_logits_fn or apply_fn, x, key)
     clean_for_attack = jax.lax.stop_gradient(attacks.predict(
         model, x, key=k_clean if isinstance(model, attacks.EOT) else None))
@@ -282,7 +312,8 @@ class TRADES:
                                    k_loop if isinstance(model, attacks.EOT) else None)
     x_adv = jax.lax.stop_gradient(x_adv)
 
-    logits_clean, _ = split_output(apply_fn(x))
+    # independent model noise in the two outer passes (the adversarial one has the step's)
+    logits_clean, _ = forward(apply_fn, x, k_outer)
     logits_adv, state = split_output(apply_fn(x_adv))
     loss_clean = _mean_ce(logits_clean, y)
     loss_robust = jnp.mean(kl_divergence(logits_clean, logits_adv))

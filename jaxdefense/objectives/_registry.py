@@ -37,16 +37,24 @@ def register(name: str, factory: Callable[..., Any], *, overwrite: bool = False)
     raise TypeError(f"name must be a non-empty string; got {name!r}.")
   if not callable(factory):
     raise TypeError(f"factory must be callable; got {factory!r}.")
-  key = name.lower()
-  if (key in _REGISTRY or key in _ALIASES) and not overwrite:
+  key = _normalise(name)
+  if key in _ALIASES:
+    raise ValueError(f"objective name {name!r} is an alias of {_ALIASES[key]!r}; register "
+                     f"under another name or overwrite {_ALIASES[key]!r}.")
+  if key in _REGISTRY and not overwrite:
     raise ValueError(f"objective {name!r} is already registered; pass overwrite=True.")
   _REGISTRY[key] = factory
+
+
+def _normalise(name: str) -> str:
+  """Lookup form of a name: case-insensitive, ``-`` and ``_`` alike."""
+  return name.lower().replace("-", "_")
 
 
 def _resolve(name: Any) -> Callable[..., Any]:
   if not isinstance(name, str):
     raise TypeError(f"objective name must be a string; got {name!r}.")
-  key = name.lower().replace("-", "_")
+  key = _normalise(name)
   key = _ALIASES.get(key, key)
   if key not in _REGISTRY:
     raise ValueError(f"unknown objective {name!r}; expected one of {names()} "

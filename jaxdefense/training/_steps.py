@@ -110,6 +110,11 @@ def make_train_step(objective: Callable[..., Any], *,
       certified objective's eps / mixing ramps), it is called with
       ``epoch=state.step / steps_per_epoch`` (a traced fractional epoch).
 
+  An objective with ``attack_mode == "eval"`` (TRADES by default) is also given
+  ``attack_logits_fn(x, *, key=None) -> logits``: the model in evaluation mode
+  (running batch statistics, no dropout) with the current parameters, for its inner
+  attack.
+
   Returns:
     A :class:`CompiledStep`; its metrics are device scalars ``loss`` (sum over the
     batch), ``correct``, ``count`` and ``<name>`` (sum) for each scalar of ``aux``.
@@ -139,10 +144,18 @@ def make_train_step(objective: Callable[..., Any], *,
                                            mutable=["batch_stats"])
         return logits, dict(new_state)
 
+      kwargs = {}
+      if getattr(objective, "attack_mode", "train") == "eval":
+        # inner attacks on the evaluation-mode model: running batch statistics, no
+        # dropout; noise as the model draws it at test time
+        def attack_fn(x, *, key=None):
+          nk, dk = (noise_key, dropout_key) if key is None else jax.random.split(key)
+          return state.apply_fn(variables, x, train=False,
+                                rngs={"noise": nk, "dropout": dk})
+        kwargs["attack_logits_fn"] = attack_fn
       if steps_per_epoch and getattr(objective, "uses_epoch", False):
-        epoch = state.step.astype(jnp.float32) / float(steps_per_epoch)
-        return objective(apply_fn, images, labels, obj_key, epoch=epoch)
-      return objective(apply_fn, images, labels, obj_key)
+        kwargs["epoch"] = state.step.astype(jnp.float32) / float(steps_per_epoch)
+      return objective(apply_fn, images, labels, obj_key, **kwargs)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     _check_aux(aux, state, labels)
