@@ -16,6 +16,7 @@ import numbers
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -57,9 +58,11 @@ def check_rank(x: Any, name: str, ranks: Sequence[int], what: str = "") -> None:
 
 
 def check_floating(x: Any, name: str) -> None:
-  """Raise ``TypeError`` unless ``x`` has a floating dtype."""
+  """Raise ``TypeError`` unless ``x`` has a floating dtype (``bfloat16`` included)."""
   dtype = getattr(x, "dtype", None)
-  if dtype is None or not np.issubdtype(np.dtype(dtype), np.floating):
+  # jnp.issubdtype knows the ml_dtypes floats (bfloat16, float8...), which
+  # np.issubdtype does not count as np.floating.
+  if dtype is None or not jnp.issubdtype(np.dtype(dtype), jnp.floating):
     raise TypeError(
         f"{name} must be a floating-point array (images in [0, 1]); got "
         f"{_summary(x)}. Convert integer images with x.astype(np.float32) / 255.")

@@ -570,3 +570,236 @@ def test_attacks_accept_a_batch_sharded_over_an_explicit_mesh(name):
   assert x_adv.sharding.spec[0] == "batch"
   check_budget(x_adv, x, 0.1, norm)
   np.testing.assert_allclose(np.asarray(x_adv), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- per-example hyper-parameters
+
+
+def _rgb_batch():
+  """Three RGB images: B == C == 3, so a [B] value wrongly aligned with the channel
+  axis broadcasts silently instead of failing."""
+  x, _ = make_images(21, (3, 4, 4, 3))
+  x = 0.1 + 0.8 * x  # away from the box edges, where tanh-space C&W cannot move
+  y = np.asarray(toy_logits(jnp.asarray(x)).argmax(1)).astype(np.int32)
+  return x, y
+
+
+PER_EXAMPLE_PARAMS = {
+    "mifgsm mu": ([0.0, 0.5, 3.0], lambda x, y, v: A.mifgsm(
+        toy_logits, x, y, eps=0.2, steps=6, step_size=0.05, mu=v)),
+    "cw_linf lr": ([0.01, 0.05, 0.2], lambda x, y, v: A.cw_linf(
+        toy_logits, x, y, eps=0.2, steps=6, lr=v)),
+    "cw_l2 lr": ([0.01, 0.05, 0.2], lambda x, y, v: A.cw_l2(
+        toy_logits, x, y, c=5.0, steps=6, lr=v)),
+    "spsa lr": ([0.005, 0.02, 0.1], lambda x, y, v: A.spsa(
+        toy_logits, x, y, key=rbg_key(0), eps=0.2, steps=4, lr=v, num_samples=4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_EXAMPLE_PARAMS))
+def test_per_example_hyperparameter_matches_scalar_runs(name):
+  """Row b of a run with a per-example value [B] equals row b of the run with the
+  scalar value[b] (the value is broadcast over the batch axis, not the channels)."""
+  values, attack = PER_EXAMPLE_PARAMS[name]
+  x, y = _rgb_batch()
+  per_example = np.asarray(attack(x, y, jnp.asarray(values, jnp.float32)))
+  for b, value in enumerate(values):
+    scalar = np.asarray(attack(x, y, value))
+    np.testing.assert_allclose(per_example[b], scalar[b], rtol=1e-5, atol=1e-6,
+                               err_msg=f"{name}: row {b} (value {value})")
+  # The values matter: the rows do not all equal the run with values[0].
+  assert not np.allclose(per_example, np.asarray(attack(x, y, values[0])), atol=1e-6)
+
+
+def test_list_hyperparameters_are_checked_and_work_like_arrays():
+  x, y = make_images(0, SHAPES[0])  # a batch of 2
+  k = rbg_key(0)
+  with pytest.raises(ValueError, match=r"fgsm: eps must be a scalar or have one value per "
+                                       r"example \(shape \(2,\)\)"):
+    A.fgsm(toy_logits, x, y, eps=[0.1] * 5)
+  with pytest.raises(ValueError, match=r"mifgsm: mu .*one value per example"):
+    A.mifgsm(toy_logits, x, y, eps=0.1, mu=[0.5, 0.5, 0.5])
+  with pytest.raises(ValueError, match=r"spsa: lr .*one value per example"):
+    A.spsa(toy_logits, x, y, key=k, eps=0.1, lr=[0.01] * 3)
+  cases = [
+      (lambda e: A.fgsm(toy_logits, x, y, eps=e), [0.05, 0.2]),
+      (lambda e: A.mifgsm(toy_logits, x, y, eps=e, steps=3), [0.05, 0.2]),
+      (lambda e: A.mifgsm(toy_logits, x, y, eps=0.1, steps=3, mu=e), [0.0, 2.0]),
+      (lambda e: A.apgd(toy_logits, x, y, key=k, eps=e, steps=3), [0.05, 0.2]),
+      (lambda e: A.cw_linf(toy_logits, x, y, eps=0.1, steps=3, lr=0.1, kappa=e), [0.0, 1.0]),
+      (lambda e: A.spsa(toy_logits, x, y, key=k, eps=0.1, steps=2, num_samples=2, delta=e),
+       [0.01, 0.05]),
+  ]
+  for attack, value in cases:
+    np.testing.assert_array_equal(np.asarray(attack(value)),
+                                  np.asarray(attack(np.asarray(value, np.float32))))
+
+
+# ------------------------------------------------------------- C&W l2: kappa, c
+
+
+def _cw_linear():
+  w = jax.random.normal(jax.random.key(1), (16, 5))
+  f = lambda x: x.reshape(x.shape[0], -1) @ w
+  x = np.random.RandomState(0).uniform(0.2, 0.8, size=(8, 4, 4, 1)).astype(np.float32)
+  y = np.asarray(f(x).argmax(1)).astype(np.int32)
+  return f, x, y
+
+
+def test_cw_l2_returns_examples_with_kappa_confidence():
+  """C&W count an iterate as successful only with margin >= kappa."""
+  f, x, y = _cw_linear()
+  margin_of = lambda xa: np.asarray(A.margin(f(jnp.asarray(xa)), jnp.asarray(y)))
+  plain = margin_of(A.cw_l2(f, x, y, c=10.0, kappa=0.0, steps=300, lr=0.01))
+  confident = margin_of(A.cw_l2(f, x, y, c=10.0, kappa=5.0, steps=300, lr=0.01))
+  assert np.all(plain > 0) and np.all(plain < 1.0), plain  # just across the boundary
+  assert np.all(confident >= 5.0 - 1e-3), confident
+  # Targeted: z_t - max_{i != t} z_i >= kappa.
+  t = ((y + 1) % 5).astype(np.int32)
+  x_t = A.cw_l2(f, x, y, c=100.0, kappa=2.0, steps=200, lr=0.05, target=t)
+  assert np.all(-np.asarray(A.margin(f(x_t), jnp.asarray(t))) >= 2.0 - 1e-3)
+
+
+def test_cw_l2_search_lowers_c_after_every_successful_run():
+  """A successful run lowers c even when it does not beat the distance of earlier runs.
+
+  With c = 2^28 the distance term is below the float32 rounding of the gradient, and
+  Adam is invariant to the scale of the gradient, so the runs at c = 2^28, 2^27, ...
+  follow the same iterates and none beats the previous best distance.  The search must
+  still halve c after each of them, down to values where the distance term matters
+  and the l2-minimal perturbation is found; had it counted "beat the best distance"
+  as success, it would raise c again and stay on the first run's larger perturbation.
+  """
+  batch = 9
+  rng = np.random.RandomState(0)
+  s = (rng.choice([-1.0, 1.0], size=16) * rng.uniform(0.5, 2.0, size=16)).astype(np.float32)
+  x = rng.uniform(0.3, 0.7, size=(batch, 4, 4, 1)).astype(np.float32)
+  gap = np.linspace(0.4, 1.6, batch).astype(np.float32)
+  gap[-1] = -1.0  # the last example is already misclassified at x
+  bias = -(x.reshape(batch, -1) @ s) - gap
+
+  def f(z):  # binary linear model; class 1 wins iff s . z + bias > 0
+    m = z.reshape(z.shape[0], -1) @ s + bias
+    return jnp.stack([jnp.zeros_like(m), m], axis=1)
+
+  y = np.zeros(batch, np.int32)
+  dist = lambda xa: np.sqrt(((np.asarray(xa) - x) ** 2).reshape(batch, -1).sum(1))
+  optimum = gap[:-1] / np.linalg.norm(s)  # exact minimal l2 distance to the boundary
+  run = lambda n: A.cw_l2(f, x, y, c=2.0**28, steps=50, lr=0.01, binary_search_steps=n)
+  single, searched = run(1), run(40)
+  for xa in (single, searched):
+    assert np.all(np.asarray(f(xa)).argmax(1) == 1)  # every example fooled
+  assert dist(searched)[-1] < 1e-3  # the misclassified example stays (almost) at x
+  assert np.all(dist(searched) <= dist(single) + 1e-6)
+  ratio = dist(searched)[:-1] / optimum
+  assert np.all(ratio < 1.02), ratio
+  assert np.max(dist(single)[:-1] / optimum) > 1.05  # the first run alone is not optimal
+
+
+# ------------------------------------------------------------------------ precision
+
+
+def _bf16_logits(x):
+  """toy_logits computed in bfloat16 (a mixed-precision model on float32 images)."""
+  flat = x.reshape(x.shape[0], -1).astype(jnp.bfloat16)
+  return 4.0 * jnp.tanh(flat @ _W[: flat.shape[1]].astype(jnp.bfloat16) + 0.3)
+
+
+def _bf16_noisy(x, key):
+  return _bf16_logits(x + 0.05 * jax.random.normal(key, x.shape))
+
+
+BF16_ATTACKS = {
+    "fgsm": ("linf", lambda f, x, y, k: A.fgsm(f, x, y, eps=0.1)),
+    "ifgsm": ("linf", lambda f, x, y, k: A.ifgsm(f, x, y, eps=0.1, steps=2)),
+    "pgd_restarts": ("linf", lambda f, x, y, k: A.pgd(f, x, y, key=k, eps=0.1, steps=2,
+                                                      restarts=2)),
+    "pgd_eot": ("linf", lambda f, x, y, k: A.pgd(A.eot(_bf16_noisy, 2), x, y, key=k,
+                                                 eps=0.1, steps=2, restarts=2)),
+    "mifgsm": ("linf", lambda f, x, y, k: A.mifgsm(f, x, y, eps=0.1, steps=2)),
+    "cw_linf": ("linf", lambda f, x, y, k: A.cw_linf(f, x, y, eps=0.1, steps=2, lr=0.1)),
+    "cw_l2": ("l2", lambda f, x, y, k: A.cw_l2(f, x, y, eps=0.5, steps=2, lr=0.1,
+                                               binary_search_steps=2)),
+    "spsa": ("linf", lambda f, x, y, k: A.spsa(f, x, y, key=k, eps=0.1, steps=2,
+                                               num_samples=2)),
+    "spsa_eot": ("linf", lambda f, x, y, k: A.spsa(A.eot(_bf16_noisy, 2), x, y, key=k,
+                                                   eps=0.1, steps=2, num_samples=2)),
+    "apgd_ce": ("linf", lambda f, x, y, k: A.apgd(f, x, y, key=k, eps=0.1, steps=3,
+                                                  restarts=2)),
+    "apgd_dlr_l2": ("l2", lambda f, x, y, k: A.apgd(f, x, y, key=k, eps=0.5, steps=3,
+                                                    norm="l2", loss="dlr")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BF16_ATTACKS))
+def test_attacks_run_on_a_model_with_bfloat16_logits(name):
+  """float32 images, bfloat16 logits: the loops' states do not depend on the logits'
+  dtype (losses are float32), and the result keeps the images' dtype and budget."""
+  norm, attack = BF16_ATTACKS[name]
+  x, y = make_images(5, SHAPES[0])
+  x_adv = attack(_bf16_logits, x, y, rbg_key(0))
+  check_budget(x_adv, x, 0.1 if norm == "linf" else 0.5, norm)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+def test_low_precision_images_are_rejected_clearly(dtype):
+  x, y = make_images(0, SHAPES[0])
+  x_low = jnp.asarray(x, dtype)
+  pattern = (r"x must hold float32 or float64 images; got array of shape \(2, 4, 4, 1\) "
+             rf"and dtype {jnp.dtype(dtype).name}\..*x\.astype\(jnp\.float32\)")
+  for call in (lambda: A.fgsm(toy_logits, x_low, y, eps=0.1),
+               lambda: A.pgd(toy_logits, x_low, y, key=rbg_key(0), eps=0.1),
+               lambda: A.cw_l2(toy_logits, x_low, y),
+               lambda: A.spsa(toy_logits, x_low, y, key=rbg_key(0), eps=0.1)):
+    with pytest.raises(ValueError, match=pattern):
+      call()
+
+
+# ----------------------------------------------------------- SPSA on noisy models
+
+
+def _noisy_binary(sigma=10.0):
+  """A binary linear model plus large additive noise that does not depend on x."""
+  s = jax.random.normal(jax.random.key(3), (16,))
+
+  def clean(x):
+    m = x.reshape(x.shape[0], -1) @ s + 0.2
+    return jnp.stack([jnp.zeros_like(m), m], axis=1)
+
+  def noisy(x, key):
+    return clean(x) + sigma * jax.random.normal(key, (x.shape[0], 2))
+
+  return s, clean, noisy
+
+
+def test_spsa_uses_common_random_numbers_for_stochastic_models():
+  """The +delta and -delta probes of a direction see the same noise draw, so additive
+  noise cancels: the estimate on the noisy model equals the noise-free one and points
+  along the true gradient (with independent draws, noise / (2 delta) would swamp it)."""
+  s, clean, noisy = _noisy_binary()
+  x = jnp.asarray(np.random.RandomState(0).uniform(0.2, 0.8, size=(4, 4, 4, 1)),
+                  jnp.float32)
+  y = jnp.zeros(4, jnp.int32)
+  loss_fn = A.make_loss("margin", y, None)
+  key = rbg_key(0)
+  _, _, g_clean = A.spsa_gradient(clean, loss_fn, 0.01, 64, 16)(x, key)
+  _, _, g_noisy = A.spsa_gradient(A.eot(noisy, 2), loss_fn, 0.01, 64, 16)(x, key)
+  g_clean, g_noisy = np.asarray(g_clean), np.asarray(g_noisy)
+  np.testing.assert_allclose(g_noisy, g_clean, rtol=1e-3, atol=1e-3 * np.abs(g_clean).max())
+  true = np.broadcast_to(np.asarray(s).reshape(1, 4, 4, 1), x.shape).reshape(4, -1)
+  est = g_noisy.reshape(4, -1)
+  cosine = np.sum(est * true, 1) / np.linalg.norm(est, axis=1) / np.linalg.norm(true, axis=1)
+  assert np.all(cosine > 0.7), cosine
+
+
+def test_spsa_on_a_noisy_model_is_as_strong_as_on_the_clean_model():
+  _, clean, noisy = _noisy_binary()
+  rng = np.random.RandomState(1)
+  x = rng.uniform(0.3, 0.7, size=(64, 4, 4, 1)).astype(np.float32)
+  y = np.asarray(clean(x).argmax(1)).astype(np.int32)
+  attack = functools.partial(A.spsa, x=x, y=y, key=rbg_key(0), eps=0.05, steps=10,
+                             num_samples=16)
+  acc_clean = _acc(clean, attack(clean), y)
+  acc_noisy = _acc(clean, attack(A.eot(noisy, 1)), y)
+  assert acc_clean < 0.7, acc_clean
+  assert acc_noisy <= acc_clean + 0.05, (acc_clean, acc_noisy)

@@ -15,6 +15,9 @@ Every attack
   norm, restarts, sample counts) are Python values, ``eps`` and step sizes may be traced
   and may be per example (``[B]``);
 * is deterministic for a given ``key``;
+* takes float32 (or float64) images; the model may compute in lower precision
+  (bfloat16 / float16 logits are upcast, losses are float32), but float16 and
+  bfloat16 *images* are rejected;
 * validates its arguments before tracing and raises a ``ValueError`` / ``TypeError``
   naming the argument, its value and what was expected.
 
@@ -32,6 +35,7 @@ from jaxdefense.attacks._apgd import apgd_rule as apgd_rule
 from jaxdefense.attacks._apgd import checkpoints as apgd_checkpoints
 from jaxdefense.attacks._core import AscentRule as AscentRule
 from jaxdefense.attacks._core import EOT as EOT
+from jaxdefense.attacks._core import adam_ascent as adam_ascent
 from jaxdefense.attacks._core import ascent_loop as ascent_loop
 from jaxdefense.attacks._core import cross_entropy as cross_entropy
 from jaxdefense.attacks._core import dlr as dlr
@@ -58,9 +62,10 @@ from jaxdefense.attacks._transfer import TransferResult as TransferResult
 from jaxdefense.attacks._transfer import transfer as transfer
 
 __all__ = [
-    "APGDState", "AscentRule", "EOT", "TransferResult", "apgd", "apgd_checkpoints",
-    "apgd_rule", "ascent_loop", "cross_entropy", "cw_l2", "cw_linf", "dlr",
-    "dlr_targeted", "eot", "fgsm", "ifgsm", "make_loss", "make_projection",
+    "APGDState", "AscentRule", "EOT", "TransferResult", "adam_ascent", "apgd",
+    "apgd_checkpoints", "apgd_rule", "ascent_loop", "cross_entropy", "cw_l2", "cw_linf",
+    "dlr", "dlr_targeted", "eot", "fgsm", "ifgsm", "make_loss", "make_projection",
     "make_value_and_grad", "margin", "mifgsm", "momentum_sign_ascent", "optax_ascent",
-    "pgd", "predict", "random_start", "sign_ascent", "spsa", "spsa_gradient", "transfer",
+    "pgd", "predict", "random_start", "sign_ascent", "spsa", "spsa_gradient",
+    "transfer",
 ]

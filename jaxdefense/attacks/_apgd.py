@@ -86,7 +86,7 @@ def apgd_rule(project: Callable, eps: Any, norm: str, steps: int, y: Array,
 
   def init(x0):
     b = x0.shape[0]
-    ninf = jnp.full((b,), -jnp.inf, x0.dtype)
+    ninf = jnp.full((b,), -jnp.inf, _core.LOSS_DTYPE)  # losses are float32
     eta = jnp.broadcast_to(2.0 * jnp.asarray(eps, x0.dtype), (b,))
     return APGDState(x_prev=x0, x_max=x0, g_max=jnp.zeros_like(x0), f_max=ninf, eta=eta,
                      count=jnp.zeros((b,), jnp.int32), f_prev=ninf, f_max_ckpt=ninf,
@@ -176,6 +176,7 @@ def apgd(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
   restarts = _checks.check_int(restarts, "restarts", minimum=1)
   rho = _checks.check_float(rho, "rho", minimum=0.0, maximum=1.0, strict_min=True)
   alpha = _checks.check_float(alpha, "alpha", minimum=0.0, maximum=1.0, strict_min=True)
+  eps = _core.as_param(eps)
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)

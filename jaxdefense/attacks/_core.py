@@ -22,6 +22,12 @@ Every loss is per example (``[B]``) and is *maximised*; the gradient of the batc
 is the per-example gradient, so examples never interact as long as the model treats
 them independently (evaluation-mode batch norm), and the whole attack can be
 ``vmap``-ed over examples or keys.
+
+Precision: images are float32 or float64 (:func:`validate` rejects float16 and
+bfloat16 images).  The model may compute in lower precision: logits are upcast to at
+least float32 before the loss, and per-example losses are float32 (:data:`LOSS_DTYPE`)
+whatever the dtypes of the images and logits, so loop states that store losses have
+one dtype.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ LossFn = Callable[[Array], Array]
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin", "dlr")
+# dtype of every per-example loss (and of the loop states that store losses).
+LOSS_DTYPE = jnp.float32
+# Image dtypes the attacks accept: the attacks' small constants (1e-12 guards, C&W's
+# tanh margin) round away in float16 / bfloat16.
+IMAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 # --------------------------------------------------------------------------- models
@@ -114,11 +125,25 @@ def eot(logits_fn: LogitsFn, n: int = 5, *, vectorize: bool = True) -> EOT:
   return EOT(logits_fn, n, bool(vectorize))
 
 
+def upcast_logits(logits: Array) -> Array:
+  """Logits in at least float32 (a bfloat16 / float16 model's logits are upcast)."""
+  return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
 def logit_draws(logits_fn: LogitsFn, x: Array, key: Optional[Array]) -> Array:
-  """Logits as a stack of draws ``[n, B, K]`` (``n = 1`` for a deterministic model)."""
+  """Logits as a stack of draws ``[n, B, K]`` (``n = 1`` for a deterministic model).
+
+  The logits are upcast to at least float32 (:func:`upcast_logits`), so losses of a
+  model computing in low precision are evaluated in float32.
+  """
   if isinstance(logits_fn, EOT):
-    return logits_fn.draws(x, key)
-  return logits_fn(x)[None]
+    return upcast_logits(logits_fn.draws(x, key))
+  return upcast_logits(logits_fn(x))[None]
+
+
+def loss_values(loss_fn: LossFn, draws: Array) -> Array:
+  """Per-example loss ``[B]`` (dtype :data:`LOSS_DTYPE`): the mean over draws ``[n, B, K]``."""
+  return jnp.mean(jax.vmap(loss_fn)(draws), axis=0).astype(LOSS_DTYPE)
 
 
 def predict(logits_fn: LogitsFn, x: Array, *, key: Optional[Array] = None) -> Array:
@@ -234,15 +259,17 @@ def make_value_and_grad(logits_fn: LogitsFn, loss_fn: LossFn,
   The attack variable ``z`` is the image itself, or ``transform(z)`` is (C&W's tanh
   reparametrisation).  ``penalty(z) -> [B]`` is added to the loss (C&W's distance
   term).  For an :class:`EOT` model the loss is the mean over draws of the per-draw
-  loss and the returned logits are the mean logits.
+  loss and the returned logits are the mean logits.  The loss is float32
+  (:data:`LOSS_DTYPE`) and the logits at least float32, whatever the model's precision;
+  the gradient has the dtype of ``z``.
   """
 
   def total(z, key):
     x_adv = z if transform is None else transform(z)
     draws = logit_draws(logits_fn, x_adv, key)
-    per_example = jnp.mean(jax.vmap(loss_fn)(draws), axis=0)
+    per_example = loss_values(loss_fn, draws)
     if penalty is not None:
-      per_example = per_example + penalty(z)
+      per_example = (per_example + penalty(z)).astype(LOSS_DTYPE)
     return jnp.sum(per_example), (per_example, jnp.mean(draws, axis=0))
 
   grad_fn = jax.grad(total, has_aux=True)
@@ -259,13 +286,14 @@ def evaluate(logits_fn: LogitsFn, loss_fn: LossFn, z: Array, key: Optional[Array
              penalty: Optional[Callable[[Array], Array]] = None) -> tuple[Array, Array]:
   """Per-example loss ``[B]`` and mean logits ``[B, K]`` at ``z`` (no gradient).
 
-  ``transform`` and ``penalty`` have the meaning of :func:`make_value_and_grad`.
+  ``transform`` and ``penalty`` have the meaning of :func:`make_value_and_grad`; the
+  loss is float32 (:data:`LOSS_DTYPE`) as there.
   """
   x_adv = z if transform is None else transform(z)
   draws = logit_draws(logits_fn, x_adv, key)
-  value = jnp.mean(jax.vmap(loss_fn)(draws), axis=0)
+  value = loss_values(loss_fn, draws)
   if penalty is not None:
-    value = value + penalty(z)
+    value = (value + penalty(z)).astype(LOSS_DTYPE)
   return value, jnp.mean(draws, axis=0)
 
 
@@ -392,6 +420,8 @@ def momentum_sign_ascent(step_size: Any, mu: Any, project: Callable,
                          norm: str = "linf") -> AscentRule:
   """MI-FGSM: ``m <- mu m + g / ||g||_1``, ``z <- P(z + step_size * dir(m))``.
 
+  ``step_size`` and ``mu`` are scalars or per example ``[B]``.
+
   Reference: Dong et al., "Boosting Adversarial Attacks with Momentum", CVPR 2018.
   """
 
@@ -400,7 +430,7 @@ def momentum_sign_ascent(step_size: Any, mu: Any, project: Callable,
 
   def update(i, z, loss, logits, grad, m):
     del i, loss, logits
-    m = mu * m + l1_normalize(grad)
+    m = per_example(mu, z) * m + l1_normalize(grad)
     step = per_example(step_size, z)
     return project(z + step * steepest_direction(m, norm)), m
 
@@ -408,7 +438,12 @@ def momentum_sign_ascent(step_size: Any, mu: Any, project: Callable,
 
 
 def optax_ascent(tx: optax.GradientTransformation, project: Callable) -> AscentRule:
-  """Ascent with an optax optimiser (Adam for C&W and SPSA), projecting every step."""
+  """Ascent with an optax optimiser, projecting every step.
+
+  ``tx`` minimises, so it is handed ``-grad``.  Its hyper-parameters are whatever
+  ``tx`` broadcasts against the images; for a per-example learning rate use
+  :func:`adam_ascent`.
+  """
 
   def init(z):
     return tx.init(z)
@@ -419,6 +454,33 @@ def optax_ascent(tx: optax.GradientTransformation, project: Callable) -> AscentR
     return project(optax.apply_updates(z, updates)), state
 
   return AscentRule(init, update)
+
+
+def adam_updates(lr: Any) -> optax.GradientTransformation:
+  """Adam with a scalar or per-example ``[B]`` learning rate, as an optax transformation.
+
+  ``optax.scale_by_adam()`` followed by a multiplication by ``-lr``, with ``lr``
+  broadcast over the leading (batch) axis of the parameters (:func:`per_example`);
+  ``optax.adam(lr)`` would align a ``[B]`` learning rate with the last (channel) axis.
+  For a scalar ``lr`` it equals ``optax.adam(lr)``.  The parameters must be one array
+  ``[B, ...]``.
+  """
+  moments = optax.scale_by_adam()
+
+  def update(grads, state, params=None):
+    updates, state = moments.update(grads, state, params)
+    return updates * -per_example(lr, updates), state
+
+  return optax.GradientTransformation(moments.init, update)
+
+
+def adam_ascent(lr: Any, project: Callable) -> AscentRule:
+  """Adam ascent (C&W and SPSA) with a scalar or per-example ``[B]`` learning rate.
+
+  :func:`optax_ascent` of :func:`adam_updates`: the step of example ``b`` is
+  ``lr[b]`` times its Adam direction, then the point is projected.
+  """
+  return optax_ascent(adam_updates(lr), project)
 
 
 class BestState(NamedTuple):
@@ -443,7 +505,7 @@ def track_best(rule: AscentRule, decode: Callable[[Array], Array], y: Array,
     x0 = decode(z)
     b = x0.shape[0]
     return BestState(rule.init(z), x0, jnp.zeros((b,), bool),
-                     jnp.full((b,), -jnp.inf, x0.dtype))
+                     jnp.full((b,), -jnp.inf, LOSS_DTYPE))
 
   def update(i, z, loss, logits, grad, state):
     x_now = decode(z)
@@ -521,7 +583,7 @@ def best_of_restarts(run: Callable[[Optional[Array]], Array], score: Callable, x
     return (best_x, jnp.where(take, succ, best_succ), jnp.where(take, loss, best_loss))
 
   b = x.shape[0]
-  init = (x, jnp.zeros((b,), bool), jnp.full((b,), -jnp.inf, x.dtype))
+  init = (x, jnp.zeros((b,), bool), jnp.full((b,), -jnp.inf, LOSS_DTYPE))
   return jax.lax.fori_loop(0, restarts, body, init)[0]
 
 
@@ -538,12 +600,29 @@ def _check_key(attack: str, key: Any, required: bool) -> None:
                     f"got {_checks._summary(key)}.")
 
 
+def as_param(value: Any) -> Any:
+  """A hyper-parameter as the attacks use it: a list or tuple becomes an array.
+
+  Scalars, NumPy and JAX arrays (tracers included) pass through unchanged.
+  """
+  if isinstance(value, (list, tuple)):
+    return np.asarray(value)
+  return value
+
+
 def check_nonneg(value: Any, name: str, batch: int, attack: str,
                  upper: Optional[float] = None) -> None:
-  """A hyper-parameter that may be traced: scalar or ``[B]``, finite, ``>= 0``."""
+  """A hyper-parameter that may be traced: scalar or ``[B]``, finite, ``>= 0``.
+
+  ``value`` may be a Python number, a list / tuple of ``B`` numbers, or a NumPy or JAX
+  array (a tracer under ``jit``); convert a list with :func:`as_param` before use.
+  """
   if isinstance(value, bool) or value is None:
     raise TypeError(f"{attack}: {name} must be a non-negative number; got {value!r}.")
-  shape = tuple(getattr(value, "shape", ()))
+  try:
+    shape = tuple(np.shape(value))
+  except ValueError:  # a ragged sequence
+    shape = None
   if shape not in ((), (batch,)):
     raise ValueError(f"{attack}: {name} must be a scalar or have one value per example "
                      f"(shape ({batch},)); got {_checks._summary(value)}.")
@@ -575,6 +654,12 @@ def validate(attack: str, logits_fn: Any, x: Any, y: Any, *, key: Any = None,
     raise TypeError(f"{attack}: logits_fn must be callable f(x) -> logits (or eot(f, n)); "
                     f"got {logits_fn!r}.")
   _checks.check_images(x, "x")
+  if np.dtype(x.dtype) not in IMAGE_DTYPES:
+    raise ValueError(
+        f"{attack}: x must hold float32 or float64 images; got {_checks._summary(x)}. "
+        "The attacks' small constants round away in float16 / bfloat16; pass "
+        "x.astype(jnp.float32) (the model may still compute in low precision "
+        "internally).")
   batch = x.shape[0]
   _checks.check_labels(y, None, "y", batch=batch)
   if target is not None:

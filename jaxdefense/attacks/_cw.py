@@ -39,6 +39,24 @@ def _cw_margin(target: Optional[Array], y: Array, kappa: Any) -> Callable:
   return lambda z: -jnp.maximum(-kappa, _core.margin(z, target))
 
 
+def _cw_success(logits: Array, y: Array, target: Optional[Array], kappa: Any) -> Array:
+  """Per-example success ``[B]`` with confidence ``kappa`` (``compare`` of C&W's code).
+
+  Untargeted: ``max_{i != y} Z_i - Z_y >= kappa``; targeted: ``Z_t - max_{i != t} Z_i >=
+  kappa``.  Computed as the argmax of the logits with ``Z_y`` raised (``Z_t`` lowered) by
+  ``kappa``, so ``kappa = 0`` is exactly :func:`~jaxdefense.attacks._core.success`.
+  """
+  kappa_e = jnp.asarray(kappa, logits.dtype)
+  if kappa_e.ndim == 1:
+    kappa_e = kappa_e[:, None]
+  num_classes = logits.shape[-1]
+  if target is None:
+    shifted = logits + kappa_e * jax.nn.one_hot(y, num_classes, dtype=logits.dtype)
+  else:
+    shifted = logits - kappa_e * jax.nn.one_hot(target, num_classes, dtype=logits.dtype)
+  return _core.success(shifted, y, target)
+
+
 def _linf_distance(x: Array) -> Callable:
   def dist(u):
     return jax.vmap(lambda d: jnp.max(jnp.abs(d)))(_from_tanh(u) - x)
@@ -75,9 +93,9 @@ def cw_linf(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = N
     key: PRNG key; only needed for an :class:`EOT` model.
     eps: l-inf radius (scalar or ``[B]``, may be traced).
     steps: Adam steps (static, >= 1).  Default 50.
-    lr: Adam learning rate in ``u`` space (> 0).  Default 6e-4.
-    c: weight of the margin term (>= 0).  Default 10.
-    kappa: confidence margin (>= 0).  Default 0.
+    lr: Adam learning rate in ``u`` space (> 0; scalar or ``[B]``).  Default 6e-4.
+    c: weight of the margin term (>= 0; scalar or ``[B]``).  Default 10.
+    kappa: confidence margin (>= 0; scalar or ``[B]``).  Default 0.
     target: optional target labels ``[B]`` (eq. 14 is targeted).
 
   Returns:
@@ -90,6 +108,7 @@ def cw_linf(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = N
   steps = _checks.check_int(steps, "steps", minimum=1)
   for name, value in (("lr", lr), ("c", c), ("kappa", kappa)):
     _core.check_nonneg(value, name, x.shape[0], "cw_linf")
+  eps, lr, c, kappa = map(_core.as_param, (eps, lr, c, kappa))
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
@@ -101,7 +120,7 @@ def cw_linf(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = N
                                  penalty=penalty)
   project_x = _core.make_projection("linf", x, eps)
   decode = lambda u: project_x(_from_tanh(u))
-  rule = _core.track_best(_core.optax_ascent(optax.adam(lr), lambda u: _to_tanh(decode(u))),
+  rule = _core.track_best(_core.adam_ascent(lr, lambda u: _to_tanh(decode(u))),
                           decode, y, target)
   u, state = _core.ascent_loop(vg, rule, _to_tanh(x), steps,
                                _core.model_key(logits_fn, key, 0))
@@ -111,9 +130,19 @@ def cw_linf(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = N
 
 
 class _BestL2(NamedTuple):
+  """State of one Adam run of :func:`cw_l2` (per-example quantities lead with ``[B]``).
+
+  Attributes:
+    adam: Adam's state.
+    best_x / best_dist: closest successful point over all runs so far and its squared
+      l2 distance (``inf`` while none).
+    found: whether *this* run (this value of ``c``) reached a successful iterate.
+  """
+
   adam: Any
   best_x: Array
   best_dist: Array
+  found: Array
 
 
 def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = None,
@@ -124,11 +153,16 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
 
   Minimises ``||x'(u) - x||_2^2 + c * max(-kappa, margin)`` over ``u`` with Adam, where
   ``x'(u) = (tanh(u) + 1) / 2`` and ``margin`` is ``Z_y - max_{i != y} Z_i`` (untargeted)
-  or ``max_{i != t} Z_i - Z_t`` (targeted).  Each example keeps the successful iterate
-  of smallest l2 distance; an example never fooled is returned unchanged.  With
-  ``binary_search_steps > 1`` the constant ``c`` is tuned per example by bisection
-  (multiplied by 10 until a first success).  With ``eps`` given, every iterate is
-  projected onto the l2 ball of radius ``eps`` ∩ [0, 1].
+  or ``max_{i != t} Z_i - Z_t`` (targeted).  An iterate is *successful* when it is
+  misclassified with confidence ``kappa``: ``max_{i != y} Z_i - Z_y >= kappa``
+  (targeted: ``Z_t - max_{i != t} Z_i >= kappa``).  Each example keeps the successful
+  iterate of smallest l2 distance; an example never fooled is returned unchanged.
+  With ``binary_search_steps > 1`` the constant ``c`` is tuned per example as in C&W:
+  after a run (one value of ``c``) that reached a successful iterate, ``c`` goes down
+  (bisection between the largest failing and the smallest successful ``c``); after a
+  run that did not, it goes up (multiplied by 10 until a first success, then
+  bisection).  With ``eps`` given, every iterate is projected onto the l2 ball of
+  radius ``eps`` ∩ [0, 1].
 
   Reference: Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks",
   IEEE S&P 2017.
@@ -139,10 +173,10 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
     y: integer labels ``[B]``.
     key: PRNG key; only needed for an :class:`EOT` model.
     eps: optional l2 radius (scalar or ``[B]``, may be traced); ``None`` = unbounded.
-    c: initial weight of the margin term (>= 0).  Default 1.
-    kappa: confidence (>= 0).  Default 0.
+    c: initial weight of the margin term (>= 0; scalar or ``[B]``).  Default 1.
+    kappa: confidence (>= 0; scalar or ``[B]``).  Default 0.
     steps: Adam steps per binary-search step (static, >= 1).  Default 100.
-    lr: Adam learning rate.  Default 0.01.
+    lr: Adam learning rate (scalar or ``[B]``).  Default 0.01.
     binary_search_steps: number of values of ``c`` tried (static, >= 1).  Default 1.
     target: optional target labels ``[B]``.
 
@@ -159,6 +193,7 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
   batch = x.shape[0]
   for name, value in (("lr", lr), ("c", c), ("kappa", kappa)):
     _core.check_nonneg(value, name, batch, "cw_l2")
+  eps, lr, c, kappa = map(_core.as_param, (eps, lr, c, kappa))
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
@@ -170,10 +205,14 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
     project_u = lambda u: _to_tanh(project_x(_from_tanh(u)))
   sq_dist = lambda u: jax.vmap(lambda d: jnp.sum(jnp.square(d)))(_from_tanh(u) - x)
   margin = _cw_margin(target, y, kappa)
-  adam = optax.adam(lr)
+  adam = _core.adam_updates(lr)  # per-example lr broadcast over the batch axis
 
   def run(c_b, best_x, best_dist, k):
-    """One Adam run with per-example ``c_b``; track the closest successful iterate."""
+    """One Adam run with per-example ``c_b``; track the closest successful iterate.
+
+    Returns the updated ``(best_x, best_dist)`` and whether this run reached a
+    successful iterate (``[B]``), which drives the search over ``c``.
+    """
     vg = _core.make_value_and_grad(
         logits_fn, lambda z: c_b * margin(z), transform=_from_tanh,
         penalty=lambda u: -sq_dist(u))
@@ -183,28 +222,32 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
       if eps is not None:
         x_u = project_x(x_u)
       d = jax.vmap(lambda v: jnp.sum(jnp.square(v)))(x_u - x)
-      take = _core.success(logits, y, target) & (d < best_dist)
+      succ = _cw_success(logits, y, target, kappa)
+      take = succ & (d < best_dist)
       return (jnp.where(_core.expand_mask(take, x), x_u, best_x),
-              jnp.where(take, d, best_dist), take)
+              jnp.where(take, d, best_dist), succ)
 
     def init(u):
-      return _BestL2(adam.init(u), best_x, best_dist)
+      return _BestL2(adam.init(u), best_x, best_dist, jnp.zeros((batch,), bool))
 
     def update(i, u, loss, logits, grad, state):
       del i, loss
-      bx, bd, _ = keep_best(u, logits, state.best_x, state.best_dist)
+      bx, bd, succ = keep_best(u, logits, state.best_x, state.best_dist)
       updates, adam_state = adam.update(-grad, state.adam, u)
-      return project_u(optax.apply_updates(u, updates)), _BestL2(adam_state, bx, bd)
+      return (project_u(optax.apply_updates(u, updates)),
+              _BestL2(adam_state, bx, bd, state.found | succ))
 
     u, state = _core.ascent_loop(vg, _core.AscentRule(init, update),
                                  project_u(_to_tanh(x)), steps, k)
     _, logits = _core.evaluate(logits_fn, margin, _from_tanh(u), _core.fold_in(k, steps))
-    bx, bd, _ = keep_best(u, logits, state.best_x, state.best_dist)
-    return bx, bd, bd < best_dist
+    bx, bd, succ = keep_best(u, logits, state.best_x, state.best_dist)
+    return bx, bd, state.found | succ
 
   def search(s, carry):
     c_b, lo, hi, best_x, best_dist = carry
     best_x, best_dist, found = run(c_b, best_x, best_dist, _core.fold_in(key, s))
+    # C&W: a run that succeeded (whether or not it beat earlier runs' distance) lowers
+    # c; one that failed raises it (x10 while no c has succeeded, else bisection).
     hi = jnp.where(found, jnp.minimum(hi, c_b), hi)
     lo = jnp.where(found, lo, jnp.maximum(lo, c_b))
     c_b = jnp.where(hi < 1e9, 0.5 * (lo + hi), c_b * 10.0)

@@ -26,12 +26,15 @@ def _projected_ascent(attack: str, logits_fn, x, y, *, key, eps, step_size, step
   steps = _checks.check_int(steps, "steps", minimum=1)
   restarts = _checks.check_int(restarts, "restarts", minimum=1)
   batch = x.shape[0]
+  eps = _core.as_param(eps)
   if step_size is None:
     step_size = (eps if mu is not None else 2.5 * jnp.asarray(eps)) / steps
   else:
     _core.check_nonneg(step_size, "step_size", batch, attack)
+    step_size = _core.as_param(step_size)
   if mu is not None:
     _core.check_nonneg(mu, "mu", batch, attack)
+    mu = _core.as_param(mu)
 
   x = jnp.asarray(x)
   y = jnp.asarray(y)
@@ -177,7 +180,7 @@ def mifgsm(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = No
     key: PRNG key; only needed for an :class:`EOT` model.
     eps: l-inf radius (scalar or ``[B]``, may be traced).
     steps: iterations (static, >= 1).  Default 20.
-    mu: momentum decay (>= 0, may be traced).  Default 0.8.
+    mu: momentum decay (>= 0; scalar or ``[B]``, may be traced).  Default 0.8.
     step_size: alpha; default ``eps / steps``.
     target: optional target labels ``[B]``.
     loss: ``"ce"``, ``"margin"``, ``"dlr"`` or a callable.

@@ -6,7 +6,6 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxdefense import _checks
 from jaxdefense.attacks import _core
@@ -20,11 +19,20 @@ def spsa_gradient(logits_fn: Callable, loss_fn: Callable, delta: Any, num_sample
 
   ``g = mean_i (L(x + delta v_i) - L(x - delta v_i)) / (2 delta) * v_i`` over
   ``num_samples`` Rademacher directions ``v_i`` per example.  The model sees
-  ``2 * samples_per_call * B`` images per call; the calls run in a ``lax.fori_loop``
-  (directions are regenerated from keys, so memory does not grow with
-  ``num_samples``).  The returned loss is the mean of the probe losses.
+  ``2 * samples_per_call * B`` images per chunk of directions (in one call, or in two
+  for an :class:`~jaxdefense.attacks.EOT` model, see below); the chunks run in a
+  ``lax.fori_loop`` (directions are regenerated from keys, so memory does not grow
+  with ``num_samples``).  The returned loss is the mean of the probe losses (float32).
+
+  For an :class:`~jaxdefense.attacks.EOT` model the estimator uses common random
+  numbers: the ``+delta`` probes and the ``-delta`` probes are two model calls of the
+  same shape with the same key, so the two probes of a direction see the same noise
+  (for a model whose noise is a function of its key and the position in the batch)
+  and the noise cancels in their difference instead of swamping it (it is divided by
+  ``2 delta``).
   """
   calls = num_samples // samples_per_call
+  stochastic = isinstance(logits_fn, _core.EOT)
 
   def vg(x, key):
     batch = x.shape[0]
@@ -36,23 +44,30 @@ def spsa_gradient(logits_fn: Callable, loss_fn: Callable, delta: Any, num_sample
       k_dir = jax.random.fold_in(key, j)
       k_model = _core.model_key(logits_fn, _core.model_key(logits_fn, key, calls), j)
       v = jax.random.rademacher(k_dir, (samples_per_call,) + x.shape, x.dtype)
-      # Probes batch-major, [B, 2S, ...] -> [B * 2S, ...]: merging into the (possibly
+      # Probes batch-major, [B, S, ...] -> [B * S, ...]: merging into the (possibly
       # sharded) batch axis from the minor side keeps the batch's sharding.
       vb = jnp.moveaxis(v, 0, 1)
-      probes = jnp.concatenate([x[:, None] + d[:, None] * vb, x[:, None] - d[:, None] * vb],
-                               axis=1)
-      flat = probes.reshape((-1,) + x.shape[1:])
-      draws = _core.logit_draws(logits_fn, flat, k_model)  # [n, B*2S, K]
-      draws = draws.reshape((draws.shape[0], batch, 2 * samples_per_call, -1))
+      plus_x, minus_x = x[:, None] + d[:, None] * vb, x[:, None] - d[:, None] * vb
+
+      def probe(points):  # [B, s, ...] -> logits [n, B, s, K]
+        draws = _core.logit_draws(logits_fn, points.reshape((-1,) + x.shape[1:]), k_model)
+        return draws.reshape((draws.shape[0], batch, points.shape[1], -1))
+
+      if stochastic:
+        # Common random numbers: the + and the - probes go through two calls with the
+        # same key and the same batch layout, so probe pairs share their noise.
+        draws = jnp.concatenate([probe(plus_x), probe(minus_x)], axis=2)  # [n, B, 2S, K]
+      else:
+        draws = probe(jnp.concatenate([plus_x, minus_x], axis=1))  # one call
       draws = jnp.swapaxes(draws, 1, 2)  # [n, 2S, B, K]
-      values = jnp.mean(jax.vmap(jax.vmap(loss_fn))(draws), axis=0)  # [2S, B]
-      plus, minus = values[:samples_per_call], values[samples_per_call:]
-      coef = (plus - minus) / (2.0 * d_b)  # [S, B]
+      values = jax.vmap(lambda dr: _core.loss_values(loss_fn, dr), in_axes=1)(draws)
+      plus, minus = values[:samples_per_call], values[samples_per_call:]  # [S, B] each
+      coef = ((plus - minus) / (2.0 * d_b)).astype(x.dtype)  # [S, B]
       g = g + jnp.einsum("sb,sb...->b...", coef, v)
       return g, loss + jnp.sum(values, axis=0)
 
     g, loss = jax.lax.fori_loop(0, calls, body,
-                                (jnp.zeros_like(x), jnp.zeros((batch,), x.dtype)))
+                                (jnp.zeros_like(x), jnp.zeros((batch,), _core.LOSS_DTYPE)))
     return loss / (2 * num_samples), None, g / num_samples
 
   return vg
@@ -80,12 +95,13 @@ def spsa(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
     key: PRNG key (directions, optional random start, EOT draws).
     eps: l-inf radius (scalar or ``[B]``, may be traced).
     steps: Adam steps (static, >= 1).  Default 100.
-    lr: Adam learning rate.  Default 0.01.
-    delta: finite-difference step (> 0).  Default 0.01.
+    lr: Adam learning rate (scalar or ``[B]``).  Default 0.01.
+    delta: finite-difference step (> 0; scalar or ``[B]``).  Default 0.01.
     num_samples: directions per step (static, >= 1).  Default 64.
-    samples_per_call: directions evaluated per model call (static, divides
+    samples_per_call: directions evaluated per chunk (static, divides
       ``num_samples``); default all of them (the model sees ``2 * num_samples * B``
-      images at once).
+      images at once; an :class:`~jaxdefense.attacks.EOT` model sees the ``+delta``
+      and the ``-delta`` probes in two calls with common noise).
     random_start: start uniformly in the ball instead of at ``x``.
     target: optional target labels ``[B]``.
     loss: ``"margin"`` (default), ``"ce"``, ``"dlr"`` or a callable.
@@ -113,12 +129,13 @@ def spsa(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
   delta_np = _checks.as_concrete_numpy(delta)
   if delta_np is not None and (delta_np <= 0).any():
     raise ValueError(f"spsa: delta must be > 0; got {delta!r}.")
+  eps, lr, delta = map(_core.as_param, (eps, lr, delta))
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
   loss_fn = _core.make_loss(loss, y, target)
   project = _core.make_projection("linf", x, eps)
   vg = spsa_gradient(logits_fn, loss_fn, delta, num_samples, samples_per_call)
-  rule = _core.optax_ascent(optax.adam(lr), project)
+  rule = _core.adam_ascent(lr, project)
   x0 = _core.random_start(_core.fold_in(key, 0), x, eps, "linf") if random_start else x
   return _core.ascent_loop(vg, rule, x0, steps, _core.fold_in(key, 1))[0]
