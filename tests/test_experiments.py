@@ -64,3 +64,43 @@ def test_report_is_written_with_tables_and_plots(small, tmp_path):
   assert "Integrating separately trained" in text and "**held**" in text
   for png in ("training_curves.png", "acc_vs_eps.png"):
     assert os.path.getsize(tmp_path / "out" / png) > 1000
+
+
+def test_report_carries_over_runs_trained_elsewhere(small, tmp_path):
+  """A partial re-run on a machine without the old run folders extends the report."""
+  out, runs = tmp_path / "out", tmp_path / "runs"
+  (runs / "en1").mkdir(parents=True)
+  rows = [{"kind": "train", "step": s, "accuracy": 0.1 * s} for s in range(1, 6)]
+  rows.append({"kind": "epoch", "step": 5, "validation/accuracy": 0.5})
+  (runs / "en1" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  out.mkdir()
+  old_curves = {"train": [[1, 0.2], [2, 0.4]], "validation": [[2, 0.5]]}
+  (out / "results.json").write_text(json.dumps({
+      "results": {"resnet": _res(0.75, 0.5, 0.4), "en1": _res(0.1, 0.1, 0.1)},
+      "blind": {"resnet->en1": 0.42}, "integration": None,
+      "meta": {"train_s": {"resnet": 120.0, "en1": 1.0}}, "curves": {"resnet": old_curves}}))
+  res = {"en1": _res(0.77, 0.55, 0.45)}  # evaluated now: wins over the old numbers
+  blind_res: dict = {}
+  integration, carried, curves, train_s = small.carry_over(
+      str(out / "results.json"), res, blind_res, None)
+  assert carried == ["resnet"] and res["en1"]["clean"] == 0.77
+  assert res["resnet"]["clean"] == 0.75 and blind_res == {"resnet->en1": 0.42}
+  assert curves == {"resnet": old_curves} and train_s == {"resnet": 120.0}
+  meta = {"command": "python experiments/enresnet/small.py --only en1", "machine": "test",
+          "wall_s": 60.0, "train_s": {"resnet": 120.0, "en1": 30.0}, "n_eval": 250,
+          "n_curve": 150, "carried_over": carried}
+  path = small.write_report(str(out), str(runs), res, blind_res, integration, meta, False,
+                            curves)
+  text = open(path).read()
+  assert "Carried over from the `results.json`" in text and "`resnet`" in text
+  assert "| `resnet` | ResNet (no noise) | 75.0 |" in text and "| `en1` |" in text
+  assert "validation accuracy per epoch, every run." in text
+  saved = json.loads((out / "results.json").read_text())
+  assert set(saved["curves"]) == {"resnet", "en1"}
+  # a run without curves anywhere: an existing plot is kept, and the report says so
+  png = out / "training_curves.png"
+  before = png.read_bytes()
+  write = lambda: small.write_report(str(out), str(tmp_path / "none"), res, blind_res,
+                                     None, meta, False, {"resnet": old_curves})
+  text = open(write()).read()
+  assert png.read_bytes() == before and "lacked the curves of `en1`" in text

@@ -213,11 +213,20 @@ def _pct(v: float | None) -> str:
 
 
 def _curves(runs_dir: str, names: list[str]) -> dict:
+  """Per run ``{"train": [[step, acc], ...], "validation": [[step, acc], ...]}``.
+
+  Read from each run's ``metrics.jsonl``; kept in ``results.json`` so that a report
+  rebuilt where the run folders are gone still has them.
+  """
   out = {}
   for n in names:
     p = os.path.join(runs_dir, n, "metrics.jsonl")
     if os.path.exists(p):
-      out[n] = jd.training.read_metrics(p)
+      rows = jd.training.read_metrics(p)
+      out[n] = {"train": [[r["step"], r["accuracy"]] for r in rows
+                          if r.get("kind") == "train" and "accuracy" in r],
+                "validation": [[r["step"], r["validation/accuracy"]] for r in rows
+                               if "validation/accuracy" in r]}
   return out
 
 
@@ -228,10 +237,8 @@ def plot_training(curves: dict, path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for ax in axes:
     ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
-  for name, rows in curves.items():
-    tr = [(r["step"], r["accuracy"]) for r in rows
-          if r.get("kind") == "train" and "accuracy" in r]
-    va = [(r["step"], r["validation/accuracy"]) for r in rows if "validation/accuracy" in r]
+  for name, c in curves.items():
+    tr, va = c["train"], c["validation"]
     if tr:
       s, a = zip(*tr)
       k = max(1, len(a) // 12)
@@ -360,10 +367,28 @@ def claims(res: dict, blind_res: dict, integration: dict | None = None
 
 
 def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
-                 integration: dict | None, meta: dict, quick: bool) -> str:
+                 integration: dict | None, meta: dict, quick: bool,
+                 previous_curves: dict | None = None) -> str:
+  """Write ``report.md``, the plots and ``results.json`` into ``out_dir``.
+
+  ``previous_curves``: training curves of runs carried over from an earlier
+  ``results.json`` (their run folders are not here).  ``training_curves.png`` is
+  rewritten only when the curves of every reported run are at hand; otherwise the
+  existing plot is kept and the report says which runs it lacks.
+  """
   os.makedirs(out_dir, exist_ok=True)
   names = [n for n in RUNS if n in res]
-  plot_training(_curves(runs_dir, names), os.path.join(out_dir, "training_curves.png"))
+  train_curves = {**(previous_curves or {}), **_curves(runs_dir, names)}
+  train_curves = {n: train_curves[n] for n in names if n in train_curves}
+  curves_png = os.path.join(out_dir, "training_curves.png")
+  missing_curves = [n for n in names if n not in train_curves]
+  if not missing_curves or not os.path.exists(curves_png):
+    plot_training(train_curves, curves_png)
+    curves_note = "every run" if not missing_curves else (
+        "every run but " + ", ".join(f"`{n}`" for n in missing_curves))
+  else:
+    curves_note = ("the runs of an earlier invocation: this one lacked the curves of "
+                   + ", ".join(f"`{n}`" for n in missing_curves) + ", so the plot was kept")
   curves = {RUNS[n][0]: [tuple(p) for p in res[n]["acc_vs_eps"]]
             for n in names if "acc_vs_eps" in res[n]}
   if curves:
@@ -380,7 +405,11 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
       ("" if meta["command"].strip() == "python experiments/enresnet/small.py" else
        f"; this file was last written by `{meta['command']}`, which trains and evaluates "
        "subsets of the same runs into the same folders (the runs were trained in several "
-       "invocations of `--train-only --only ...`)") + ".",
+       "invocations of `--train-only --only ...`)") + "." +
+      ("" if not meta.get("carried_over") else
+       " Carried over from the `results.json` of an earlier invocation (their run folders "
+       "were not on the machine that wrote this file): "
+       + ", ".join(f"`{n}`" for n in meta["carried_over"]) + "."),
       "",
       f"Machine: {meta['machine']}; jax {jax.__version__}. Wall time of this invocation "
       f"{meta['wall_s'] / 60:.1f} min; time in training steps, all runs: "
@@ -450,7 +479,7 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
     lines.append(f"| {c} | **{v}** | {e} |")
   lines += ["", "## Plots", "",
             "- `training_curves.png`: training accuracy on the PGD examples and clean "
-            "validation accuracy per epoch, every run.",
+            f"validation accuracy per epoch, {curves_note}.",
             "- `acc_vs_eps.png`: IFGSM-20 accuracy against eps (step 2.5 eps / 20, EOT for noisy models).",
             "- `sigma_sweep.png`: accuracy against the noise coefficient a (En1).",
             "", "Raw numbers: `results.json` beside this file; per-run metrics in each run's "
@@ -459,9 +488,38 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump({"results": res, "blind": blind_res, "integration": integration, "meta": meta},
-              f, indent=2, default=str)
+    json.dump({"results": res, "blind": blind_res, "integration": integration, "meta": meta,
+               "curves": train_curves}, f, indent=2, default=str)
   return path
+
+
+def carry_over(previous_path: str, res: dict, blind_res: dict, integration: dict | None
+               ) -> tuple[dict | None, list[str], dict, dict]:
+  """Keep the numbers of runs whose folders are not here from an earlier ``results.json``.
+
+  Runs trained on another machine (their folders gone) keep their evaluation, blind
+  results, integration, training curves and training time, so a partial re-run on a
+  fresh machine extends the report instead of shrinking it.  ``res`` and ``blind_res``
+  are updated in place (what was evaluated now wins).
+
+  Returns:
+    ``(integration, carried run names, their training curves, their training seconds)``.
+  """
+  if not os.path.exists(previous_path):
+    return integration, [], {}, {}
+  with open(previous_path) as f:
+    previous = json.load(f)
+  carried = [n for n in RUNS if n not in res and n in previous.get("results", {})]
+  for n in carried:
+    res[n] = previous["results"][n]
+  for k, v in previous.get("blind", {}).items():
+    blind_res.setdefault(k, v)
+  if integration is None:
+    integration = previous.get("integration")
+  curves = {n: c for n, c in previous.get("curves", {}).items() if n in carried}
+  train_s = {n: t for n, t in previous.get("meta", {}).get("train_s", {}).items()
+             if n in carried}
+  return integration, carried, curves, train_s
 
 
 def _finished(workdir: str) -> bool:
@@ -499,6 +557,9 @@ def main(argv: list[str]) -> int:
   p.add_argument("--train-only", action="store_true")
   p.add_argument("--report-only", action="store_true")
   p.add_argument("--reevaluate", action="store_true", help="ignore cached evaluations")
+  p.add_argument("--no-carry", action="store_true",
+                 help="report only the runs found in --runs (default: runs missing there "
+                      "keep their numbers from the report's results.json)")
   args = p.parse_args(argv)
   tag = "enresnet_small_quick" if args.quick else "enresnet_small"
   runs_dir = args.runs or os.path.join(ROOT, "workdirs", tag)
@@ -555,12 +616,18 @@ def main(argv: list[str]) -> int:
     elif os.path.exists(os.path.join(runs_dir, "integration.json")):
       with open(os.path.join(runs_dir, "integration.json")) as f:
         integration = json.load(f)
-  train_s = {n: _train_seconds(os.path.join(runs_dir, n)) for n in res}
+  carried, previous_curves, previous_train_s = [], {}, {}
+  if not args.quick and not args.no_carry:
+    integration, carried, previous_curves, previous_train_s = carry_over(
+        os.path.join(out_dir, "results.json"), res, blind_res, integration)
+  train_s = {n: (previous_train_s.get(n, 0.0) if n in carried
+                 else _train_seconds(os.path.join(runs_dir, n))) for n in res}
   meta = {"command": "python experiments/enresnet/small.py" + "".join(" " + a for a in argv),
           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
           "wall_s": time.time() - t0, "train_s": train_s, "n_eval": int(len(y)),
-          "n_curve": int(min(args.curve_examples, len(y)))}
-  path = write_report(out_dir, runs_dir, res, blind_res, integration, meta, args.quick)
+          "n_curve": int(min(args.curve_examples, len(y))), "carried_over": carried}
+  path = write_report(out_dir, runs_dir, res, blind_res, integration, meta, args.quick,
+                      previous_curves)
   print(f"wrote {path}")
   return 0
 
