@@ -103,4 +103,4 @@ def test_report_carries_over_runs_trained_elsewhere(small, tmp_path):
   write = lambda: small.write_report(str(out), str(tmp_path / "none"), res, blind_res,
                                      None, meta, False, {"resnet": old_curves})
   text = open(write()).read()
-  assert png.read_bytes() == before and "lacked the curves of `en1`" in text
+  assert png.read_bytes() == before and "had no curves of `en1`, so it kept the plot" in text

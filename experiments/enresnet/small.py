@@ -387,8 +387,9 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
     curves_note = "every run" if not missing_curves else (
         "every run but " + ", ".join(f"`{n}`" for n in missing_curves))
   else:
-    curves_note = ("the runs of an earlier invocation: this one lacked the curves of "
-                   + ", ".join(f"`{n}`" for n in missing_curves) + ", so the plot was kept")
+    curves_note = ("as drawn by an earlier invocation: this one had no curves of "
+                   + ", ".join(f"`{n}`" for n in missing_curves) + ", so it kept the plot, "
+                   "which may lack the runs added since")
   curves = {RUNS[n][0]: [tuple(p) for p in res[n]["acc_vs_eps"]]
             for n in names if "acc_vs_eps" in res[n]}
   if curves:
