@@ -146,6 +146,42 @@ def test_members_are_initialised_independently():
   assert float(jnp.max(jnp.abs(k[0] - k[1]))) > 1e-3
 
 
+def test_ensemble_init_is_the_same_in_every_mode():
+  """One init key, one set of members, whether applied with vmap or unrolled."""
+  member = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.1))
+  x = X[:, :, :, :1]
+  keys = {"params": jax.random.key(0), "noise": jax.random.key(1)}
+  init = lambda vec: jax.jit(jd.models.Ensemble(member, size=3, vectorize=vec).init)(keys, x)
+  a, b = init(True), init(False)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      lambda p, q: bool(jnp.array_equal(p, q)), a, b))
+  k = a["params"]["member"]["Conv_0"]["kernel"]
+  assert float(jnp.max(jnp.abs(k[0] - k[1]))) > 1e-3  # still independent members
+
+
+def test_shared_ensemble_tiles_perturbations_and_captures_states():
+  member = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.1))
+  x = jax.random.uniform(jax.random.key(2), (2, 8, 8, 1))
+  v = _fake_variables(member, x)
+  shared = jd.models.Ensemble(member, size=3, shared=True)
+  sv = {k: {"member": val} for k, val in v.items()}
+  run = jax.jit(lambda p, c: shared.apply(sv, x, False, p, c, rngs={"noise": _noise_key(0)}),
+                static_argnums=1)
+  base = run(None, False)
+  # per-block perturbations with the batch as leading axis reach every draw
+  zero = [jnp.zeros((2, 8, 8, 16)), 0.0, 0.0]
+  np.testing.assert_allclose(run(zero, False), base, rtol=1e-6, atol=1e-6)
+  push = [jnp.ones((2, 8, 8, 16)), 0.0, 0.0]
+  assert float(jnp.max(jnp.abs(run(push, False) - base))) > 1e-3
+  logits, states = run(None, True)
+  np.testing.assert_allclose(logits, base, rtol=1e-6, atol=1e-6)
+  assert [s.shape[:2] for s in states] == [(3, 2)] * 3
+  stacked = jd.models.Ensemble(member, size=3)
+  logits, states = stacked.apply(_stack(v, 3), x, False, None, True,
+                                 rngs={"noise": _noise_key(0)})
+  assert logits.shape == (2, 10) and [s.shape[:2] for s in states] == [(3, 2)] * 3
+
+
 # ----------------------------------------------------------- average_logits
 def test_average_logits_integrates_models():
   f1 = lambda x: jnp.ones((x.shape[0], 3))

@@ -427,7 +427,9 @@ def feynman_kac(f_terminal: Callable[[Array], Array], drift: Callable[[Array, Ar
   and ``x(t)`` is the Itô process ``dx = drift(t, x) dt + sigma dB``, simulated on
   ``n_paths`` independent paths (``vmap``) by :func:`solve_sde`.  This is what an
   ensemble of EnResNets approximates (Wang et al. 2019, Eq. 10), with the network's
-  blocks as the drift and the softmax layer as ``f``.
+  blocks as the drift and the softmax layer as ``f``: an average of probabilities.
+  :class:`~jaxdefense.models.Ensemble` averages logits instead, as the authors' code
+  does, which is ``softmax(E[logits])``, not this expectation.
 
   The estimate carries the Euler–Maruyama bias (weak order 1 in ``T / n_steps``; zero
   for a constant or zero drift) and a Monte-Carlo error of about one standard error.

@@ -8,7 +8,8 @@ after every residual block, in training and at test time), wrapped in an
 
 * ``en_B``: the noisy net (``En_1 B``, no ensemble wrapper);
 * ``en{n}_B`` (n = 1, 2, 5): ``En_n B``, n independently parametrised noisy nets trained
-  jointly, logits averaged (``Ensemble(shared=False)``);
+  jointly, logits averaged as in the authors' code (``Ensemble(shared=False)``; the
+  paper's Feynman–Kac reading averages softmax probabilities, see ``Ensemble``);
 * ``swe{n}_B`` (n = 1, 2, 5): the shared-weights ensemble "n x En_1 B" of the paper's
   Table 7, one parameter set and n noise draws (``Ensemble(shared=True)``);
 * ``ens{n}_B`` (n = 2, 5): the baseline ensemble of plain (noise-free) nets.

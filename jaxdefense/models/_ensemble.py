@@ -15,6 +15,12 @@ from jaxdefense.nn._abstract import is_abstract
 class Ensemble(nn.Module):
   """Average of the logits of ``size`` copies of ``member``.
 
+  Logits are averaged, as in the EnResNet authors' code
+  (``Ensemble_PreAct_ResNet_Cifar.forward``).  The paper's Feynman–Kac reading (its
+  eq. 10 with ``f`` the softmax) would average probabilities, ``E[softmax(.)]``; the
+  two differ, and :func:`jaxdefense.dynamics.feynman_kac` is the estimator of the
+  latter.
+
   * ``shared=False`` (``En_n``): ``size`` independently parametrised members trained
     jointly.  Their variables are one pytree whose leaves carry a leading ensemble
     axis of length ``size``, applied with ``flax.linen.vmap`` (parameters, batch
@@ -25,11 +31,19 @@ class Ensemble(nn.Module):
     standard deviation of the tiled tensor, which equals the single-batch one up to
     the earlier noise.
 
-  Extra call arguments (``train``, ``perturbations``...) go to every member.
+  Extra call arguments (``train``, ``perturbations``...) go to every member; in the
+  shared mode, array arguments with the batch as leading axis (per-block
+  perturbations) are tiled with the batch.  With ``capture_states=True`` the member's
+  ``(logits, states)`` comes back as ``(averaged logits, states)`` with a leading
+  member axis on every state, ``[size, B, ...]``.
+
   ``vectorize=True`` evaluates the members with ``vmap`` (one batched program, fast on
-  accelerators); ``False`` applies them one after another (a fully unrolled ``scan``:
-  the same variables, less memory).  ``None`` (default) picks ``vmap`` on GPU and TPU
-  and the unrolled form on CPU, decided when the model is traced.  On CPU the ``vmap``
+  accelerators); ``False`` applies them one after another (a fully unrolled ``scan``,
+  less memory).  ``None`` (default) picks ``vmap`` on GPU and TPU and the unrolled form
+  on CPU, decided when the model is traced.  Initialisation always goes through
+  ``vmap``, so ``init`` with one key gives the same variables in every mode and on
+  every backend; the noise draws of ``apply`` depend on the mode (independent across
+  members in both, but not the same numbers).  On CPU the ``vmap``
   form turns every convolution into a grouped one whose kernel gradient XLA:CPU runs
   very slowly: a training-mode gradient of a 2-member pre-activation ResNet-8 (batch 128,
   28 x 28) took 2.7 s with ``vmap`` and 4.2 s with a rolled ``scan`` (convolutions inside
@@ -51,8 +65,13 @@ class Ensemble(nn.Module):
                        "(unstack the ensemble axis) instead.")
     if self.shared:
       b = x.shape[0]
-      out = self.member(jnp.concatenate([x] * size, axis=0), *args, **kwargs)
-      return jnp.mean(out.reshape((size, b) + out.shape[1:]), axis=0)
+      tile = lambda a: (jnp.concatenate([a] * size, axis=0)
+                        if hasattr(a, "shape") and jnp.ndim(a) >= 1 and a.shape[0] == b
+                        else a)
+      args, kwargs = jax.tree_util.tree_map(tile, (args, kwargs))
+      out = self.member(tile(x), *args, **kwargs)
+      return _average(jax.tree_util.tree_map(
+          lambda a: a.reshape((size, b) + a.shape[1:]), out))
     def apply(member: nn.Module, x: Any) -> Any:
       # flax's lifted vmap drops keyword arguments: close over them instead.
       return member(x, *args, **kwargs)
@@ -61,7 +80,9 @@ class Ensemble(nn.Module):
     vectorize = self.vectorize
     if vectorize is None:
       vectorize = jax.default_backend() != "cpu"
-    if vectorize:
+    # nn.vmap and nn.scan split the RNG streams differently: initialise through vmap
+    # always, so one init key gives the same members whatever the mode or backend.
+    if vectorize or self.is_initializing():
       stacked = nn.vmap(apply, variable_axes=axes, split_rngs=rngs, in_axes=None,
                         out_axes=0, axis_size=size)(self.member, x)
     else:
@@ -71,7 +92,15 @@ class Ensemble(nn.Module):
                            in_axes=nn.broadcast, out_axes=0, length=size,
                            unroll=size)(
                                self.member, None, x)
-    return jnp.mean(stacked, axis=0)
+    return _average(stacked)
+
+
+def _average(stacked: Any) -> Any:
+  """Member average of logits ``[size, B, K]``; ``(logits, states)`` keeps the states."""
+  if isinstance(stacked, tuple):  # capture_states=True: (logits, states)
+    logits, states = stacked
+    return jnp.mean(logits, axis=0), states
+  return jnp.mean(stacked, axis=0)
 
 
 def member_variables(variables: Any, i: int) -> Any:
