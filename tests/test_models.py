@@ -142,25 +142,31 @@ class _StepProbe(fnn.Module):
 
 
 def test_injected_noise_has_configured_scale():
-  x = jax.random.normal(jax.random.key(3), (64, 8, 8, 16)) * 2.0 + 1.0
-  fx = jnp.zeros_like(x)
-  for coef in (0.1, 0.5):
-    probe = _StepProbe(EulerMaruyama(coef=coef))
-    out = probe.apply({}, x, fx, rngs={"noise": jax.random.key(4)})
-    noise = np.asarray(out - x)
-    expected = coef * float(jnp.std(x))
-    assert abs(noise.std() / expected - 1) < 0.01
-    assert abs(noise.mean()) < 0.01 * expected
-  probe = _StepProbe(EulerMaruyama(coef=0.2, std="fixed"))
-  noise = np.asarray(probe.apply({}, x, fx, rngs={"noise": jax.random.key(4)}) - x)
-  assert abs(noise.std() / 0.2 - 1) < 0.01
-  scales = jnp.arange(1.0, 65.0).reshape(64, 1, 1, 1)
-  probe = _StepProbe(EulerMaruyama(coef=0.1, std="sample"))
-  xs = x * scales
-  noise = np.asarray(probe.apply({}, xs, fx, rngs={"noise": jax.random.key(4)}) - xs)
-  per_sample = noise.reshape(64, -1).std(axis=1)
-  expected = 0.1 * np.asarray(xs).reshape(64, -1).std(axis=1)
-  assert np.all(np.abs(per_sample / expected - 1) < 0.1)
+  # Examples (x i) and channels (x 1..2) at clearly different scales, a nonzero mean and
+  # an fx that triples the std: a scale taken of x instead of x + fx, an rms instead of
+  # a std, or over the wrong axes (per example / per channel / per example and channel
+  # / whole batch) misses the prescribed one by >= 13 % in some example or channel.
+  n, c = 8, 16
+  scale = (jnp.arange(1.0, n + 1).reshape(n, 1, 1, 1)
+           * jnp.linspace(1.0, 2.0, c).reshape(1, 1, 1, c))
+  x = jax.random.normal(jax.random.key(3), (n, 16, 16, c)) * scale + 4.0  # 4096 / example
+  fx = 2.0 * x + 0.5
+  base = np.asarray(x + fx, np.float64)
+  expected = {"batch": base.std(),
+              "sample": base.reshape(n, -1).std(axis=1).reshape(n, 1, 1, 1),
+              "fixed": 1.0}
+  for std, s in expected.items():
+    for coef in (0.1, 0.5):
+      probe = _StepProbe(EulerMaruyama(coef=coef, std=std))
+      out = probe.apply({}, x, fx, rngs={"noise": jax.random.key(4)})
+      # (out - x - fx) / coef = s * xi: divided by the prescribed s it must be N(0, 1)
+      u = np.asarray((out - (x + fx)) / coef, np.float64) / s
+      assert abs(u.std() - 1) < 0.02 and abs(u.mean()) < 0.03, (std, coef)
+      per_example = u.reshape(n, -1)                       # 4096 values each
+      per_channel = np.moveaxis(u, -1, 0).reshape(c, -1)   # 2048 values each
+      for groups, tol in ((per_example, 0.05), (per_channel, 0.08)):  # ~4.5 and 5 sigma
+        assert np.all(np.abs(groups.std(axis=1) - 1) < tol), (std, coef, groups.std(axis=1))
+        assert np.all(np.abs(groups.mean(axis=1)) < 0.1), (std, coef)
 
 
 def test_noise_is_deterministic_per_key_and_differs_across_keys():
@@ -206,6 +212,32 @@ def test_perturbations_enter_each_block_additively():
 
 
 # ------------------------------------------------------------------------- ensembles
+class _NoisyShift(fnn.Module):
+  """``x + shift + N(0, I)``: an Euler–Maruyama step with f = shift (one parameter)."""
+
+  @fnn.compact
+  def __call__(self, x, train=False):
+    shift = self.param("shift", fnn.initializers.constant(0.5), ())
+    step = EulerMaruyama(coef=1.0, std="fixed")
+    return step(self, x, jnp.full_like(x, shift), StepContext(0, False, train))
+
+
+def _noise_input():
+  return jax.random.uniform(jax.random.key(11), (8, 4096))
+
+
+def _stacked(variables, n):
+  """Variables of an ``n``-member (non-shared) ensemble of copies of ``variables``."""
+  return {k: {"member": jax.tree_util.tree_map(lambda a: jnp.stack([a] * n), val)}
+          for k, val in variables.items()}
+
+
+def _assert_noise_variance(out, x, expected):
+  noise = np.asarray(out - x, np.float64) - 0.5  # 32768 values: variance known to ~1 %
+  assert abs(noise.mean()) < 0.05 * np.sqrt(expected), (noise.mean(), expected)
+  assert abs(noise.var() / expected - 1) < 0.05, (noise.var(), expected)
+
+
 def test_ensemble_of_identical_members_equals_one_member():
   x = _x()
   member = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.0))
@@ -241,6 +273,29 @@ def test_shared_weight_ensemble_averages_noise_draws():
   assert out.shape == (4, 10)
   single = member.apply(v, x, rngs={"noise": jax.random.key(5)})
   assert not np.allclose(out, single)
+  # the draws are independent: the mean of n unit-variance draws has variance 1 / n
+  # (identical draws would give 1, two distinct ones repeated 0.5)
+  x = _noise_input()
+  noisy = _NoisyShift()
+  v = noisy.init({"params": KEY, "noise": KEY}, x)
+  _assert_noise_variance(noisy.apply(v, x, rngs={"noise": jax.random.key(6)}), x, 1.0)
+  ve = {k: {"member": val} for k, val in v.items()}
+  for n in (2, 4):
+    ens = jd.models.Ensemble(noisy, size=n, shared=True)
+    _assert_noise_variance(ens.apply(ve, x, rngs={"noise": jax.random.key(6)}), x, 1 / n)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_ensemble_members_draw_independent_noise(vectorize):
+  # n identical members: the averaged output is x + shift + the mean of n independent
+  # unit-variance draws, variance 1 / n (1 if the members shared one noise key)
+  x = _noise_input()
+  noisy = _NoisyShift()
+  v = noisy.init({"params": KEY, "noise": KEY}, x)
+  for n in (2, 4):
+    ens = jd.models.Ensemble(noisy, size=n, vectorize=vectorize)
+    out = ens.apply(_stacked(v, n), x, rngs={"noise": jax.random.key(7)})
+    _assert_noise_variance(out, x, 1 / n)
 
 
 # ---------------------------------------------------------------------------- errors
