@@ -611,11 +611,12 @@ def as_param(value: Any) -> Any:
 
 
 def check_nonneg(value: Any, name: str, batch: int, attack: str,
-                 upper: Optional[float] = None) -> None:
+                 upper: Optional[float] = None) -> Any:
   """A hyper-parameter that may be traced: scalar or ``[B]``, finite, ``>= 0``.
 
   ``value`` may be a Python number, a list / tuple of ``B`` numbers, or a NumPy or JAX
-  array (a tracer under ``jit``); convert a list with :func:`as_param` before use.
+  array (a tracer under ``jit``).  Returns it as the attacks use it (:func:`as_param`:
+  a list becomes an array).
   """
   if isinstance(value, bool) or value is None:
     raise TypeError(f"{attack}: {name} must be a non-negative number; got {value!r}.")
@@ -628,13 +629,14 @@ def check_nonneg(value: Any, name: str, batch: int, attack: str,
                      f"(shape ({batch},)); got {_checks._summary(value)}.")
   arr = _checks.as_concrete_numpy(value)
   if arr is None:
-    return
+    return as_param(value)
   if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
     raise ValueError(f"{attack}: {name} must be a finite number; got {_checks._summary(value)}.")
   if np.any(arr < 0):
     raise ValueError(f"{attack}: {name} must be >= 0; got {value!r}.")
   if upper is not None and np.any(arr > upper):
     raise ValueError(f"{attack}: {name} must be <= {upper}; got {value!r}.")
+  return as_param(value)
 
 
 def validate(attack: str, logits_fn: Any, x: Any, y: Any, *, key: Any = None,

@@ -106,9 +106,9 @@ def cw_linf(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = N
   """
   _core.validate("cw_linf", logits_fn, x, y, key=key, eps=eps, norm="linf", target=target)
   steps = _checks.check_int(steps, "steps", minimum=1)
-  for name, value in (("lr", lr), ("c", c), ("kappa", kappa)):
-    _core.check_nonneg(value, name, x.shape[0], "cw_linf")
-  eps, lr, c, kappa = map(_core.as_param, (eps, lr, c, kappa))
+  lr, c, kappa = (_core.check_nonneg(value, name, x.shape[0], "cw_linf")
+                  for name, value in (("lr", lr), ("c", c), ("kappa", kappa)))
+  eps = _core.as_param(eps)
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
@@ -191,9 +191,9 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
   binary_search_steps = _checks.check_int(binary_search_steps, "binary_search_steps",
                                           minimum=1)
   batch = x.shape[0]
-  for name, value in (("lr", lr), ("c", c), ("kappa", kappa)):
-    _core.check_nonneg(value, name, batch, "cw_l2")
-  eps, lr, c, kappa = map(_core.as_param, (eps, lr, c, kappa))
+  lr, c, kappa = (_core.check_nonneg(value, name, batch, "cw_l2")
+                  for name, value in (("lr", lr), ("c", c), ("kappa", kappa)))
+  eps = _core.as_param(eps)
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)

@@ -30,11 +30,9 @@ def _projected_ascent(attack: str, logits_fn, x, y, *, key, eps, step_size, step
   if step_size is None:
     step_size = (eps if mu is not None else 2.5 * jnp.asarray(eps)) / steps
   else:
-    _core.check_nonneg(step_size, "step_size", batch, attack)
-    step_size = _core.as_param(step_size)
+    step_size = _core.check_nonneg(step_size, "step_size", batch, attack)
   if mu is not None:
-    _core.check_nonneg(mu, "mu", batch, attack)
-    mu = _core.as_param(mu)
+    mu = _core.check_nonneg(mu, "mu", batch, attack)
 
   x = jnp.asarray(x)
   y = jnp.asarray(y)

@@ -124,12 +124,12 @@ def spsa(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
     raise ValueError(f"spsa: samples_per_call ({samples_per_call}) must divide "
                      f"num_samples ({num_samples}).")
   batch = x.shape[0]
-  _core.check_nonneg(lr, "lr", batch, "spsa")
-  _core.check_nonneg(delta, "delta", batch, "spsa")
+  lr = _core.check_nonneg(lr, "lr", batch, "spsa")
+  delta = _core.check_nonneg(delta, "delta", batch, "spsa")
   delta_np = _checks.as_concrete_numpy(delta)
   if delta_np is not None and (delta_np <= 0).any():
     raise ValueError(f"spsa: delta must be > 0; got {delta!r}.")
-  eps, lr, delta = map(_core.as_param, (eps, lr, delta))
+  eps = _core.as_param(eps)
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)

@@ -50,11 +50,15 @@ class Diagnosis:
 
   @property
   def masked(self) -> bool:
-    return any(c.flagged for c in self.checks if c.name != "randomness")
+    return bool(self._masking())
 
   def flagged(self) -> list[str]:
     """Names of the flagged checks (``randomness`` included: it is informational)."""
     return [c.name for c in self.checks if c.flagged]
+
+  def _masking(self) -> list[str]:
+    """The flagged checks that point at gradient masking (all but ``randomness``)."""
+    return [n for n in self.flagged() if n != "randomness"]
 
   def __getitem__(self, name: str) -> Check:
     for c in self.checks:
@@ -65,8 +69,7 @@ class Diagnosis:
   def to_text(self) -> str:
     rows = [{"check": c.name, "verdict": "FLAG" if c.flagged else "ok", "detail": c.detail}
             for c in self.checks]
-    masking = [n for n in self.flagged() if n != "randomness"]
-    verdict = ("gradient masking suspected: " + ", ".join(masking) if self.masked
+    verdict = ("gradient masking suspected: " + ", ".join(self._masking()) if self.masked
                else "no sign of gradient masking")
     return format_table(rows, ["check", "verdict", "detail"], title=verdict)
 

@@ -134,8 +134,9 @@ def _check_batch(x: Any, y: Any) -> None:
 
 
 def _validate_pgd_fields(obj: Any) -> None:
-  """Normalise and check ``eps``, ``step_size`` and ``steps`` of an objective."""
+  """Normalise and check ``eps``, ``step_size``, ``steps`` and ``attack_mode``."""
   name = type(obj).__name__
+  _checks.check_choice(obj.attack_mode, f"{name}.attack_mode", _ATTACK_MODES)
   eps = _checks.check_float(obj.eps, f"{name}.eps", minimum=0.0)
   _checks.check_eps(eps, f"{name}.eps")
   object.__setattr__(obj, "eps", eps)
@@ -199,8 +200,6 @@ class PGDAdversarial:
 
   def __post_init__(self):
     _validate_pgd_fields(self)
-    _checks.check_choice(self.attack_mode, f"{type(self).__name__}.attack_mode",
-                         _ATTACK_MODES)
     if not isinstance(self.random_start, (bool, int)):
       raise TypeError(f"PGDAdversarial.random_start must be a bool; got {self.random_start!r}.")
     object.__setattr__(self, "random_start", bool(self.random_start))
@@ -278,8 +277,6 @@ class TRADES:
 
   def __post_init__(self):
     _validate_pgd_fields(self)
-    _checks.check_choice(self.attack_mode, f"{type(self).__name__}.attack_mode",
-                         _ATTACK_MODES)
     object.__setattr__(self, "beta", _checks.check_float(self.beta, "TRADES.beta",
                                                          minimum=0.0))
     object.__setattr__(self, "init_std", _checks.check_float(self.init_std,

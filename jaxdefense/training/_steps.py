@@ -134,13 +134,12 @@ def make_train_step(objective: Callable[..., Any], *,
     def loss_fn(params):
       variables = {"params": params, **state.model_state}
 
+      def rngs(key):
+        nk, dk = (noise_key, dropout_key) if key is None else jax.random.split(key)
+        return {"noise": nk, "dropout": dk}
+
       def apply_fn(x, *, key=None):
-        if key is None:
-          rngs = {"noise": noise_key, "dropout": dropout_key}
-        else:
-          nk, dk = jax.random.split(key)
-          rngs = {"noise": nk, "dropout": dk}
-        logits, new_state = state.apply_fn(variables, x, train=True, rngs=rngs,
+        logits, new_state = state.apply_fn(variables, x, train=True, rngs=rngs(key),
                                            mutable=["batch_stats"])
         return logits, dict(new_state)
 
@@ -149,9 +148,7 @@ def make_train_step(objective: Callable[..., Any], *,
         # inner attacks on the evaluation-mode model: running batch statistics, no
         # dropout; noise as the model draws it at test time
         def attack_fn(x, *, key=None):
-          nk, dk = (noise_key, dropout_key) if key is None else jax.random.split(key)
-          return state.apply_fn(variables, x, train=False,
-                                rngs={"noise": nk, "dropout": dk})
+          return state.apply_fn(variables, x, train=False, rngs=rngs(key))
         kwargs["attack_logits_fn"] = attack_fn
       if steps_per_epoch and getattr(objective, "uses_epoch", False):
         kwargs["epoch"] = state.step.astype(jnp.float32) / float(steps_per_epoch)
