@@ -803,3 +803,21 @@ def test_spsa_on_a_noisy_model_is_as_strong_as_on_the_clean_model():
   acc_noisy = _acc(clean, attack(A.eot(noisy, 1)), y)
   assert acc_clean < 0.7, acc_clean
   assert acc_noisy <= acc_clean + 0.05, (acc_clean, acc_noisy)
+
+
+def test_adam_ascent_steps_per_example_and_rejects_bad_arguments():
+  project = lambda z: jnp.clip(z, 0.0, 1.0)
+  z = jnp.full((2, 3), 0.5)
+  grad = jnp.ones((2, 3))
+  rule = A.adam_ascent(jnp.array([0.01, 0.1]), project)
+  z1, _ = rule.update(0, z, None, None, grad, rule.init(z))
+  # Adam's first step is lr * sign(g) (bias-corrected moments), per example
+  np.testing.assert_allclose(z1[:, 0], [0.51, 0.6], rtol=1e-5)
+  with pytest.raises(ValueError, match=r"adam_ascent: lr must be finite and >= 0; got -0.1"):
+    A.adam_ascent(-0.1, project)
+  with pytest.raises(ValueError, match=r"one value per example \[B\]; got shape \(2, 2\)"):
+    A.adam_ascent(np.ones((2, 2)), project)
+  with pytest.raises(TypeError, match="lr must be a non-negative number; got True"):
+    A.adam_ascent(True, project)
+  with pytest.raises(TypeError, match="project must be callable"):
+    A.adam_ascent(0.01, None)

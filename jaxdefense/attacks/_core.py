@@ -478,8 +478,36 @@ def adam_ascent(lr: Any, project: Callable) -> AscentRule:
   """Adam ascent (C&W and SPSA) with a scalar or per-example ``[B]`` learning rate.
 
   :func:`optax_ascent` of :func:`adam_updates`: the step of example ``b`` is
-  ``lr[b]`` times its Adam direction, then the point is projected.
+  ``lr[b]`` times its Adam direction (optax's defaults b1 0.9, b2 0.999, eps 1e-8),
+  then the point is projected.
+
+  Args:
+    lr: learning rate, ``>= 0``: a scalar or one value per example ``[B]`` (may be
+      traced; then only its rank is checked).
+    project: ``P(z) -> z`` applied after every step, e.g. :func:`make_projection`.
+
+  Returns:
+    An :class:`AscentRule` for :func:`ascent_loop` over attack variables ``[B, ...]``.
+
+  Raises:
+    TypeError: ``lr`` is a bool or not numeric, or ``project`` is not callable.
+    ValueError: ``lr`` has more than one axis, or a concrete ``lr`` is negative or
+      not finite.
   """
+  if not callable(project):
+    raise TypeError(f"adam_ascent: project must be callable P(z) -> z; got {project!r}.")
+  if isinstance(lr, bool) or lr is None:
+    raise TypeError(f"adam_ascent: lr must be a non-negative number; got {lr!r}.")
+  lr = as_param(lr)
+  if np.ndim(lr) > 1:
+    raise ValueError(f"adam_ascent: lr must be a scalar or one value per example [B]; "
+                     f"got shape {np.shape(lr)}.")
+  arr = _checks.as_concrete_numpy(lr)
+  if arr is not None:
+    if not np.issubdtype(arr.dtype, np.number):
+      raise TypeError(f"adam_ascent: lr must be a non-negative number; got {lr!r}.")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+      raise ValueError(f"adam_ascent: lr must be finite and >= 0; got {lr!r}.")
   return optax_ascent(adam_updates(lr), project)
 
 
