@@ -71,8 +71,8 @@ def torch_ibp_model(model: _diffai.DiffAINet, params: Any) -> Callable:
   convs = iter(sorted((k for k in params if k.startswith("Conv_")), key=lambda k: int(k[5:])))
   denses = iter(sorted((k for k in params if k.startswith("Dense_")), key=lambda k: int(k[6:])))
 
-  def conv(stride, padding):
-    p = params[next(convs)]
+  def conv(stride, padding, p=None):
+    p = params[next(convs)] if p is None else p
     w = torch.from_numpy(np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy())
     b = torch.from_numpy(np.asarray(p["bias"]).copy())
     return ("conv", w, w.abs(), b, stride, padding)
@@ -82,19 +82,19 @@ def torch_ibp_model(model: _diffai.DiffAINet, params: Any) -> Callable:
     w = torch.from_numpy(np.asarray(p["kernel"]).T.copy())
     return ("dense", w, w.abs(), torch.from_numpy(np.asarray(p["bias"]).copy()))
 
-  for spec in model.program:
-    if isinstance(spec, _diffai.ConvReLU):
-      layers.append(conv(spec.stride, spec.padding))
-      layers.append(("relu",))
-    elif isinstance(spec, _diffai.DenseReLU):
-      layers.append(("flatten",))
-      layers.append(dense())
-      layers.append(("relu",))
-    elif isinstance(spec, _diffai.WideBlock):
-      short = conv(1, 0)
-      a = conv(1, 1)
-      b = conv(1, 1)
-      layers.append(("wide", short, a, b))
+  if model.blocks and (model.block != "wide" or model.block_convs):
+    raise ValueError("torch_ibp_model handles feed-forward nets and ResNet-Tiny only.")
+  for _, _, stride, padding in model.convs:
+    layers.append(conv(stride, padding))
+    layers.append(("relu",))
+  for i in range(len(model.blocks)):   # ResidualBlock "block{i}": 1x1 shortcut, 3x3, 3x3
+    p = params[f"block{i}"]
+    layers.append(("wide", conv(1, 0, p["Conv_0"]), conv(1, 1, p["Conv_1"]),
+                   conv(1, 1, p["Conv_2"])))
+  for _ in model.dense:
+    layers.append(("flatten",))
+    layers.append(dense())
+    layers.append(("relu",))
   layers.append(("flatten",))
   layers.append(dense())
 
@@ -207,8 +207,8 @@ def generator_sweep(batch: int, eps: float, repeats: int, ks: list[int]) -> list
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.uniform(size=(batch, 28, 28, 1)), jnp.float32)
   for k in ks:
-    prog = (_diffai.Abstract.of("correlate_max_k", k=k),) + _diffai.PROGRAMS["conv_small"]
-    model = _diffai.DiffAINet(program=prog)
+    model = jd.models.create("conv_small",
+                             abstract=(("input", _diffai.Abstract.of("correlate_max_k", k=k)),))
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])
     fn = jax.jit(certify.make_bounds_fn(model, "zonotope", correlate_input=False))
     compiled = fn.lower(variables, x, eps).compile()

@@ -177,16 +177,49 @@ def test_zoo_nets_sound(name, shape, train):
   assert _count_violations(model, variables, x, eps, results, 7, 1250, train) == 0
 
 
-@pytest.mark.slow
 def test_other_zoo_model_certifiable_and_sound():
   """A registry ResNet (batch norm in eval mode, Euler steps) runs abstractly too."""
-  if "resnet8" not in jd.models.names():
-    pytest.skip("resnet8 not registered")
   model = jd.models.create("resnet8", num_classes=4)
   x = _uniform(3, (1, 8, 8, 1))
   variables = _init(model, x, 3)
   results = [certify.bounds(model, variables, x, 0.03, "zonotope")]
   assert _count_violations(model, variables, x, 0.03, results, 3, 200) == 0
+
+
+def _set_leaves(variables: Any, name: str, values: np.ndarray) -> Any:
+  """``variables`` with the leaves called ``name`` replaced by ``values`` in order."""
+  it = iter(values)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.asarray(next(it), leaf.dtype).reshape(leaf.shape)
+      if getattr(path[-1], "key", "") == name else leaf, variables)
+
+
+@pytest.mark.parametrize("name,shape,points", [("resnet_tiny", (2, 5, 5, 3), 1250),
+                                               ("diffai_resnet18", (1, 4, 4, 1), 250)])
+def test_damped_diffai_resnet_sound(name, shape, points):
+  """A DiffAI ResNet whose blocks take Damped("lambda") steps (scalar coefficients):
+  the damping really acts, and sampled points (half of them corners of the eps-box)
+  stay inside the box and zonotope bounds."""
+  model = jd.models.create(name, num_classes=4, step=jd.dynamics.Damped("lambda"))
+  x = _uniform(11, shape)
+  variables = _init(model, x, 11)
+  n_lambda = sum(getattr(p[-1], "key", "") == "lambda"
+                 for p, _ in jax.tree_util.tree_leaves_with_path(variables))
+  assert n_lambda == {"resnet_tiny": 3, "diffai_resnet18": 4}[name]
+  # lambda in [0.2, 0.6]: every damped block scales x by 1 - a and f by 1 + a, a > 0.
+  lam = np.random.RandomState(11).uniform(0.2, 0.6, n_lambda)
+  variables = _set_leaves(variables, "lambda", lam)
+  euler = jd.models.create(name, num_classes=4)
+  plain = {"params": jax.tree_util.tree_map(lambda a: a, variables["params"])}
+  for block in plain["params"].values():
+    if isinstance(block, dict):
+      block.pop("lambda", None)
+  assert not np.allclose(model.apply(variables, x), euler.apply(plain, x), atol=1e-4)
+  eps = 0.02
+  results = [certify.bounds(model, variables, x, eps, d) for d in ("box", "zonotope")]
+  for lo, hi in results:
+    assert bool(jnp.all(lo <= hi)) and bool(jnp.all(jnp.isfinite(hi)))
+  assert _count_violations(model, variables, x, eps, results, 11, points) == 0
 
 
 def test_bounds_under_vmap_match_batched():
@@ -359,6 +392,46 @@ def test_monotone_and_box_ops():
   assert isinstance(mixed, HybridZonotope)
   cat = L.concatenate([z, z.relu().replace(relu_mode="box")], -1)
   assert cat.shape == (2, 4, 4, 4)
+
+
+def test_box_and_zonotope_meet_through_one_promotion():
+  """A box is a zonotope without generators: box + box is a box; box + zonotope (either
+  order, add or concatenate) is the zonotope with the box's radius in its box part and
+  the zonotope's configuration; linear_bounds agree on a box and on its zonotope."""
+  z = _hz(0, mode="deepz").replace(relu_budget=3)
+  b = Box.from_bounds(z.center() - 0.5, z.center() + 0.25)
+  bb = b + b
+  assert type(bb) is Box
+  np.testing.assert_allclose(bb.radius, 2 * b.radius)
+  for s in (b + z, z + b, L.add(b, z), L.add(z, b)):
+    assert isinstance(s, HybridZonotope)
+    assert (s.relu_mode, s.relu_budget, s.segments) == ("deepz", 3, z.segments)
+    np.testing.assert_allclose(s.center(), b.center() + z.center(), rtol=1e-6)
+    np.testing.assert_allclose(s.box, b.radius + z.box, rtol=1e-6)
+    np.testing.assert_array_equal(s.generators, z.generators)
+  diff = b - z
+  np.testing.assert_allclose(diff.center(), b.center() - z.center(), rtol=1e-6)
+  np.testing.assert_allclose(diff.generators, -z.generators)
+  for values, zero in (([b, z], slice(0, 2)), ([z, b], slice(2, 4))):
+    cat = L.concatenate(values, -1)
+    assert isinstance(cat, HybridZonotope) and cat.relu_mode == "deepz"
+    assert cat.shape == (2, 4, 4, 4) and cat.num_generators == 3
+    np.testing.assert_array_equal(cat.generators[..., zero], 0.0)
+    want = [jnp.concatenate([v.concretize()[i] for v in values], -1) for i in (0, 1)]
+    for got, w in zip(cat.concretize(), want):
+      np.testing.assert_allclose(got, w, rtol=1e-6)
+  assert type(HybridZonotope.concatenate([b, b], -1)) is Box
+  matrix = jnp.asarray(np.random.RandomState(0).normal(size=(5, 32)), jnp.float32)
+  flat = b.reshape((2, 32))
+  for got, want in zip(certify.linear_bounds(flat, matrix),
+                       certify.linear_bounds(flat.to_zonotope(), matrix)):
+    np.testing.assert_array_equal(got, want)
+  lo, hi = flat.concretize()
+  c, r = (lo + hi) / 2, (hi - lo) / 2
+  np.testing.assert_allclose(certify.linear_bounds(flat, matrix)[1],
+                             c @ matrix.T + r @ jnp.abs(matrix).T, rtol=1e-5, atol=1e-5)
+  with pytest.raises(TypeError, match="abstract values only"):
+    Box.concatenate([b, b.center()], -1)
 
 
 def test_residual_deepz_symbols_stay_distinct():
@@ -588,7 +661,7 @@ class NoisyNet(nn.Module):
   def __call__(self, x, train=False):
     step = jd.dynamics.EulerMaruyama(coef=self.coef)
     fx = L.Conv(x.shape[-1], 3)(x)
-    x = step(self, x, fx, jd.dynamics.StepContext(0, False, train))
+    x = jd.dynamics.apply_step(self, step, x, fx, jd.dynamics.StepContext(0, False, train))
     return L.Dense(2)(L.flatten(x))
 
 

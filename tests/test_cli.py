@@ -1,14 +1,16 @@
-"""The command line: subcommands, config overrides, errors, demo, extension hook."""
+"""The command line (`jaxdefense.commands`): subcommands, config overrides, errors, demo."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
 
 import pytest
 
-from jaxdefense import cli, training
+from jaxdefense import commands, training
+from jaxdefense.commands import _base, _main
 
 from conftest import run_python
 
@@ -19,7 +21,7 @@ TINY = ["model.name=mlp", "model.hidden=(32,)", "epochs=2", "batch_size=64",
 
 
 def run_main(*argv: str) -> int:
-  return cli.main([*argv, "--compile_cache", os.environ["JAX_COMPILATION_CACHE_DIR"]])
+  return commands.main([*argv, "--compile_cache", os.environ["JAX_COMPILATION_CACHE_DIR"]])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_eval_prints_an_aligned_table(trained, capsys):
   assert run_main("eval", "--workdir", str(trained), "--split", "validation",
                   "--split", "test") == 0
   lines = capsys.readouterr().out.strip().splitlines()
-  assert "mlp (euler) on digits: latest checkpoint, step 38" in lines[0]
+  assert "mlp on digits: latest checkpoint, step 38" in lines[0]
   assert lines[1].split() == ["split", "loss", "accuracy", "examples"]
   assert lines[3].startswith("validation") and lines[4].startswith("test")
   assert len({len(line) for line in lines[1:]}) <= 2  # columns aligned
@@ -87,24 +89,58 @@ def test_eval_of_a_corrupt_run(trained, tmp_path, capsys):
   assert "corrupt" in capsys.readouterr().err
 
 
-def test_subcommands_can_be_registered(capsys):
+def test_the_subcommands_are_listed_explicitly():
+  names = [c.name for c in _main.COMMANDS]
+  assert names == ["train", "eval", "config", "demo", "attack", "certify", "report"]
+  assert [m.COMMAND for m in _main.SUBCOMMAND_MODULES] == list(_main.COMMANDS)
+  assert all(m.__name__.startswith("jaxdefense.commands.") for m in _main.SUBCOMMAND_MODULES)
+  help_text = _main.build_parser().format_help()
+  for name in names:
+    assert name in help_text
+
+
+def test_a_command_gets_its_flags_and_overrides(monkeypatch, capsys):
   seen = []
 
   def add_arguments(p):
-    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--eps", type=_base.parse_eps, default=0.1)
 
   def run(args, overrides):
     seen.append((args.eps, overrides))
-    print("attack ran")
-    return 0
+    print("fake ran")
+    return 3
 
-  cli.register(cli.Command("fake_attack", "a test subcommand", add_arguments, run,
-                           config_overrides=True))
-  try:
-    assert run_main("fake_attack", "--eps", "0.03", "--config.x=1") == 0
-    assert seen == [(0.03, ["x=1"])] and "attack ran" in capsys.readouterr().out
-  finally:
-    cli._COMMANDS.pop("fake_attack")
+  fake = _base.Command("fake_attack", "a test subcommand", add_arguments, run,
+                       config_overrides=True)
+  monkeypatch.setattr(_main, "COMMANDS", (*_main.COMMANDS, fake))
+  assert run_main("fake_attack", "--eps", "8/255", "--config.x=1", "--config.y", "2") == 3
+  assert seen == [(8 / 255, ["x=1", "y=2"])] and "fake ran" in capsys.readouterr().out
+  closed = _base.Command("fake_closed", "takes no overrides", add_arguments, run)
+  monkeypatch.setattr(_main, "COMMANDS", (*_main.COMMANDS, closed))
+  with pytest.raises(SystemExit) as e:
+    run_main("fake_closed", "--config.x=1")
+  assert e.value.code == 2 and "unrecognized arguments for 'fake_closed'" in \
+      capsys.readouterr().err
+  with pytest.raises(ValueError, match="'fake_attack' appears twice"):
+    _main.build_parser([fake, fake])
+  with pytest.raises(TypeError, match="Command objects"):
+    _main.build_parser(["train"])
+
+
+def test_command_and_parse_eps_reject_bad_input():
+  noop = lambda *a: 0  # noqa: E731
+  with pytest.raises(ValueError, match="one non-empty word"):
+    _base.Command("two words", "h", noop, noop)
+  with pytest.raises(ValueError, match="one non-empty word"):
+    _base.Command("", "h", noop, noop)
+  with pytest.raises(TypeError, match="run must be callable"):
+    _base.Command("x", "h", noop, None)
+  with pytest.raises(TypeError, match="config_overrides must be a bool"):
+    _base.Command("x", "h", noop, noop, config_overrides="yes")
+  assert _base.parse_eps("0.25") == 0.25 and _base.parse_eps("8/255") == 8 / 255
+  for bad in ("eight", "1/0", "1/x"):
+    with pytest.raises(argparse.ArgumentTypeError, match="8/255"):
+      _base.parse_eps(bad)
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -120,7 +156,7 @@ def test_demo_quick(tmp_path, capsys):
 def test_python_dash_m_and_console_script():
   result = run_python(["-m", "jaxdefense", "--help"], timeout=120)
   assert result.returncode == 0, result.stderr
-  for name in ("train", "eval", "demo"):
+  for name in ("train", "eval", "config", "demo", "attack", "certify", "report"):
     assert name in result.stdout
   script = shutil.which("jaxdefense")
   if script is None:
@@ -132,6 +168,6 @@ def test_python_dash_m_and_console_script():
 
 @pytest.mark.slow
 def test_full_demo_reaches_90_percent(capsys):
-  from jaxdefense._demo import run_demo
+  from jaxdefense.commands.demo import run_demo
   rows = run_demo()
   assert all(r["test accuracy"] > 0.9 for r in rows), rows

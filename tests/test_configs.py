@@ -117,10 +117,57 @@ def test_config_files_and_search_dirs(tmp_path):
     configs.get(str(tmp_path / "bad.py"))
 
 
+# What each config of the checkout builds (from its docstring): data set, epochs,
+# validation split, the model (network, step rule, ensemble members), the objective,
+# learning rate, weight decay and the learning-rate milestones (or "cosine").
+_BUILT = {
+    "demo": ("digits", 12, 0, "resnet8", "euler", 1, "natural", 0.1, 5e-4, "cosine"),
+    "digits_resnet": ("digits", 30, 200, "resnet8", "euler", 1, "natural", 0.1, 5e-4, (15, 25)),
+    "fashion_mnist_resnet": ("fashion_mnist", 30, 5000, "resnet20", "euler", 1, "natural", 0.1,
+                             5e-4, (15, 25)),
+    "cifar10_resnet20": ("cifar10", 200, 0, "resnet20", "euler", 1, "natural", 0.1, 5e-4,
+                         (80, 120, 160)),
+    "digits_enresnet": ("digits", 20, 200, "preact_resnet8", "noisy", 2, "natural", 0.1, 5e-4,
+                        (10, 15)),
+    "enresnet_paper": ("cifar10", 200, 5000, "preact_resnet20", "noisy", 2, "pgd", 0.1, 5e-4,
+                       (80, 120, 160)),
+    "in_resnet110_cifar10": ("cifar10", 200, 5000, "preact_resnet110", "damped", 1, "natural",
+                             0.1, 1e-4, (80, 120, 160)),
+}
+
+
 def test_experiment_configs_of_the_checkout_load():
-  for name in configs.names():
+  import jaxdefense as jd   # pylint: disable=import-outside-toplevel
+  from jaxdefense.dynamics import Damped, Euler, EulerMaruyama  # pylint: disable=import-outside-toplevel
+  steps = {"euler": Euler(), "noisy": EulerMaruyama(coef=0.1, std="batch", at_test=True),
+           "damped": Damped("relu", init_range=(0.2, 0.25))}
+  objectives = {"natural": jd.objectives.Natural(),
+                "pgd": jd.objectives.PGDAdversarial(eps=8 / 255, step_size=2 / 255, steps=10)}
+  names = configs.names()
+  assert set(_BUILT) <= set(names), sorted(set(_BUILT) - set(names))
+  for name in names:
     config = configs.get(name)
-    assert isinstance(config, ml_collections.ConfigDict)
+    assert isinstance(config, ml_collections.ConfigDict) and config.is_locked, name
+    # complete and valid as it is: validating it again changes nothing
+    assert configs.validate(config.to_dict()).to_dict() == config.to_dict(), name
+    assert config.dataset in jd.data.names(), name
+    model = jd.training.build_model(config, 10)
+    objective = jd.training.build_objective(config.objective)
+    if name not in _BUILT:   # a config added later: it must at least build
+      continue
+    (dataset, epochs, val, net, step, members, obj, lr, wd, milestones) = _BUILT[name]
+    assert (config.dataset, config.epochs, config.validation_size) == (dataset, epochs, val), name
+    expected = jd.models.create(net, num_classes=10, step=steps[step],
+                                normalize=jd.data.channel_stats(dataset))
+    if members > 1:
+      expected = jd.models.Ensemble(member=expected, size=members)
+    assert model == expected, (name, model)
+    assert objective == objectives[obj], (name, objective)
+    assert (config.optimizer.learning_rate, config.optimizer.weight_decay) == (lr, wd), name
+    if milestones == "cosine":
+      assert config.schedule.name == "cosine", name
+    else:
+      assert config.schedule.name == "piecewise" and config.schedule.milestones == milestones
 
 
 def test_validate_completes_partial_dicts_and_checks_keys():

@@ -176,20 +176,20 @@ def test_bad_inputs():
 def test_read_idx_formats(tmp_path):
   a = np.arange(24, dtype=np.int16).reshape(2, 3, 4) - 5
   write_idx(tmp_path / "a.idx", a)
-  out = data.read_idx(tmp_path / "a.idx")
+  out = _datasets.read_idx(tmp_path / "a.idx")
   np.testing.assert_array_equal(out, a)
   assert out.dtype == np.int16 and not out.flags.writeable
   f = np.linspace(0, 1, 6, dtype=np.float32)
   write_idx(tmp_path / "f.idx.gz", f, compress=True)  # gzip found by magic bytes
-  np.testing.assert_array_equal(data.read_idx(tmp_path / "f.idx.gz"), f)
+  np.testing.assert_array_equal(_datasets.read_idx(tmp_path / "f.idx.gz"), f)
   (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x05abc")
   with pytest.raises(ValueError, match="not an IDX file"):
-    data.read_idx(tmp_path / "bad")
+    _datasets.read_idx(tmp_path / "bad")
   (tmp_path / "short").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05abc")
   with pytest.raises(ValueError, match="needs 5"):
-    data.read_idx(tmp_path / "short")
+    _datasets.read_idx(tmp_path / "short")
   with pytest.raises(FileNotFoundError):
-    data.read_idx(tmp_path / "missing")
+    _datasets.read_idx(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -306,10 +306,31 @@ def test_tfds_path_with_mock_data(tmp_path, monkeypatch, name, shape):
 
 def test_tfds_reader_handles_getitem_only_sources():
   rng = np.random.default_rng(0)
-  examples = [{"image": rng.integers(0, 256, (28, 28), dtype=np.uint8), "label": i % 10}
-              for i in range(1500)]
-  images, labels = _datasets._read_data_source(examples)  # a list has no __getitems__
-  assert images.shape == (1500, 28, 28, 1) and labels[11] == 1
+  n = 2100   # more than two of the reader's chunks, the last one partial
+  pixels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+  targets = rng.integers(0, 10, n)
+  examples = [{"image": pixels[i], "label": int(targets[i])} for i in range(n)]
+
+  class Batched:   # an array_record data source: __getitems__ on lists of indices
+    def __len__(self):
+      return n
+
+    def __getitem__(self, i):
+      return examples[i]
+
+    def __getitems__(self, indices):
+      return [examples[i] for i in indices]
+
+  class OldMock(Batched):   # some mocks and old versions: __getitems__ raises TypeError
+    def __getitems__(self, indices):
+      raise TypeError("not supported")
+
+  for source in (examples, Batched(), OldMock()):   # a list has no __getitems__
+    images, labels = _datasets._read_data_source(source)
+    assert images.shape == (n, 28, 28, 1) and images.dtype == np.uint8
+    # every pixel and label, in order (chunk boundaries neither skip nor repeat rows)
+    np.testing.assert_array_equal(images[..., 0], pixels)
+    np.testing.assert_array_equal(labels, targets)
 
 
 def test_missing_data_error(tmp_path, no_system_dirs):

@@ -165,7 +165,8 @@ def test_shared_ensemble_tiles_perturbations_and_captures_states():
   v = _fake_variables(member, x)
   shared = jd.models.Ensemble(member, size=3, shared=True)
   sv = {k: {"member": val} for k, val in v.items()}
-  run = jax.jit(lambda p, c: shared.apply(sv, x, False, p, c, rngs={"noise": _noise_key(0)}),
+  run = jax.jit(lambda p, c: shared.apply(sv, x, False, p, capture_states=c,
+                                         rngs={"noise": _noise_key(0)}),
                 static_argnums=1)
   base = run(None, False)
   # per-block perturbations with the batch as leading axis reach every draw
@@ -177,7 +178,7 @@ def test_shared_ensemble_tiles_perturbations_and_captures_states():
   np.testing.assert_allclose(logits, base, rtol=1e-6, atol=1e-6)
   assert [s.shape[:2] for s in states] == [(3, 2)] * 3
   stacked = jd.models.Ensemble(member, size=3)
-  logits, states = stacked.apply(_stack(v, 3), x, False, None, True,
+  logits, states = stacked.apply(_stack(v, 3), x, False, None, capture_states=True,
                                  rngs={"noise": _noise_key(0)})
   assert logits.shape == (2, 10) and [s.shape[:2] for s in states] == [(3, 2)] * 3
 
@@ -186,21 +187,37 @@ def test_shared_ensemble_tiles_perturbations_and_captures_states():
 def test_average_logits_integrates_models():
   f1 = lambda x: jnp.ones((x.shape[0], 3))
   f2 = lambda x: 3.0 * jnp.ones((x.shape[0], 3))
-  np.testing.assert_allclose(average_logits([f1, f2])(X), 2.0 * np.ones((2, 3)))
+  comb = average_logits([f1, f2])
+  assert isinstance(comb, jd.models.ModelFn) and not comb.stochastic
+  np.testing.assert_allclose(comb(X), 2.0 * np.ones((2, 3)))
   np.testing.assert_allclose(average_logits([f1, f2], weights=[3, 1])(X),
                              1.5 * np.ones((2, 3)))
-  # stochastic members get independent keys
+  # stochastic members (plain functions: the flag is explicit) get independent keys
   g = lambda x, k: jax.random.normal(k, (x.shape[0], 3))
-  comb = average_logits([g, g])
+  comb = average_logits([g, g], stochastic=True)
+  assert comb.stochastic
   k1, k2 = jax.random.split(KEY)
   np.testing.assert_allclose(comb(X, KEY), (g(X, k1) + g(X, k2)) / 2, rtol=1e-6)
-  # across architectures and checkpoints
+  with pytest.raises(ValueError, match="PRNG key"):
+    comb(X)
+  # a deterministic member among stochastic ones: the combination is stochastic
+  mixed = average_logits([jd.models.ModelFn.wrap(g, stochastic=True), f1])
+  assert mixed.stochastic
+  np.testing.assert_allclose(mixed(X, KEY), (g(X, k1) + f1(X)) / 2, rtol=1e-6)
+  # across architectures and checkpoints, as bound models
   m1 = jd.models.create("preact_resnet8")
   v1 = _fake_variables(m1, seed=1)
   m2 = jd.models.create("resnet8")
   v2 = _fake_variables(m2, seed=2)
-  f1, f2 = jax.jit(lambda x: m1.apply(v1, x)), jax.jit(lambda x: m2.apply(v2, x))
-  np.testing.assert_allclose(average_logits([f1, f2])(X), (f1(X) + f2(X)) / 2, rtol=1e-6)
+  b1, b2 = jd.models.bind(m1, v1), jd.models.bind(m2, v2)
+  want = (m1.apply(v1, X) + m2.apply(v2, X)) / 2
+  np.testing.assert_allclose(average_logits([b1, b2])(X), want, rtol=1e-6, atol=1e-6)
+  # noisy EnResNet members: the combination needs a key and draws per member
+  noisy = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.1))
+  bn = jd.models.bind(noisy, v1)
+  comb = average_logits([bn, b2])
+  assert comb.stochastic
+  np.testing.assert_allclose(comb(X, KEY), (bn(X, k1) + b2(X)) / 2, rtol=1e-6, atol=1e-6)
 
 
 # -------------------------------------------------------------------- errors
@@ -223,9 +240,9 @@ def test_bad_arguments_are_clear_errors():
     jd.models.create("en_preact_resnet20", colour=3)
   with pytest.raises(ValueError, match="at least one"):
     average_logits([])
-  with pytest.raises(TypeError, match=r"logit_fns\[1\] must be callable"):
+  with pytest.raises(TypeError, match=r"models\[1\] must be a ModelFn or callable"):
     average_logits([lambda x: x, 3])
-  with pytest.raises(ValueError, match="one entry per logits function"):
+  with pytest.raises(ValueError, match="one entry per model"):
     average_logits([lambda x: x], weights=[1, 2])
   with pytest.raises(ValueError, match=r"weights\[0\] must be >= 0"):
     average_logits([lambda x: x], weights=[-1])

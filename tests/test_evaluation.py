@@ -71,14 +71,32 @@ def test_partial_last_batch_counts_every_example_once(trained):
 
 def test_stochastic_models_are_attacked_with_eot(trained):
   logits_fn, x, y = trained
+  draws = set()   # every noise draw the model makes, seen from the host
+
+  def record(noise):
+    draws.add(np.asarray(noise).tobytes())
 
   def noisy(xb, key):
-    return logits_fn(xb) + 0.5 * jax.random.normal(key, (xb.shape[0], 10))
-  rep = jd.evaluation.evaluate_robustness(noisy, x[:64], y[:64], key=jax.random.key(2), eps=EPS,
-                                          suite="fgsm", stochastic=True, eot_samples=4,
-                                          progress=False)
+    noise = jax.random.normal(key, (xb.shape[0], 10))
+    jax.debug.callback(record, noise)
+    return logits_fn(xb) + 0.5 * noise
+
+  def run(eot_samples):
+    draws.clear()
+    rep = jd.evaluation.evaluate_robustness(
+        noisy, x[:64], y[:64], key=jax.random.key(2), eps=EPS, suite="fgsm", stochastic=True,
+        eot_samples=eot_samples, batch_size=64, progress=False)
+    return rep, len(draws)
+  rep, n_eot4 = run(4)
   assert rep.meta["eot_samples"] == 4 and rep.meta["stochastic"]
   assert rep.attacks["fgsm"] < rep.clean
+  rep1, n_eot1 = run(1)
+  assert rep1.meta["eot_samples"] == 1
+  # One batch, one FGSM gradient: with EOT over 4 draws the attack sees 3 more distinct
+  # noise draws per gradient than with 1 (a model attacked without EOT, EOT with a fixed
+  # number of draws, or draws that share one key, would make the two counts equal).
+  assert n_eot1 >= 2   # clean and attacked classification draw noise too
+  assert n_eot4 - n_eot1 > 0 and (n_eot4 - n_eot1) % 3 == 0, (n_eot4, n_eot1)
 
 
 def test_plain_model_passes_the_masking_checks(trained):
@@ -155,3 +173,25 @@ def test_diagnose_radii_increase_up_to_large_eps():
     radii = diag["not_monotone_in_eps"].numbers["eps"]
     assert radii == sorted(radii) and radii[-1] == large and len(set(radii)) == len(radii)
     assert "randomness" not in diag.to_text().splitlines()[0]
+
+
+def test_a_bound_model_is_evaluated_as_its_plain_function():
+  """ModelFn (models.bind) and the plain-function form give the same report; the
+  plain form's explicit stochastic flag must agree with a ModelFn's."""
+  model = jd.models.create("mlp", hidden=(16,), num_classes=10)
+  test = jd.data.load("digits", "test")
+  x, y = test.images[:40], test.labels[:40]
+  v = model.init(jax.random.key(0), jnp.asarray(x[:2]))
+  bound = jd.models.bind(model, v)
+  plain = jax.jit(lambda xb: model.apply(v, xb))
+  kw = dict(key=jax.random.key(1), eps=EPS, suite="fgsm,pgd:steps=3", batch_size=16,
+            progress=False)
+  a = jd.evaluation.evaluate_robustness(bound, x, y, **kw)
+  b = jd.evaluation.evaluate_robustness(plain, x, y, **kw)
+  assert a.clean == b.clean and a.attacks == b.attacks and not a.meta["stochastic"]
+  assert jd.evaluation.accuracy_vs_eps(bound, x, y, key=jax.random.key(2),
+                                       eps_values=(0.0, EPS), attack="fgsm")[0][1] == a.clean
+  with pytest.raises(ValueError, match="stochastic=True was given for a ModelFn"):
+    jd.evaluation.evaluate_robustness(bound, x, y, stochastic=True, **kw)
+  with pytest.raises(TypeError, match="logits_fn must be callable"):
+    jd.evaluation.evaluate_robustness("model", x, y, **kw)

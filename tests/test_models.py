@@ -51,13 +51,43 @@ def test_published_counts_rounded():
   assert round(count("resnext29_8x64d") / 1e6) == 34
 
 
-def test_every_registered_model_runs_on_small_inputs():
-  for name in ["resnet8", "preact_resnet8", "mlp"]:
-    model = jd.models.create(name, num_classes=7)
-    x = _x((2, 8, 8, 1))
-    v = _init(model, x)
-    assert model.apply(v, x).shape == (2, 7)
-  model = jd.models.create("resnet8", num_classes=10)
+# Every model is checked abstractly (jax.eval_shape: shapes and dtypes, no arithmetic,
+# fast even for WRN-34-10); the small ones of each family also run for real (the
+# EnResNet ensembles run for real in test_enresnet.py).
+_RUN_FOR_REAL = ("mlp", "ffnn", "conv_small", "resnet_tiny", "resnet8", "preact_resnet8")
+
+
+def _smallest_input(name):
+  """[B, H, W, C] of the smallest sensible input of a registered model."""
+  # DiffAI's ConvSmall has two unpadded 4x4 stride-2 convolutions: 8x8 leaves nothing
+  return (3, 16, 16, 3) if name == "conv_small" else (3, 8, 8, 1)
+
+
+def test_models_run_for_real_are_registered():
+  assert set(_RUN_FOR_REAL) <= set(jd.models.names())
+
+
+@pytest.mark.parametrize("name", jd.models.names())
+def test_every_registered_model_runs_on_small_inputs(name):
+  # num_classes = 7 is no model's default: a preset that drops the override fails
+  model = jd.models.create(name, num_classes=7)
+  x = _x(_smallest_input(name))
+  rngs = {"params": jax.random.key(0), "noise": jax.random.key(1)}
+  logits, variables = jax.eval_shape(lambda a: model.init_with_output(rngs, a), x)
+  assert logits.shape == (x.shape[0], 7) and logits.dtype == jnp.float32, (name, logits)
+  assert jd.models.count_params(variables) > 0, name
+  if name not in _RUN_FOR_REAL:
+    return
+  variables = model.init(rngs, x)
+  logits = model.apply(variables, x, rngs={"noise": jax.random.key(2)})
+  assert logits.shape == (x.shape[0], 7) and logits.dtype == jnp.float32, name
+  assert np.all(np.isfinite(np.asarray(logits))), name
+  # each example has its own logits (a model that ignored or mixed up the batch would not)
+  assert float(jnp.min(jnp.max(jnp.abs(logits[1:] - logits[:1]), axis=-1))) > 0, name
+
+
+def test_default_num_classes_and_mnist_size_input():
+  model = jd.models.create("resnet8")
   x = _x((2, 28, 28, 1))
   assert model.apply(_init(model, x), x).shape == (2, 10)
 
@@ -98,7 +128,8 @@ def test_damped_lambda_one_is_plain_cnn_step():
 
     @fnn.compact
     def __call__(self, x, fx):
-      return self.step(self, x, fx, StepContext(index=3, transition=False, train=False))
+      return jd.dynamics.apply_step(self, self.step, x, fx,
+                                     StepContext(index=3, transition=False, train=False))
 
   x, fx = _x((2, 4, 4, 3), 1), _x((2, 4, 4, 3), 2)
   probe = Probe(Damped("relu", init_range=(1.0, 1.0)))
@@ -125,11 +156,57 @@ def test_damped_lambda_init_range():
 
 
 def test_gating_variants_run_and_start_as_constant_gate():
+  class Probe(fnn.Module):
+    step: object
+
+    @fnn.compact
+    def __call__(self, x, fx):
+      ctx = StepContext(index=3, transition=False, train=False)
+      return jd.dynamics.apply_step(self, self.step, x, fx, ctx)
+
+  acts = {"gating": lambda b: np.maximum(b, 0.0), "gating_sig": lambda b: 1 / (1 + np.exp(-b))}
+  for kind, act in acts.items():
+    for shape in ((2, 3, 3, 4), (5, 4)):   # NHWC feature maps and rank-2 features
+      x, fx = _x(shape, 1) - 0.5, _x(shape, 2)
+      probe = Probe(Damped(kind, init_range=(0.1, 0.3)))
+      v = probe.init(KEY, x, fx)["params"]
+      # W_d starts at zero and b_d in init_range: the gate is a per-channel constant
+      assert np.all(np.asarray(v["gate_kernel"]) == 0), kind
+      assert np.all((0.1 <= v["gate_bias"]) & (v["gate_bias"] <= 0.3)), kind
+      np.testing.assert_allclose(
+          probe.apply({"params": v}, x, fx),
+          (1 - act(np.asarray(v["gate_bias"], np.float64))) * x + fx, rtol=1e-6, atol=1e-6)
+      # any bias b, one value per channel (negative ones clip to 0 under the relu gate)
+      b = jnp.linspace(-1.0, 2.0, shape[-1])
+      out = probe.apply({"params": {**v, "gate_bias": b}}, x, fx)
+      expected = (1 - act(np.asarray(b, np.float64))) * np.asarray(x) + np.asarray(fx)
+      np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+      # the gate depends on x only through W_d
+      w = jnp.full_like(v["gate_kernel"], 0.1)
+      assert float(jnp.max(jnp.abs(probe.apply({"params": {**v, "gate_kernel": w}}, x, fx)
+                                   - probe.apply({"params": v}, x, fx)))) > 1e-3
+  # in a whole network: a gating net at initialisation, every gate bias set to one value
+  # per block, is the scalar-lambda Damped net of the same activation with those lambdas
   x = _x()
-  for kind in ("gating", "gating_sig"):
-    model = jd.models.create("preact_resnet20", step=Damped(kind))
-    v = _init(model, x)
-    assert model.apply(v, x).shape == (4, 10)
+  for kind, scalar_kind in (("gating", "relu"), ("gating_sig", "sig")):
+    # two blocks in each of the first two stages: blocks 1 and 3 are damped
+    gated = jd.models.create("preact_resnet8", stage_sizes=(2, 2, 1), step=Damped(kind))
+    plain = jd.models.create("preact_resnet8", stage_sizes=(2, 2, 1), step=Damped(scalar_kind))
+    vg = _init(gated, x)
+    lams = {}
+    params_g, params_p = {}, {}
+    for i, (name, sub) in enumerate(sorted(vg["params"].items())):
+      if isinstance(sub, dict) and "gate_bias" in sub:
+        assert np.all(np.asarray(sub["gate_kernel"]) == 0)
+        lams[name] = 0.1 + 0.05 * i
+        params_g[name] = {**sub, "gate_bias": jnp.full_like(sub["gate_bias"], lams[name])}
+        params_p[name] = {**{k: a for k, a in sub.items() if not k.startswith("gate_")},
+                          "lambda": jnp.float32(lams[name])}
+      else:
+        params_g[name] = params_p[name] = sub
+    assert sorted(lams) == ["block1", "block3"]   # not the first block, nor transitions
+    np.testing.assert_allclose(gated.apply({**vg, "params": params_g}, x),
+                               plain.apply({**vg, "params": params_p}, x), rtol=1e-5, atol=1e-6)
 
 
 class _StepProbe(fnn.Module):
@@ -138,7 +215,8 @@ class _StepProbe(fnn.Module):
 
   @fnn.compact
   def __call__(self, x, fx):
-    return self.step(self, x, fx, StepContext(index=1, transition=False, train=self.train))
+    return jd.dynamics.apply_step(self, self.step, x, fx,
+                                  StepContext(index=1, transition=False, train=self.train))
 
 
 def test_injected_noise_has_configured_scale():
@@ -219,7 +297,8 @@ class _NoisyShift(fnn.Module):
   def __call__(self, x, train=False):
     shift = self.param("shift", fnn.initializers.constant(0.5), ())
     step = EulerMaruyama(coef=1.0, std="fixed")
-    return step(self, x, jnp.full_like(x, shift), StepContext(0, False, train))
+    return jd.dynamics.apply_step(self, step, x, jnp.full_like(x, shift),
+                                  StepContext(0, False, train))
 
 
 def _noise_input():

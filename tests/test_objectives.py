@@ -12,6 +12,12 @@ import pytest
 
 from jaxdefense import attacks
 from jaxdefense import objectives as O
+from jaxdefense.models import ModelFn, bind
+
+
+def _wrapped(params):
+  """The MLP with ``params`` as a deterministic ModelFn (what objectives take)."""
+  return ModelFn.wrap(lambda z: _mlp(params, z))
 
 
 def _init(key, dim=36, hidden=16, classes=4):
@@ -52,7 +58,7 @@ def loss_and_grad(name):
     objective = OBJECTIVES[name]
 
     def loss(params, x, y, key):
-      return objective(lambda z: _mlp(params, z), x, y, key)
+      return objective(_wrapped(params), x, y, key)
 
     _JITTED[name] = jax.jit(jax.value_and_grad(loss, has_aux=True))
   return _JITTED[name]
@@ -69,12 +75,22 @@ def test_natural_loss_is_cross_entropy(batch):
   np.testing.assert_allclose(aux["logits"], _mlp(params, x), rtol=1e-6)
 
 
-def test_pgd_loss_at_least_natural(batch):
+def test_pgd_loss_is_the_cross_entropy_at_its_attack(batch):
   x, y, params = batch
   (loss, aux), _ = loss_and_grad("pgd")(params, x, y, KEY)
-  assert float(loss) >= _ce(params, x, y)
+  obj = OBJECTIVES["pgd"]
+  # the same attack, run explicitly with the same key
+  x_adv = jax.jit(lambda p: attacks.pgd(_wrapped(p), x, y, key=KEY, eps=obj.eps,
+                                        step_size=obj.step_size, steps=obj.steps,
+                                        random_start=True))(params)
+  delta = np.abs(np.asarray(x_adv) - np.asarray(x))
+  assert delta.max() <= obj.eps + 1e-6 and delta.max() > obj.eps / 2   # in the ball, moved
+  assert 0.0 <= float(x_adv.min()) and float(x_adv.max()) <= 1.0       # in the box
   assert aux["logits"].shape == (8, 4)
+  np.testing.assert_allclose(aux["logits"], _mlp(params, x_adv), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(loss), _ce(params, x_adv, y), rtol=1e-5)
   np.testing.assert_allclose(float(loss), float(aux["loss_adv"]), rtol=1e-6)
+  assert abs(float(loss) - _ce(params, x, y)) > 1e-3   # not the clean loss
 
 
 def test_pgd_mix_interpolates(batch):
@@ -135,7 +151,7 @@ def test_inner_attack_is_not_differentiated(batch):
   for name in ("pgd", "trades"):
     objective = OBJECTIVES[name]
     jaxpr = jax.make_jaxpr(jax.grad(
-        lambda p: objective(lambda z: _mlp(p, z), x, y, KEY)[0]))(params)
+        lambda p: objective(_wrapped(p), x, y, KEY)[0]))(params)
     text = str(jaxpr)
     assert text.count("scan[") + text.count("while[") == 1, name
 
@@ -148,7 +164,7 @@ def test_no_retracing_across_calls(batch):
   @jax.jit
   def step(params, x, y, key):
     traces.append(1)
-    return jax.grad(lambda p: objective(lambda z: _mlp(p, z), x, y, key)[0])(params)
+    return jax.grad(lambda p: objective(_wrapped(p), x, y, key)[0])(params)
 
   step(params, x, y, KEY)
   params2 = jax.tree.map(lambda p: p + 0.01, params)
@@ -158,7 +174,7 @@ def test_no_retracing_across_calls(batch):
 
 def test_objectives_are_hashable_static_arguments(batch):
   x, y, params = batch
-  f = jax.jit(lambda obj, p, x, y, k: obj(lambda z: _mlp(p, z), x, y, k)[0],
+  f = jax.jit(lambda obj, p, x, y, k: obj(_wrapped(p), x, y, k)[0],
               static_argnums=0)
   a = f(O.Natural(), params, x, y, KEY)
   b = f(O.Natural(), params, x, y, KEY)
@@ -166,31 +182,41 @@ def test_objectives_are_hashable_static_arguments(batch):
   assert hash(O.PGDAdversarial()) == hash(O.PGDAdversarial())
 
 
-def test_attack_logits_fn_is_used_for_the_inner_attack(batch):
-  x, y, params = batch
-  objective = OBJECTIVES["pgd"]
-  other = _init(jax.random.key(5))
-  loss, aux = objective(lambda z: _mlp(params, z), x, y, KEY,
-                        attack_logits_fn=lambda z: _mlp(other, z))
-  x_adv = attacks.pgd(lambda z: _mlp(other, z), x, y, key=KEY, eps=objective.eps,
-                      step_size=objective.step_size, steps=objective.steps)
-  np.testing.assert_allclose(aux["logits"], _mlp(params, x_adv), rtol=1e-5, atol=1e-6)
+def test_eval_attack_mode_attacks_the_evaluation_mode_model(batch):
+  """attack_mode="eval": the inner attack runs on model.with_mode(False) (running
+  statistics), the outer pass on the training-mode model."""
+  x, y, _ = batch
+  module = _TinyBN()
+  variables = dict(module.init(jax.random.key(0), x))
+  # non-trivial running statistics: evaluation and training mode differ
+  variables["batch_stats"] = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])
+  train = bind(module, variables, train=True)
+  evaluation = bind(module, variables)
+  assert float(jnp.max(jnp.abs(train(x) - evaluation(x)))) > 1e-3
+  kw = dict(eps=0.1, step_size=0.03, steps=3)
+  for mode, attacked in (("eval", evaluation), ("train", train)):
+    _, aux = O.PGDAdversarial(attack_mode=mode, **kw)(train, x, y, KEY)
+    x_adv = attacks.pgd(attacked, x, y, key=KEY, **kw)
+    np.testing.assert_allclose(aux["logits"], train(x_adv), rtol=1e-5, atol=1e-6)
+  _, aux_eval = O.PGDAdversarial(attack_mode="eval", **kw)(train, x, y, KEY)
+  _, aux_train = O.PGDAdversarial(attack_mode="train", **kw)(train, x, y, KEY)
+  assert float(jnp.max(jnp.abs(aux_eval["logits"] - aux_train["logits"]))) > 1e-4
 
 
 def test_outer_passes_draw_independent_model_noise(batch):
   """The clean and adversarial forward passes get different noise (as two PyTorch calls)."""
   x, y, params = batch
-
-  def noisy_apply(z, *, key=None):  # the loop's form: default noise unless a key is given
-    k = jax.random.key(99) if key is None else key
-    return _mlp(params, z) + jax.random.normal(k, (z.shape[0], 4)), None
-  default = noisy_apply(x)[0]
-  _, aux = O.TRADES(eps=0.1, step_size=0.03, steps=2)(noisy_apply, x, y, KEY)
+  module = _TinyBN(noise=0.3)
+  variables = module.init({"params": jax.random.key(0), "noise": jax.random.key(1)}, x)
+  # the training step's form: default noise unless a pass is given its own key
+  noisy = bind(module, variables, train=True, rngs={"noise": jax.random.key(99)})
+  default = noisy.apply(x)[0]
+  _, aux = O.TRADES(eps=0.1, step_size=0.03, steps=2)(noisy, x, y, KEY)
   assert float(jnp.max(jnp.abs(aux["logits"] - default))) > 1e-2   # clean: its own draw
-  _, aux = O.PGDAdversarial(eps=0.1, step_size=0.03, steps=2, mix=0.5)(noisy_apply, x, y, KEY)
+  _, aux = O.PGDAdversarial(eps=0.1, step_size=0.03, steps=2, mix=0.5)(noisy, x, y, KEY)
   assert float(jnp.max(jnp.abs(aux["clean_logits"] - default))) > 1e-2
-  # a plain logits function is called as it is
-  _, aux = O.TRADES(eps=0.1, step_size=0.03, steps=2)(lambda z: _mlp(params, z), x, y, KEY)
+  # a deterministic wrapped logits function is called as it is
+  _, aux = O.TRADES(eps=0.1, step_size=0.03, steps=2)(_wrapped(params), x, y, KEY)
   np.testing.assert_allclose(aux["logits"], _mlp(params, x), rtol=1e-6)
 
 
@@ -276,7 +302,10 @@ def test_config_errors(call, exc, pattern):
 
 def test_bad_batch_errors(batch):
   x, y, params = batch
-  f = lambda z: _mlp(params, z)
+  f = _wrapped(params)
+  for objective in (O.Natural(), O.PGDAdversarial(), O.TRADES(), O.CertifiedObjective()):
+    with pytest.raises(TypeError, match="model must be a jaxdefense.models.ModelFn"):
+      objective(lambda z: _mlp(params, z), x, y, KEY)
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
     O.PGDAdversarial()(f, x * 255, y, KEY)
   with pytest.raises(ValueError, match="one label per image"):
@@ -301,14 +330,10 @@ class _TinyBN(nn.Module):
     return nn.Dense(4)(h)
 
 
-def _loop_apply_fn(model, params, model_state, default_key):
-  """The training loop's ``apply_fn(x, *, key=None) -> (logits, model_state)``."""
-  def apply_fn(x, *, key=None):
-    logits, new_state = model.apply({"params": params, **model_state}, x, train=True,
-                                    rngs={"noise": default_key if key is None else key},
-                                    mutable=["batch_stats"])
-    return logits, dict(new_state)
-  return apply_fn
+def _loop_model(model, params, model_state, default_key):
+  """The training step's model: ``bind(..., train=True, rngs=default noise)``."""
+  return bind(model, {"params": params, **model_state}, train=True,
+              rngs={"noise": default_key})
 
 
 @pytest.fixture(scope="module")
@@ -331,8 +356,8 @@ def test_training_loop_contract_returns_model_state(batch, bn_model, name):
   def step(params, x, y, key):
     traces.append(1)
     def loss(p):
-      apply_fn = _loop_apply_fn(model, p, model_state, jax.random.fold_in(key, 7))
-      return objective(apply_fn, x, y, key)
+      return objective(_loop_model(model, p, model_state, jax.random.fold_in(key, 7)),
+                       x, y, key)
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   (loss, aux), grads = step(params, x, y, KEY)
@@ -341,7 +366,8 @@ def test_training_loop_contract_returns_model_state(batch, bn_model, name):
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   # The state is the batch statistics of the pass the loss trains on.
   if name == "natural":
-    clean_state = _loop_apply_fn(model, params, model_state, jax.random.fold_in(KEY, 7))(x)[1]
+    clean_state = _loop_model(model, params, model_state,
+                              jax.random.fold_in(KEY, 7)).apply(x)[1]
     for a, b in zip(jax.tree.leaves(aux["model_state"]), jax.tree.leaves(clean_state)):
       np.testing.assert_allclose(a, b, rtol=1e-6)
   # Deterministic for a key although every attack iteration draws fresh noise.

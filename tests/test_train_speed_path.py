@@ -72,7 +72,7 @@ def test_recommended_flags_merge_and_version_gate():
 
 
 def test_cli_installs_the_flags_only_before_jax_starts(monkeypatch):
-  from jaxdefense import cli
+  from jaxdefense.commands import _main as cli
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   monkeypatch.setattr(_xla_flags, "backend_started", lambda: False)
   assert cli.install_xla_flags()

@@ -18,7 +18,7 @@ import pytest
 
 import jaxdefense as jd
 from jaxdefense import configs, training
-from jaxdefense.training import _loop
+from jaxdefense.training import _run
 
 from conftest import run_python, subprocess_env
 
@@ -129,14 +129,17 @@ def test_build_model_and_step_rules():
   assert isinstance(model, jd.models.Ensemble) and model.size == 3 and model.shared
   assert model.member.step == jd.dynamics.EulerMaruyama(coef=0.2)
   assert model.member.normalize == jd.data.channel_stats("digits")
-  step = training.build_step({"name": "damped", "kind": "sig", "coef": 0.3})
+  # an older, complete spec: another rule's field at its default is accepted
+  step = training.build_step({"name": "damped", "kind": "sig", "coef": 0.1})
   assert step == jd.dynamics.Damped(kind="sig")
+  with pytest.raises(ValueError, match="'coef' .*does not apply to step 'damped'"):
+    training.build_step({"name": "damped", "kind": "sig", "coef": 0.3})
   with pytest.raises(ValueError, match="has no residual step"):
     training.build_model(configs.get("demo", ["model.name=mlp",
                                               "model.step.name=euler_maruyama"]), 10)
   with pytest.raises(ValueError, match="unknown model.step.name='rk4'"):
     training.build_step({"name": "rk4"})
-  with pytest.raises(ValueError, match="unknown model.step field"):
+  with pytest.raises(ValueError, match="model.step field 'sigma' does not apply"):
     training.build_step({"name": "euler", "sigma": 1.0})
   with pytest.raises(ValueError, match="unknown model name='resnet9'"):
     training.build_model(configs.get("demo", ["model.name=resnet9"]), 10)
@@ -148,7 +151,7 @@ def test_train_state_is_a_pytree_with_static_functions():
   c = tiny_config()
   exp = training.build_experiment(c, num_classes=10, image_shape=(8, 8, 1),
                                   steps_per_epoch=19)
-  state = exp.init_state(training.make_mesh())
+  state = exp.init_state(jd.data.make_mesh())
   leaves = jax.tree_util.tree_leaves(state)
   assert all(isinstance(x, jax.Array) for x in leaves)
   assert state.step.dtype == jnp.int32 and int(state.step) == 0
@@ -159,9 +162,9 @@ def test_train_state_is_a_pytree_with_static_functions():
 
 # ----------------------------------------------------------------- steps
 def _counting(objective, calls):
-  def counted(apply_fn, x, y, key):
+  def counted(model, x, y, key):
     calls.append(1)
-    return objective(apply_fn, x, y, key)
+    return objective(model, x, y, key)
   return counted
 
 
@@ -172,14 +175,14 @@ def test_train_step_compiles_once_noise_and_batch_stats():
   spe = jd.data.num_batches(len(ds.labels), c.batch_size)
   exp = training.build_experiment(c, num_classes=10, image_shape=(8, 8, 1),
                                   steps_per_epoch=spe)
-  mesh = training.make_mesh()
+  mesh = jd.data.make_mesh()
   state = exp.init_state(mesh)
   calls = []
   step = training.make_train_step(_counting(exp.objective, calls), mesh=mesh)
   stats0 = jax.device_get(state.batch_stats)
   losses = []
   for x, y in list(jd.data.batches(ds, c.batch_size, seed=0, epoch=0))[:4]:
-    xb, yb = training.shard_batch((x, y), training.batch_sharding(mesh))
+    xb, yb = jd.data.shard_batch((x, y), jd.data.batch_sharding(mesh))
     state, metrics = step(state, xb, yb)
     losses.append(float(metrics["loss"]) / c.batch_size)
   assert step.traces == 1 and len(calls) == 1
@@ -204,11 +207,11 @@ def test_train_step_compiles_once_noise_and_batch_stats():
 def test_objective_must_return_logits_and_model_state():
   exp = training.build_experiment(configs.get("demo"), num_classes=10,
                                   image_shape=(8, 8, 1), steps_per_epoch=10)
-  mesh = training.make_mesh()
+  mesh = jd.data.make_mesh()
   state = exp.init_state(mesh)
 
-  def no_state(apply_fn, x, y, key):
-    logits, _ = apply_fn(x)
+  def no_state(model, x, y, key):
+    logits, _ = model.apply(x)
     return jnp.mean(logits), {"logits": logits}
 
   step = training.make_train_step(no_state, mesh=mesh, donate=False)
@@ -219,11 +222,13 @@ def test_objective_must_return_logits_and_model_state():
 
 
 def test_eval_mode_objectives_attack_the_evaluation_mode_model():
-  """attack_mode="eval" objectives (TRADES) get the eval-mode model for their attacks."""
+  """The step's model is the training-mode ModelFn with the current parameters and the
+  state's batch statistics; ``with_mode(False)`` (what attack_mode="eval" objectives such
+  as TRADES attack) is the evaluation-mode model."""
   import dataclasses
   exp = training.build_experiment(configs.get("demo"), num_classes=10,
                                   image_shape=(8, 8, 1), steps_per_epoch=10)
-  mesh = training.make_mesh()
+  mesh = jd.data.make_mesh()
   state = exp.init_state(mesh)
   # non-trivial running statistics, so train-mode and eval-mode outputs differ
   state = state.replace(model_state=jax.tree_util.tree_map(
@@ -239,9 +244,10 @@ def test_eval_mode_objectives_attack_the_evaluation_mode_model():
   class Probe:
     attack_mode: str = "eval"
 
-    def __call__(self, apply_fn, x, y, key, *, attack_logits_fn=None):
-      logits, model_state = apply_fn(x)
-      seen = attack_logits_fn(x) if attack_logits_fn is not None else logits
+    def __call__(self, model, x, y, key):
+      assert isinstance(model, jd.models.ModelFn) and model.train
+      logits, model_state = model.apply(x)
+      seen = model.with_mode(False)(x) if self.attack_mode == "eval" else logits
       return jnp.mean(logits), {"logits": logits, "model_state": model_state,
                                 "attack_sum": jnp.sum(seen)}
 
@@ -294,10 +300,10 @@ def test_resume_after_an_interrupt_is_exact(tiny_run, tmp_path, monkeypatch):
       yield b
 
   config = tiny_config("checkpoint.every_steps=3")
-  monkeypatch.setattr(_loop._data, "batches", failing_batches)
+  monkeypatch.setattr(_run._data, "batches", failing_batches)
   with pytest.raises(KeyboardInterrupt):
     training.train_and_evaluate(config, tmp_path, verbose=False)
-  monkeypatch.setattr(_loop._data, "batches", real_batches)
+  monkeypatch.setattr(_run._data, "batches", real_batches)
   assert training.Checkpoints(tmp_path).latest_step() == 24
   state = training.train_and_evaluate(config, tmp_path, verbose=False)
   assert int(state.step) == 38

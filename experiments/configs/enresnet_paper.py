@@ -22,21 +22,23 @@ from __future__ import annotations
 
 from jaxdefense.configs.presets import cifar10_resnet20
 
-#: MODEL -> (network, ensemble members, noise, shared weights)
+#: MODEL (the paper's name) -> the model zoo's preset (jaxdefense.models.names()).  The
+#: presets carry the step rule and the ensemble (see jaxdefense/models/_enresnet.py), so
+#: an EnResNet is written down one way only.
 MODELS = {
-    "resnet20": ("preact_resnet20", 1, False, False),
-    "en1_resnet20": ("preact_resnet20", 1, True, False),
-    "en2_resnet20": ("preact_resnet20", 2, True, False),
-    "en5_resnet20": ("preact_resnet20", 5, True, False),
-    "swe2_resnet20": ("preact_resnet20", 2, True, True),
-    "swe5_resnet20": ("preact_resnet20", 5, True, True),
-    "ens2_resnet20": ("preact_resnet20", 2, False, False),
-    "resnet44": ("preact_resnet44", 1, False, False),
-    "en1_resnet44": ("preact_resnet44", 1, True, False),
-    "en2_resnet44": ("preact_resnet44", 2, True, False),
-    "resnet110": ("preact_resnet110", 1, False, False),
-    "en2_resnet110": ("preact_resnet110", 2, True, False),
-    "en1_wrn34_10": ("wrn34_10", 1, True, False),
+    "resnet20": "preact_resnet20",
+    "en1_resnet20": "en_preact_resnet20",
+    "en2_resnet20": "en2_preact_resnet20",
+    "en5_resnet20": "en5_preact_resnet20",
+    "swe2_resnet20": "swe2_preact_resnet20",
+    "swe5_resnet20": "swe5_preact_resnet20",
+    "ens2_resnet20": "ens2_preact_resnet20",
+    "resnet44": "preact_resnet44",
+    "en1_resnet44": "en_preact_resnet44",
+    "en2_resnet44": "en2_preact_resnet44",
+    "resnet110": "preact_resnet110",
+    "en2_resnet110": "en2_preact_resnet110",
+    "en1_wrn34_10": "en_wrn34_10",
 }
 
 DATASETS = ("cifar10", "cifar100")
@@ -49,17 +51,15 @@ def get_config(arg: str | None = None):
         f"enresnet_paper: argument must be DATASET,MODEL[,COEF] with DATASET in "
         f"{DATASETS} and MODEL in {sorted(MODELS)}; got {arg!r}.")
   dataset, name = parts[0], parts[1]
-  network, members, noisy, shared = MODELS[name]
   c = cifar10_resnet20.get_config()  # SGD 0.1 / 0.9 / 5e-4, /10 at 80, 120, 160 of 200
   c.dataset = dataset
   c.validation_size = 5000
   c.checkpoint.keep_best = True
-  c.model.name = network
-  c.model.step.name = "euler_maruyama" if noisy else "euler"
-  c.model.step.coef = float(parts[2]) if len(parts) == 3 else 0.1
-  c.model.step.std = "batch"
-  c.model.step.at_test = True
-  c.ensemble.size = members
-  c.ensemble.shared = shared
+  c.model.name = MODELS[name]
+  if len(parts) == 3:
+    if not MODELS[name].startswith(("en", "swe")):
+      raise ValueError(f"enresnet_paper: {name} has no noise, so a noise coefficient "
+                       f"({parts[2]}) does not apply.")
+    c.model.step.coef = float(parts[2])  # completes the preset's Euler-Maruyama rule
   c.objective = {"name": "pgd", "eps": 8 / 255, "step_size": 2 / 255, "steps": 10}
   return c

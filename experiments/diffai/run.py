@@ -1,23 +1,25 @@
 """Certified training and evaluation of DiffAI's ConvSmall / ConvMed on Fashion-MNIST.
 
-  python experiments/diffai/run.py [--config.KEY=VALUE ...] [--out DIR] [--quick]
+A study on the experiment runner (:mod:`jaxdefense.evaluation`), one cell per network::
 
-Trains every model of the config with the IBP-style objective
-(:class:`jaxdefense.objectives._certified.CertifiedObjective`), then reports standard,
-PGD and certified (box, hybrid zonotope, DeepZ zonotope) accuracy, and writes
-``DIR/report.md`` and ``DIR/results.json`` (default DIR: ``experiments/diffai/results``).
-``--quick`` is a smoke test (a few hundred examples, one short epoch).
+  python experiments/diffai/run.py                           # run or resume missing cells
+  python experiments/diffai/run.py --cell conv_med --seed 0  # one cell (one process)
+  python experiments/diffai/run.py list
+  python -m jaxdefense report experiments/diffai/results     # rebuild the report
+  python experiments/diffai/run.py --quick                   # smoke run (own folders)
+
+Each cell trains its network with the IBP-style objective
+(:class:`jaxdefense.objectives._certified.CertifiedObjective`) on the config of
+``config.py`` beside this file, then measures standard, PGD and certified (box, hybrid
+zonotope, DeepZ zonotope) accuracy.  The report is ``results/report.md``.
 
 The training loop here is minimal on purpose (Adam, a jitted step, fractional-epoch
-schedules); the library loop of :mod:`jaxdefense.training` can replace it.
+schedules) and is not checkpointed: an interrupted cell starts again.
 """
 
 from __future__ import annotations
 
-import ast
-import json
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -27,39 +29,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jaxdefense as jd
+from jaxdefense.evaluation import Cell, CellContext, Results, Study
+from jaxdefense.evaluation._certified import certified_accuracy
+from jaxdefense.models import _diffai  # noqa: F401  (registers the DiffAI zoo)
+from jaxdefense.objectives._certified import CertifiedObjective, Lin
 
-import config as default_config  # noqa: E402  (experiments/diffai/config.py)
-import jaxdefense as jd  # noqa: E402
-from jaxdefense.evaluation._certified import certified_accuracy  # noqa: E402
-from jaxdefense.models import _diffai  # noqa: E402,F401  (registers the DiffAI zoo)
-from jaxdefense.objectives._certified import CertifiedObjective, Lin  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+MODELS = ("conv_small", "conv_med")
 
 
-def parse_args(argv: list[str]) -> tuple[Any, str, bool]:
-  cfg = default_config.get_config()
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  quick = False
-  for arg in argv:
-    if arg == "--quick":
-      quick = True
-    elif arg.startswith("--out="):
-      out = arg.split("=", 1)[1]
-    elif arg.startswith("--config."):
-      key, value = arg[len("--config."):].split("=", 1)
-      if key not in cfg:
-        raise ValueError(f"unknown config key {key!r}; expected one of {sorted(cfg)}.")
-      try:
-        value = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        pass
-      cfg[key] = value
-    else:
-      raise ValueError(f"unknown argument {arg!r}.")
+def load_config(overrides: dict, quick: bool = False) -> Any:
+  """``config.py``'s config with ``overrides`` (existing keys only; ``quick`` shrinks the
+  run to a smoke test).
+
+  Raises:
+    ValueError: an unknown key.
+  """
+  cfg = jd.configs.load_file(os.path.join(HERE, "config.py"))
+  for key, value in overrides.items():
+    if key not in cfg:
+      raise ValueError(f"unknown config key {key!r}; expected one of {sorted(cfg)}.")
+    cfg[key] = value
   if quick:
     cfg.epochs, cfg.hold_epochs, cfg.ramp_epochs = 1, 0.2, 0.5
     cfg.zonotope_examples, cfg.deepz_examples = 50, 20
-  return cfg, out, quick
+  return cfg
 
 
 def train(cfg: Any, name: str, train_ds: Any, log: Any) -> tuple[Any, Any, float]:
@@ -80,7 +76,7 @@ def train(cfg: Any, name: str, train_ds: Any, log: Any) -> tuple[Any, Any, float
   @jax.jit
   def step(params, opt_state, x, y, key, epoch):
     def loss_fn(p):
-      return objective(lambda v: model.apply({"params": p}, v, train=True), x, y, key,
+      return objective(jd.models.bind(model, {"params": p}, train=True), x, y, key,
                        epoch=epoch)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -170,16 +166,57 @@ def evaluate(cfg: Any, model: Any, variables: Any, test_ds: Any, log: Any) -> di
   return out
 
 
-def write_report(cfg: Any, results: dict, out_dir: str, command: str, total_s: float,
-                 cpu_s: float) -> str:
-  lines = [
-      "# DiffAI on Fashion-MNIST at eps = 0.1 (CPU scale)",
-      "",
-      f"Command: `{command}`",
-      "",
-      f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
-      f"(shared with other jobs); jax {jax.__version__}; total wall time "
-      f"{total_s / 60:.1f} min, CPU time {cpu_s / 60:.1f} min (both cores together).",
+def run_cell(ctx: CellContext) -> dict:
+  """One network: certified training, then the evaluation of :func:`evaluate`."""
+  cfg, quick = ctx.config, ctx.cell.info.get("quick", False)
+  log_path = os.path.join(ctx.workdir, "log.txt")
+  logfile = open(log_path, "w")
+
+  def log(msg: str) -> None:
+    print(msg, flush=True)
+    logfile.write(msg + "\n")
+    logfile.flush()
+
+  train_ds = jd.data.load(cfg.dataset, "train")
+  test_ds = jd.data.load(cfg.dataset, "test")
+  if quick:
+    train_ds, test_ds = _Subset(train_ds, 500), _Subset(test_ds, 200)
+  log(f"{cfg.dataset}: {train_ds.labels.shape[0]} train / {test_ds.labels.shape[0]} test")
+  log(f"training {cfg.model}")
+  model, variables, (train_s, train_cpu_s) = train(cfg, cfg.model, train_ds, log)
+  log(f"evaluating {cfg.model}")
+  cpu0 = time.process_time()
+  r = evaluate(cfg, model, variables, test_ds, log)
+  r["eval_cpu_s"] = time.process_time() - cpu0
+  r["train_s"] = train_s
+  r["train_cpu_s"] = train_cpu_s
+  r["params"] = jd.models.count_params(variables)
+  logfile.close()
+  return r
+
+
+def _machine(m: dict) -> str:
+  """``"x86_64, 2 CPU cores; jax 0.10.2"`` from a record's machine."""
+  text = m.get("summary") or f"{m.get('machine')}, {m.get('cpu_count')} CPU cores"
+  return text + (f"; jax {m['jax']}" if m.get("jax") else "")
+
+
+def report(res: Results, out_dir: str, quick: bool = False) -> list[str]:
+  """The study's report sections (markdown lines)."""
+  del out_dir
+  names = [n for n in MODELS if res.has(n)]
+  if not names:
+    return ["No cell is done yet."]
+  cfg = load_config({"model": names[0]}, quick)
+  records = [r for r in res.records if r.get("status") == "done"]
+  machines = sorted({_machine(r.get("machine") or {}) for r in records})
+  legacy = res.data.get("legacy_totals")
+  timing = (f"total wall time {legacy['total_s'] / 60:.1f} min, CPU time "
+            f"{legacy['total_cpu_s'] / 60:.1f} min (both cores together) in the one "
+            f"invocation `{legacy['command']}` that produced both cells" if legacy else
+            "wall time per cell in the provenance table")
+  lines = (["**QUICK SMOKE RUN: numbers meaningless.**", ""] if quick else []) + [
+      f"Machine: {'; '.join(machines)} (shared with other jobs); {timing}.",
       "",
       f"Training: IBP-style certified objective (DiffAI 'Baseline': Mix(Point, Sub(Lin, Box), "
       f"Lin)), domain={cfg.domain}, eps_train={cfg.eps * cfg.train_eps_factor:g}, "
@@ -188,26 +225,33 @@ def write_report(cfg: Any, results: dict, out_dir: str, command: str, total_s: f
       f"epochs, then ramped linearly over {cfg.ramp_epochs:g} epochs (to eps and "
       f"{cfg.final_mix:g}).",
       "",
-      "Evaluation at eps = 0.1 on the test set: standard accuracy, PGD "
+      f"Evaluation at eps = {cfg.eps:g} on the test set: standard accuracy, PGD "
       f"({cfg.pgd_steps} steps, step 2.5 eps / steps, random start) and certified "
       "accuracy (verified: min over j != y of the lower bound of z_y - z_j > 0 on "
       "[max(x - eps, 0), min(x + eps, 1)]).  Box = interval bound propagation; hybrid "
       "zonotope = DiffAI's domain with every input pixel correlated and the box ReLU; "
       "DeepZ = zonotope with the minimal-area ReLU (one generator per crossing neuron).",
       "",
-      "| network | standard | PGD | certified box | certified hybrid zonotope | "
-      "box or hybrid zonotope | certified DeepZ | train time |",
-      "|---|---|---|---|---|---|---|---|",
+      "Each entry: accuracy ± its standard error over the images it was measured on "
+      "(binomial, one seed).",
+      "",
   ]
-  for name, r in results.items():
-    lines.append(
-        f"| {name} | {100 * r['standard']:.1f} % | {100 * r['pgd']:.1f} % | "
-        f"{100 * r['certified_box']:.1f} % (box on the first {r['n_zonotope']}: "
-        f"{100 * r['certified_box_prefix']:.1f} %) | {100 * r['certified_zonotope']:.1f} % "
-        f"(first {r['n_zonotope']}) | {100 * r['certified_box_or_zonotope']:.1f} % "
-        f"(first {r['n_zonotope']}) | {100 * r['certified_deepz']:.1f} % (first "
-        f"{r['n_deepz']}; box there {100 * r['certified_box_prefix_deepz']:.1f} %) | "
-        f"{r['train_s'] / 60:.1f} min |")
+  rows = []
+  for name in names:
+    r = res.metrics(name)
+    e = lambda key, n_key: res.estimate(name, key, n=n_key).format().replace(" ±", " % ±", 1)
+    rows.append([
+        name, e("standard", "n_test"), e("pgd", "n_test"),
+        f"{e('certified_box', 'n_test')} (box on the first {r['n_zonotope']}: "
+        f"{100 * r['certified_box_prefix']:.1f} %)",
+        f"{e('certified_zonotope', 'n_zonotope')} (first {r['n_zonotope']})",
+        f"{100 * r['certified_box_or_zonotope']:.1f} % (first {r['n_zonotope']})",
+        f"{e('certified_deepz', 'n_deepz')} (first {r['n_deepz']}; box there "
+        f"{100 * r['certified_box_prefix_deepz']:.1f} %)",
+        f"{r['train_s'] / 60:.1f} min"])
+  lines += jd.evaluation.markdown_table(
+      ["network", "standard", "PGD", "certified box", "certified hybrid zonotope",
+       "box or hybrid zonotope", "certified DeepZ", "train time"], rows)
   lines += [
       "",
       "Standard, PGD and box columns use the 10,000 test images; the zonotope columns a "
@@ -222,52 +266,48 @@ def write_report(cfg: Any, results: dict, out_dir: str, command: str, total_s: f
       "on a GPU) reports ConvSmall 97.8 / 96.2 / 95.5 % and ConvMed 97.8 / 96.3 / 95.5 % "
       "(standard / attacked / proved with the hybrid zonotope).  Fashion-MNIST is harder "
       "and these runs are a few epochs long.",
-      "",
-      "Raw numbers: `results.json` beside this file.",
   ]
-  path = os.path.join(out_dir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  return path
+  claims = []
+  if all(res.has(n) for n in MODELS):
+    c = res.compare(("conv_med", "certified_box"), ("conv_small", "certified_box"), ">",
+                    n="n_test")
+    claims.append(("The larger ConvMed certifies more images than ConvSmall (DiffAI table 9 "
+                   "ranks ConvMed at or above ConvSmall)", c.verdict,
+                   f"certified box {100 * res.metrics('conv_med')['certified_box']:.1f} vs "
+                   f"{100 * res.metrics('conv_small')['certified_box']:.1f} %: {c.evidence()}"))
+  for n in names:
+    c = res.compare((n, "certified_zonotope"), (n, "certified_box_prefix"), ">",
+                    n="n_zonotope")
+    claims.append((f"{n}: the hybrid zonotope proves more images than the box on the same "
+                   "prefix (DiffAI section 5)", c.verdict,
+                   f"{100 * res.metrics(n)['certified_zonotope']:.1f} vs "
+                   f"{100 * res.metrics(n)['certified_box_prefix']:.1f} %: {c.evidence()}"))
+  if claims:
+    lines += ["", "## Claims, tested here", ""]
+    lines += jd.evaluation.markdown_table(["claim", "verdict", "evidence"],
+                                          [[c, f"**{v}**", e] for c, v, e in claims])
+  lines += ["", "Raw numbers: `results.json` beside this file."]
+  return lines
 
 
-def main(argv: list[str]) -> None:
-  cfg, out_dir, quick = parse_args(argv)
-  os.makedirs(out_dir, exist_ok=True)
-  command = "python experiments/diffai/run.py" + "".join(" " + a for a in argv)
-  logfile = open(os.path.join(out_dir, "log.txt"), "w")
+def make_study(quick: bool = False) -> Study:
+  """The study: one cell per network (seed 0); ``quick``: the smoke-scale variant."""
+  base = lambda overrides: load_config(overrides, quick)
+  base.__qualname__ = "experiments/diffai/config.py" + (" (quick)" if quick else "")
+  tag = "diffai_quick" if quick else "diffai"
+  return Study(
+      tag, base, [Cell(m, {"model": m}, info={"quick": quick}) for m in MODELS], seeds=(0,),
+      run=run_cell, report=lambda res, out: report(res, out, quick),
+      title="DiffAI on Fashion-MNIST at eps = 0.1 (CPU scale)", spec=__file__,
+      object_name="QUICK_STUDY" if quick else "STUDY",
+      command_args=("--quick",) if quick else (),
+      results_dir=os.path.join(ROOT, "workdirs", tag, "report") if quick
+      else os.path.join(HERE, "results"),
+      runs_dir=os.path.join(ROOT, "workdirs", tag))
 
-  def log(msg: str) -> None:
-    print(msg, flush=True)
-    logfile.write(msg + "\n")
-    logfile.flush()
 
-  t0 = time.time()
-  cpu_start = time.process_time()
-  train_ds = jd.data.load(cfg.dataset, "train")
-  test_ds = jd.data.load(cfg.dataset, "test")
-  if quick:
-    train_ds, test_ds = _Subset(train_ds, 500), _Subset(test_ds, 200)
-  log(f"{cfg.dataset}: {train_ds.labels.shape[0]} train / {test_ds.labels.shape[0]} test")
-  results = {}
-  for name in cfg.models:
-    log(f"training {name}")
-    model, variables, (train_s, train_cpu_s) = train(cfg, name, train_ds, log)
-    log(f"evaluating {name}")
-    cpu0 = time.process_time()
-    r = evaluate(cfg, model, variables, test_ds, log)
-    r["eval_cpu_s"] = time.process_time() - cpu0
-    r["train_s"] = train_s
-    r["train_cpu_s"] = train_cpu_s
-    r["params"] = jd.models.count_params(variables)
-    results[name] = r
-  total = time.time() - t0
-  cpu = time.process_time() - cpu_start
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump({"config": cfg.to_dict(), "results": results, "command": command,
-               "total_s": total, "total_cpu_s": cpu}, f, indent=2, default=str)
-  path = write_report(cfg, results, out_dir, command, total, cpu)
-  log(f"wrote {path} ({total / 60:.1f} min)")
+STUDY = make_study(False)
+QUICK_STUDY = lambda: make_study(True)  # noqa: E731  (built on demand)
 
 
 class _Subset:
@@ -279,4 +319,6 @@ class _Subset:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  argv = sys.argv[1:]
+  quick = "--quick" in argv
+  sys.exit(jd.evaluation.study_main(make_study(quick), [a for a in argv if a != "--quick"]))

@@ -1,36 +1,33 @@
 """EnResNet at CPU scale: Fashion-MNIST, PGD adversarial training, the paper's evaluation.
 
-  python experiments/enresnet/small.py                 # train what is missing, evaluate, report
-  python experiments/enresnet/small.py --only resnet,en2
-  python experiments/enresnet/small.py --report-only   # rebuild the report from saved results
-  python experiments/enresnet/small.py --quick         # smoke run (minutes; separate folders)
+A study on the experiment runner (:mod:`jaxdefense.evaluation`)::
 
-Every run of :data:`RUNS` is a ``jaxdefense.training.train_and_evaluate`` run in
-``--runs`` (default ``workdirs/enresnet_small/NAME``, resumable: a killed run continues
-where it stopped, a finished one is not retrained).  Each trained model is then
-evaluated once on the first ``--eval-examples`` test images (best-validation
-checkpoint; results cached in the run folder as ``small_eval.json``):
+  python experiments/enresnet/small.py                   # run or resume every missing cell
+  python experiments/enresnet/small.py --cell en2 --seed 0   # one cell (one process)
+  python experiments/enresnet/small.py --index 3          # grid entry 3 (job arrays)
+  python experiments/enresnet/small.py list               # the grid and each cell's status
+  python -m jaxdefense report experiments/enresnet/results/small   # rebuild the report
+  python experiments/enresnet/small.py --quick            # smoke run (minutes; own folders)
+
+Base config: ``small_config.py`` beside this file (a pre-activation ResNet-8, PGD-AT at
+eps 0.1).  Eleven training cells (:data:`RUNS`) are ``train_and_evaluate`` runs in
+``workdirs/enresnet_small/NAME/seedS`` (a half-trained run resumes from its checkpoint);
+each is then evaluated on the first 250 test images (best-validation checkpoint):
 
 * white-box FGSM and IFGSM-20 (step eps/4, as the paper's 2/255 at 8/255) on every
   run, and on the ResNet and En1 the paper's C&W (l-inf, tanh space, Adam lr 6e-4,
   c = 10, kappa = 0) and APGD-CE (50 steps) beyond the paper; every gradient through a
   noisy model is averaged over 5 noise draws (EOT);
-* IFGSM-20 accuracy against eps (the curve in ``acc_vs_eps.png``);
-* blind attacks (IFGSM-20 crafted on one model, evaluated on another) between the
-  plain ResNet and the noisy ensembles;
-* the naturally trained ResNet / En1 pair: the paper's gradient-masking check (IFGSM
-  should drive both to near 0 %).
+* IFGSM-20 accuracy against eps on ResNet and En1 (``acc_vs_eps.png``).
 
-The report (``results/small/report.md`` next to this file, plus PNG plots and
-``results.json``) states which of the paper's qualitative claims held here.
+Cells that combine trained cells: blind attacks (IFGSM-20 crafted on one model, scored
+on another) and the integration of separately trained En1 + En2 (logit average).  The
+report (``results/small/report.md``, plots, ``results.json``) tests the paper's claims.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import sys
 import time
 from typing import Any, Callable
@@ -45,15 +42,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxdefense as jd  # noqa: E402
+from jaxdefense.evaluation import Cell, CellContext, Results, Study  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+BASE = os.path.join(HERE, "small_config.py")
 
 EPS = 0.1  # l-inf radius on Fashion-MNIST pixels in [0, 1] (training and evaluation)
 
 # name -> (description, config overrides).  Every run: pre-activation ResNet-8 (one
 # residual block per stage, widths 16/32/64: the paper's ResNet-20 with 1 instead of 3
-# blocks per stage), PGD-AT at EPS.
+# blocks per stage), PGD-AT at EPS.  A dict value replaces a whole config group.
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "resnet": ("ResNet (no noise)", {}),
     "en1": ("En1 ResNet (a = 0.1)", {"model.step.name": "euler_maruyama"}),
@@ -73,45 +72,21 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
                 {"model.step.name": "euler_maruyama", "objective": {"name": "natural"}}),
 }
 SIGMA_RUNS = ("en1_a0.05", "en1", "en1_a0.4", "en1_a0.8")
+RUNS_COEF = {"en1_a0.05": 0.05, "en1": 0.1, "en1_a0.4": 0.4, "en1_a0.8": 0.8}
 CURVE_RUNS = ("resnet", "en1")
 CW_RUNS = ("resnet", "en1")
-BLIND_PAIRS = (("resnet", "en1"), ("resnet", "en2"), ("resnet", "en5"), ("en1", "resnet"))
 APGD_RUNS = ("resnet", "en1")
+BLIND_PAIRS = (("resnet", "en1"), ("resnet", "en2"), ("en1", "resnet"), ("resnet", "en5"))
 INTEGRATION = ("en1", "en2")  # separately trained, logits averaged (Table 5)
+# evaluation budget: (test images, accuracy-vs-eps images, batch)
+EVAL = {"full": (250, 150, 250), "quick": (100, 50, 250)}
 
 
-def base(quick: bool) -> Any:
-  c = jd.configs.base_config()
-  c.dataset = "fashion_mnist"
-  c.validation_size = 1000
-  c.train_size = 12000
-  c.batch_size = 128
-  c.eval_batch_size = 500
-  c.epochs = 6
-  c.augment.enabled = True
-  c.augment.pad = 2
-  c.augment.flip = True
-  c.model.name = "preact_resnet8"
-  c.model.step.coef = 0.1
-  c.model.step.std = "batch"
-  c.objective = {"name": "pgd", "eps": EPS, "step_size": EPS / 4, "steps": 5}
-  c.optimizer.learning_rate = 0.1
-  c.optimizer.momentum = 0.9
-  c.optimizer.weight_decay = 5e-4
-  c.schedule.name = "piecewise"
-  c.schedule.milestones = (4, 5)   # the paper's 80/120 of 200, shortened
-  c.checkpoint.keep_best = True
-  c.log_every_steps = 10
-  c.progress_bar = True
-  if quick:
-    c.train_size, c.validation_size, c.epochs, c.schedule.milestones = 512, 256, 2, (1,)
-    c.objective.steps = 2
-  return c
-
-
-def config_for(name: str, quick: bool) -> Any:
-  c = base(quick)
-  for key, value in RUNS[name][1].items():
+def config_for(overrides: dict, quick: bool = False) -> Any:
+  """The resolved config: ``small_config.py`` (``:quick``) with ``overrides`` applied
+  (a dotted key sets one field; a dict value replaces the whole group)."""
+  c = jd.configs.load_file(BASE, "quick" if quick else None)
+  for key, value in overrides.items():
     node = c
     *path, last = key.split(".")
     for p in path:
@@ -122,7 +97,7 @@ def config_for(name: str, quick: bool) -> Any:
 
 # ----------------------------------------------------------------- evaluation
 class Model:
-  """A trained run as the attacks see it: deterministic f(x) or an EOT-wrapped f(x, key)."""
+  """A trained run as the attacks see it: its ModelFn, EOT-wrapped when it draws noise."""
 
   def __init__(self, workdir: str):
     fn, stochastic, config = jd.evaluation.run_logits_fn(workdir, which="best")
@@ -130,73 +105,87 @@ class Model:
     self.attack_fn = jd.attacks.eot(fn, 5) if stochastic else fn
 
   def predict(self, x: jax.Array, key: jax.Array) -> jax.Array:
-    logits = self.fn(x, key) if self.stochastic else self.fn(x)
-    return jnp.argmax(logits, -1)
+    """Predicted labels with one fresh noise draw (the key is ignored when deterministic)."""
+    return jnp.argmax(self.fn(x, key), -1)
+
+
+def _test_set(quick: bool) -> tuple[np.ndarray, np.ndarray]:
+  test = jd.data.load("fashion_mnist", "test").take(EVAL["quick" if quick else "full"][0])
+  return np.asarray(test.images), np.asarray(test.labels)
 
 
 def _batched_accuracy(fn: Callable[[Any, Any, Any], Any], x: np.ndarray, y: np.ndarray,
                       key: jax.Array, batch: int) -> float:
-  correct = 0
-  for i, s in enumerate(range(0, len(y), batch)):
-    xb, yb = jnp.asarray(x[s:s + batch]), jnp.asarray(y[s:s + batch])
-    correct += int(jnp.sum(fn(xb, yb, jax.random.fold_in(key, i)) == yb))
-  return correct / len(y)
+  """Mean of ``fn(x, y, key) == y`` over the library's batch runner."""
+  ok = jd.data.run_batches(lambda b, k: fn(b[0], b[1], k) == b[1], (x, y), batch_size=batch,
+                           key=key)
+  return float(np.mean(ok))
 
 
-def evaluate_run(name: str, workdir: str, x: np.ndarray, y: np.ndarray, args: Any) -> dict:
-  path = os.path.join(workdir, "small_eval.json")
-  if os.path.exists(path) and not args.reevaluate:
-    with open(path) as f:
-      out = json.load(f)
-    out["attacks"] = {k.split("(")[0]: v for k, v in out["attacks"].items()}
-    return out
-  m = Model(workdir)
+def _curves(workdir: str) -> dict | None:
+  """``{"train": [[step, acc], ...], "validation": [[step, acc], ...]}`` from the run's
+  ``metrics.jsonl`` (kept in the results so the report needs no run folder)."""
+  p = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(p):
+    return None
+  rows = jd.training.read_metrics(p)
+  return {"train": [[r["step"], r["accuracy"]] for r in rows
+                    if r.get("kind") == "train" and "accuracy" in r],
+          "validation": [[r["step"], r["validation/accuracy"]] for r in rows
+                         if "validation/accuracy" in r]}
+
+
+def _train_seconds(workdir: str) -> float:
+  """Time spent in training steps, from the step rate logged in ``metrics.jsonl``.
+
+  Each ``train`` record carries the steps/s of the window since the previous one, so
+  the sum is right across resumed runs and leaves out compilation and evaluation.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0.0
+  total, last = 0.0, 0
+  for r in jd.training.read_metrics(path):
+    if r.get("kind") == "train" and r.get("steps_per_second"):
+      total += (r["step"] - last) / r["steps_per_second"]
+      last = r["step"]
+  return total
+
+
+def train_and_attack(ctx: CellContext) -> dict:
+  """A training cell: train (or resume) the run, then the white-box evaluation."""
+  name, quick = ctx.cell.name, ctx.cell.info.get("quick", False)
+  jd.training.train_and_evaluate(ctx.config, ctx.workdir)
+  n_eval, n_curve, batch = EVAL["quick" if quick else "full"]
+  x, y = _test_set(quick)
+  m = Model(ctx.workdir)
   suite = (f"fgsm,ifgsm:steps=20,step_size={EPS / 4}" + (",cw" if name in CW_RUNS else "")
            + (",apgd-ce:steps=50" if name in APGD_RUNS else ""))
   t = time.time()
   rep = jd.evaluation.evaluate_robustness(
       m.fn, x, y, key=jax.random.key(1), eps=EPS, suite=suite, stochastic=m.stochastic,
-      eot_samples=5, batch_size=args.batch, progress=True,
+      eot_samples=5, batch_size=batch, progress=True,
       meta={"run": name, "dataset": "fashion_mnist"})
-  attacks = {k.split("(")[0]: v for k, v in rep.attacks.items()}  # "ifgsm(steps=20..)"
-  out = {"clean": rep.clean, "attacks": attacks, "eval_s": time.time() - t,
-         "stochastic": m.stochastic, "n": int(len(y))}
+  out = {"clean": rep.clean, "attacks": {k.split("(")[0]: v for k, v in rep.attacks.items()},
+         "eval_s": time.time() - t, "stochastic": m.stochastic, "n": int(len(y))}
   if name in CURVE_RUNS:
     out["acc_vs_eps"] = jd.evaluation.accuracy_vs_eps(
-        m.fn, x[:args.curve_examples], y[:args.curve_examples], key=jax.random.key(2),
-        eps_values=(0.0, 0.05, 0.1, 0.15, 0.2),
-        attack="ifgsm:steps=20", stochastic=m.stochastic, eot_samples=5,
-        batch_size=args.batch)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2)
+        m.fn, x[:n_curve], y[:n_curve], key=jax.random.key(2),
+        eps_values=(0.0, 0.05, 0.1, 0.15, 0.2), attack="ifgsm:steps=20",
+        stochastic=m.stochastic, eot_samples=5, batch_size=batch)
+    out["n_curve"] = int(min(n_curve, len(y)))
+  state, _ = jd.training.restore(ctx.workdir, which="best")
+  out["params"] = jd.models.count_params(state.params)
+  out["train_s"] = _train_seconds(ctx.workdir)
+  out["curves"] = _curves(ctx.workdir)
   return out
 
 
-def integrate(runs_dir: str, names: tuple[str, ...], x: np.ndarray, y: np.ndarray,
-              args: Any) -> dict:
-  """White-box FGSM / IFGSM-20 (EOT) on the logit average of separately trained runs."""
-  path = os.path.join(runs_dir, "integration.json")
-  if os.path.exists(path) and not args.reevaluate:
-    with open(path) as f:
-      return json.load(f)
-  models = [Model(os.path.join(runs_dir, n)) for n in names]
-  stochastic = any(m.stochastic for m in models)
-  fns = [(m.fn if m.stochastic else (lambda a, k, f=m.fn: f(a))) for m in models]
-  combined = jd.models.average_logits(fns) if stochastic else jd.models.average_logits(
-      [m.fn for m in models])
-  rep = jd.evaluation.evaluate_robustness(
-      combined, x, y, key=jax.random.key(4), eps=EPS,
-      suite=f"fgsm,ifgsm:steps=20,step_size={EPS / 4}", stochastic=stochastic,
-      eot_samples=5, batch_size=args.batch, progress=True)
-  out = {"members": list(names), "clean": rep.clean,
-         "attacks": {k.split("(")[0]: v for k, v in rep.attacks.items()}}
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2)
-  return out
-
-
-def blind(oracle: Model, target: Model, x: np.ndarray, y: np.ndarray, batch: int) -> float:
-  """Accuracy of ``target`` on IFGSM-20 examples crafted (with EOT) on ``oracle``."""
+def blind(ctx: CellContext) -> dict:
+  """Accuracy of the target on IFGSM-20 examples crafted (with EOT) on the oracle."""
+  oracle = Model(ctx.workdir_of(ctx.cell.info["oracle"]))
+  target = Model(ctx.workdir_of(ctx.cell.info["target"]))
+  x, y = _test_set(ctx.cell.info.get("quick", False))
   attack = jax.jit(lambda a, b, k: jd.attacks.ifgsm(oracle.attack_fn, a, b, key=k, eps=EPS,
                                                     step_size=EPS / 4, steps=20))
 
@@ -204,30 +193,28 @@ def blind(oracle: Model, target: Model, x: np.ndarray, y: np.ndarray, batch: int
     k1, k2 = jax.random.split(k)
     return target.predict(attack(xb, yb, k1), k2)
 
-  return _batched_accuracy(correct, x, y, jax.random.key(3), batch)
+  return {"accuracy": _batched_accuracy(correct, x, y, jax.random.key(3), 250),
+          "n": int(len(y))}
+
+
+def integrate(ctx: CellContext) -> dict:
+  """White-box FGSM / IFGSM-20 (EOT) on the logit average of separately trained runs."""
+  names = tuple(ctx.cell.info["members"])
+  models = [Model(ctx.workdir_of(n)) for n in names]
+  x, y = _test_set(ctx.cell.info.get("quick", False))
+  stochastic = any(m.stochastic for m in models)
+  combined = jd.models.average_logits([m.fn for m in models])
+  rep = jd.evaluation.evaluate_robustness(
+      combined, x, y, key=jax.random.key(4), eps=EPS,
+      suite=f"fgsm,ifgsm:steps=20,step_size={EPS / 4}", stochastic=stochastic,
+      eot_samples=5, batch_size=250, progress=True)
+  return {"members": list(names), "clean": rep.clean, "n": int(len(y)),
+          "attacks": {k.split("(")[0]: v for k, v in rep.attacks.items()}}
 
 
 # ----------------------------------------------------------------- report
 def _pct(v: float | None) -> str:
   return "–" if v is None else f"{100 * v:.1f}"
-
-
-def _curves(runs_dir: str, names: list[str]) -> dict:
-  """Per run ``{"train": [[step, acc], ...], "validation": [[step, acc], ...]}``.
-
-  Read from each run's ``metrics.jsonl``; kept in ``results.json`` so that a report
-  rebuilt where the run folders are gone still has them.
-  """
-  out = {}
-  for n in names:
-    p = os.path.join(runs_dir, n, "metrics.jsonl")
-    if os.path.exists(p):
-      rows = jd.training.read_metrics(p)
-      out[n] = {"train": [[r["step"], r["accuracy"]] for r in rows
-                          if r.get("kind") == "train" and "accuracy" in r],
-                "validation": [[r["step"], r["validation/accuracy"]] for r in rows
-                               if "validation/accuracy" in r]}
-  return out
 
 
 def plot_training(curves: dict, path: str) -> None:
@@ -289,132 +276,146 @@ def plot_sigma(results: dict, path: str) -> None:
   plt.close(fig)
 
 
-RUNS_COEF = {"en1_a0.05": 0.05, "en1": 0.1, "en1_a0.4": 0.4, "en1_a0.8": 0.8}
+def _verdict(comparisons: list) -> str:
+  """All parts held: held; any part significantly against: did not hold; else
+  inconclusive."""
+  verdicts = [c.verdict for c in comparisons]
+  if "did not hold" in verdicts:
+    return "did not hold"
+  return "held" if all(v == "held" for v in verdicts) else "inconclusive"
 
 
-def claims(res: dict, blind_res: dict, integration: dict | None = None
-           ) -> list[tuple[str, str, str]]:
-  """(claim, verdict, evidence) for the paper's qualitative claims that this grid tests."""
+def claims(res: Results) -> list[tuple[str, str, str]]:
+  """(claim, verdict, evidence) for the paper's claims that this grid tests.
+
+  Every comparison is a two-sided test at alpha = 0.05 (one seed: the two-proportion
+  z-test on the test images; several seeds: Welch's t-test); a claim of several parts
+  holds when every part does and fails when any part is significantly against it.
+  """
   out = []
-
-  def have(*names):
-    return all(n in res for n in names)
-
-  def acc(n, k):
-    return res[n]["clean"] if k == "clean" else res[n]["attacks"].get(k)
+  have = lambda *names: all(res.has(n) for n in names)
+  acc = lambda n, k: (res.metrics(n).get("clean") if k == "clean"
+                      else res.metrics(n).get("attacks", {}).get(k))
+  key = lambda k: "clean" if k == "clean" else f"attacks.{k}"
+  cmp = lambda a, b, k="ifgsm", rel=">", **kw: res.compare((a, key(k)), (b, key(k)), rel,
+                                                            n="n", **kw)
+  ev = lambda c: f"{c.evidence()}"
 
   if have("resnet", "en1"):
-    d_nat = acc("en1", "clean") - acc("resnet", "clean")
-    d_rob = acc("en1", "ifgsm") - acc("resnet", "ifgsm")
-    ok = d_nat > 0 and d_rob > 0
+    c = [cmp("en1", "resnet", "clean"), cmp("en1", "resnet")]
     out.append(("Noise injection (En1) improves both natural and IFGSM-20 robust accuracy "
-                "over the ResNet (Table 1)", "held" if ok else "did not hold",
-                f"natural {d_nat * 100:+.1f} pt, IFGSM-20 {d_rob * 100:+.1f} pt"))
+                "over the ResNet (Table 1)", _verdict(c),
+                f"natural: {ev(c[0])}; IFGSM-20: {ev(c[1])}"))
   if have("en1", "en2", "en5"):
-    r = [acc(n, "ifgsm") for n in ("en1", "en2", "en5")]
-    ok = r[0] <= r[1] <= r[2]
+    c = [cmp("en2", "en1"), cmp("en5", "en2")]
     out.append(("More ensemble members (En1 < En2 < En5) give higher robust accuracy (Table 1)",
-                "held" if ok else "did not hold",
-                "IFGSM-20 " + " / ".join(_pct(v) for v in r) + " %"))
+                _verdict(c), "IFGSM-20 " + " / ".join(_pct(acc(n, "ifgsm")) for n in
+                                                      ("en1", "en2", "en5")) +
+                f" %; En2 vs En1: {ev(c[0])}; En5 vs En2: {ev(c[1])}"))
   if have("ens2", "en2"):
-    d = acc("en2", "ifgsm") - acc("ens2", "ifgsm")
+    c = cmp("en2", "ens2")
     out.append(("A plain ensemble of 2 ResNets without noise is clearly less robust than En2 "
-                "(section 3.3)", "held" if d > 0.005 else "did not hold",
-                f"En2 minus plain ensemble: IFGSM-20 {d * 100:+.1f} pt, natural "
+                "(section 3.3)", c.verdict,
+                f"En2 minus plain ensemble: IFGSM-20 {ev(c)}; natural "
                 f"{(acc('en2', 'clean') - acc('ens2', 'clean')) * 100:+.1f} pt"))
   if have("resnet", "swe2", "en1"):
-    d = acc("swe2", "ifgsm") - acc("resnet", "ifgsm")
-    d1 = acc("swe2", "ifgsm") - acc("en1", "ifgsm")
+    c = [cmp("swe2", "resnet"), cmp("swe2", "en1")]
     out.append(("Shared-weights ensembles (2 x En1) beat the ResNet, and averaging noise draws "
-                "adds a little over En1 (Table 7)", "held" if d > 0 and d1 >= 0 else
-                "did not hold", f"SWE minus ResNet {d * 100:+.1f} pt, SWE minus En1 "
-                f"{d1 * 100:+.1f} pt (IFGSM-20)"))
-  sig = [n for n in SIGMA_RUNS if n in res]
+                "adds a little over En1 (Table 7)", _verdict(c),
+                f"IFGSM-20, SWE minus ResNet: {ev(c[0])}; SWE minus En1: {ev(c[1])}"))
+  sig = [n for n in SIGMA_RUNS if res.has(n)]
   if "en1_a0.8" in sig and len(sig) >= 3:
-    r = {n: acc(n, "ifgsm") for n in sig}
-    small = [r[n] for n in sig if n != "en1_a0.8"]
-    ok = max(small) - min(small) < 0.03 and r["en1_a0.8"] < min(small)
+    flat = [n for n in sig if n != "en1_a0.8"]
+    pairs = [cmp(a, b) for i, a in enumerate(flat) for b in flat[i + 1:]]
+    drop = cmp("en1_a0.8", "en1" if "en1" in flat else flat[0], rel="<")
+    if any(p.verdict != "inconclusive" for p in pairs) or drop.verdict == "did not hold":
+      v = "did not hold"
+    else:
+      v = drop.verdict  # flat: no significant difference among a <= 0.4; drop: tested
     out.append(("Robust accuracy is flat for a up to 0.4 and drops at a = 0.8 "
-                "(Table 6: 0.05 / 0.1 / 0.4 / 0.8)", "held" if ok else "did not hold",
-                "IFGSM-20 " + ", ".join(f"a={RUNS_COEF[n]}: {_pct(r[n])} %" for n in sig)))
+                "(Table 6: 0.05 / 0.1 / 0.4 / 0.8)", v,
+                "IFGSM-20 " + ", ".join(f"a={RUNS_COEF[n]}: {_pct(acc(n, 'ifgsm'))} %"
+                                        for n in sig) +
+                f"; drop a=0.8 vs a=0.1: {ev(drop)}; smallest p among a <= 0.4: "
+                f"{min(p.p_value for p in pairs):.3g}"))
   if have("nat_resnet", "nat_en1"):
     r = [acc(n, "ifgsm") for n in ("nat_resnet", "nat_en1")]
     f = [acc(n, "fgsm") for n in ("nat_resnet", "nat_en1")]
+    c = cmp("nat_en1", "nat_resnet", "fgsm")
+    v = "did not hold" if max(r) >= 0.05 else c.verdict
     out.append(("Naturally trained EnResNets fall to near 0 % under IFGSM-20 (no gradient "
                 "masking), yet resist FGSM better than the naturally trained ResNet (sec. 3.3)",
-                "held" if max(r) < 0.05 and f[1] > f[0] else "did not hold",
-                f"IFGSM-20 {_pct(r[0])} / {_pct(r[1])} %, FGSM {_pct(f[0])} / {_pct(f[1])} % "
-                "(ResNet / En1)"))
-  if ("resnet->en2" in blind_res and "en2" in res and "resnet" in res):
-    b = blind_res["resnet->en2"]
+                v, f"IFGSM-20 {_pct(r[0])} / {_pct(r[1])} % (both under 5 %: "
+                f"{'yes' if max(r) < 0.05 else 'no'}), FGSM {_pct(f[0])} / {_pct(f[1])} % "
+                f"(ResNet / En1): {ev(c)}"))
+  cell = "blind_resnet_en2"
+  if res.has(cell) and have("en2", "resnet"):
+    c = res.compare((cell, "accuracy"), ("en2", "attacks.ifgsm"), ">", n="n")
     out.append(("Blind attacks crafted on the ResNet are weaker on En2 than white-box ones "
-                "(Table 2)", "held" if b > acc("en2", "ifgsm") else "did not hold",
-                f"En2 on ResNet-crafted IFGSM-20 {_pct(b)} % vs white-box "
-                f"{_pct(acc('en2', 'ifgsm'))} %"))
-  if integration and have(*integration["members"]):
-    best = max(acc(n, "ifgsm") for n in integration["members"])
-    v = integration["attacks"]["ifgsm"]
+                "(Table 2)", c.verdict,
+                f"En2 on ResNet-crafted IFGSM-20 {_pct(res.metrics(cell)['accuracy'])} % vs "
+                f"white-box {_pct(acc('en2', 'ifgsm'))} %: {ev(c)}"))
+  cell = "integration_" + "_".join(INTEGRATION)
+  if res.has(cell) and have(*INTEGRATION):
+    best = max(INTEGRATION, key=lambda n: acc(n, "ifgsm"))
+    c = res.compare((cell, "attacks.ifgsm"), (best, "attacks.ifgsm"), ">", n="n")
     out.append(("Integrating separately trained EnResNets (logit average) is more robust "
-                "than its best member (Table 5)", "held" if v > best else "did not hold",
-                f"IFGSM-20 {_pct(v)} % vs best member {_pct(best)} %"))
-  if have("en1") and "apgd-ce" in res["en1"]["attacks"]:
-    d = res["en1"]["attacks"]["ifgsm"] - res["en1"]["attacks"]["apgd-ce"]
+                "than its best member (Table 5)", c.verdict,
+                f"IFGSM-20 {_pct(res.metrics(cell)['attacks']['ifgsm'])} % vs best member "
+                f"{_pct(acc(best, 'ifgsm'))} %: {ev(c)}"))
+  if have("en1") and acc("en1", "apgd-ce") is not None:
+    d = acc("en1", "ifgsm") - acc("en1", "apgd-ce")
+    c = res.compare(("en1", "attacks.apgd-ce"), ("en1", "attacks.ifgsm"), ">", n="n",
+                    margin=-0.02)
     out.append(("(beyond the paper) APGD-CE with EOT is not much stronger than IFGSM-20 on "
-                "En1, i.e. IFGSM-20 was not overestimating robustness",
-                "held" if d < 0.02 else "did not hold", f"IFGSM-20 minus APGD-CE: "
-                f"{d * 100:+.1f} pt"))
+                "En1 (less than 2 points), i.e. IFGSM-20 was not overestimating robustness",
+                c.verdict, f"IFGSM-20 minus APGD-CE: {d * 100:+.1f} pt; APGD-CE > IFGSM-20 "
+                f"- 2 pt: {ev(c)}"))
   return out
 
 
-def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
-                 integration: dict | None, meta: dict, quick: bool,
-                 previous_curves: dict | None = None) -> str:
-  """Write ``report.md``, the plots and ``results.json`` into ``out_dir``.
+def _machine(m: dict) -> str:
+  """``"x86_64, 2 CPU cores; jax 0.10.2"`` from a record's machine."""
+  text = m.get("summary") or f"{m.get('machine')}, {m.get('cpu_count')} CPU cores"
+  return text + (f"; jax {m['jax']}" if m.get("jax") else "")
 
-  ``previous_curves``: training curves of runs carried over from an earlier
-  ``results.json`` (their run folders are not here).  ``training_curves.png`` is
-  rewritten only when the curves of every reported run are at hand; otherwise the
-  existing plot is kept and the report says which runs it lacks.
+
+def report(res: Results, out_dir: str, quick: bool = False) -> list[str]:
+  """The study's report sections (markdown lines); writes the plots into ``out_dir``.
+
+  ``training_curves.png`` is redrawn only when the curves of every reported run are in
+  the results; otherwise an existing plot is kept and the report says which it lacks.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  names = [n for n in RUNS if n in res]
-  train_curves = {**(previous_curves or {}), **_curves(runs_dir, names)}
-  train_curves = {n: train_curves[n] for n in names if n in train_curves}
+  names = [n for n in RUNS if res.has(n)]
+  m = {n: res.metrics(n) for n in names}
+  curves = {n: m[n]["curves"] for n in names if m[n].get("curves")}
   curves_png = os.path.join(out_dir, "training_curves.png")
-  missing_curves = [n for n in names if n not in train_curves]
-  if not missing_curves or not os.path.exists(curves_png):
-    plot_training(train_curves, curves_png)
-    curves_note = "every run" if not missing_curves else (
-        "every run but " + ", ".join(f"`{n}`" for n in missing_curves))
+  missing = [n for n in names if n not in curves]
+  if not missing or not os.path.exists(curves_png):
+    plot_training(curves, curves_png)
+    curves_note = "every run" if not missing else (
+        "every run but " + ", ".join(f"`{n}`" for n in missing))
   else:
-    curves_note = ("as drawn by an earlier invocation: this one had no curves of "
-                   + ", ".join(f"`{n}`" for n in missing_curves) + ", so it kept the plot, "
+    curves_note = ("as drawn by an earlier invocation: the results hold no curves of "
+                   + ", ".join(f"`{n}`" for n in missing) + ", so the plot was kept, "
                    "which may lack the runs added since")
-  curves = {RUNS[n][0]: [tuple(p) for p in res[n]["acc_vs_eps"]]
-            for n in names if "acc_vs_eps" in res[n]}
-  if curves:
-    jd.evaluation.plot_accuracy_vs_eps(curves, os.path.join(out_dir, "acc_vs_eps.png"),
+  acc_curves = {RUNS[n][0]: [tuple(p) for p in m[n]["acc_vs_eps"]]
+                for n in names if m[n].get("acc_vs_eps")}
+  if acc_curves:
+    jd.evaluation.plot_accuracy_vs_eps(acc_curves, os.path.join(out_dir, "acc_vs_eps.png"),
                                        title="IFGSM-20 (EOT-5) accuracy vs eps, F-MNIST")
-  plot_sigma(res, os.path.join(out_dir, "sigma_sweep.png"))
-  cfg = base(quick)
-  lines = [
-      "# EnResNet, small scale: Fashion-MNIST, PGD adversarial training" +
-      (" (QUICK SMOKE RUN: numbers meaningless)" if quick else ""),
-      "",
-      "Command that reproduces everything (trains what is missing, evaluates what is not "
-      "cached, writes this folder): `python experiments/enresnet/small.py`" +
-      ("" if meta["command"].strip() == "python experiments/enresnet/small.py" else
-       f"; this file was last written by `{meta['command']}`, which trains and evaluates "
-       "subsets of the same runs into the same folders (the runs were trained in several "
-       "invocations of `--train-only --only ...`)") + "." +
-      ("" if not meta.get("carried_over") else
-       " Carried over from the `results.json` of an earlier invocation (their run folders "
-       "were not on the machine that wrote this file): "
-       + ", ".join(f"`{n}`" for n in meta["carried_over"]) + "."),
-      "",
-      f"Machine: {meta['machine']}; jax {jax.__version__}. Wall time of this invocation "
-      f"{meta['wall_s'] / 60:.1f} min; time in training steps, all runs: "
-      f"{sum(meta['train_s'].values()) / 60:.1f} min (the machine was shared with test "
+  plot_sigma(m, os.path.join(out_dir, "sigma_sweep.png"))
+  cfg = config_for({}, quick)
+  n_eval = max((m[n].get("n", 0) for n in names), default=0)
+  n_curve = max((m[n].get("n_curve", 0) for n in names), default=0) or EVAL[
+      "quick" if quick else "full"][1]
+  records = [r for r in res.records if r.get("status") == "done"]
+  machines = sorted({_machine(r.get("machine") or {}) for r in records})
+  train_s = {n: m[n].get("train_s", 0.0) for n in names}
+  lines = ["**QUICK SMOKE RUN: numbers meaningless.**", ""] if quick else []
+  lines += [
+      f"Machine(s): {'; '.join(machines)}. Time in training steps, all runs: "
+      f"{sum(train_s.values()) / 60:.1f} min (the machine was shared with test "
       f"and benchmark jobs part of the time, so per-run times are noisy).",
       "",
       "## Setup",
@@ -422,8 +423,7 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
       f"- Data: Fashion-MNIST, the first {cfg.train_size} training images after a "
       f"{cfg.validation_size}-image validation hold-out (best-validation checkpoint), "
       f"random crop (pad {cfg.augment.pad}) and flip; evaluation on the first "
-      f"{meta['n_eval']} test images (accuracy-vs-eps curves: the first "
-      f"{meta['n_curve']}).",
+      f"{n_eval} test images (accuracy-vs-eps curves: the first {n_curve}).",
       "- Model: pre-activation ResNet-8 (the paper's ResNet-20 with one residual block per "
       "stage instead of three; widths 16/32/64). EnResNet: Euler-Maruyama step "
       "x + F(x) + a * std(x + F(x)) * N(0, I), std over the batch tensor as in the authors' "
@@ -436,202 +436,95 @@ def write_report(out_dir: str, runs_dir: str, res: dict, blind_res: dict,
       f"Adam steps, lr 6e-4, c = 10) and APGD-CE (50 steps) on {' and '.join(CW_RUNS)} only "
       "(CPU time); noisy models are "
       "attacked with EOT over 5 draws and classified with one fresh draw.",
-      "- One seed per configuration (the paper's own Table 6 shows a spread of +-0.3 to "
-      "+-0.9 points over 5 seeds); see the note on sampling noise above the claims table.",
+      f"- Seeds per configuration: {', '.join(sorted({str(len(res.seeds(n))) for n in names}))}"
+      " (the paper's own Table 6 shows a spread of +-0.3 to +-0.9 points over 5 seeds); "
+      "with one seed the errors below are over test images only, not over training runs.",
       "",
       "## White-box accuracy (%)",
       "",
-      "| run | model | natural | FGSM | IFGSM-20 | C&W | APGD-CE | params | train min |",
-      "|---|---|---|---|---|---|---|---|---|",
+      f"Mean ± standard error (one seed: binomial over the {n_eval} test images).",
+      "",
   ]
-  for n in names:
-    r = res[n]
-    a = r["attacks"]
-    lines.append(f"| `{n}` | {RUNS[n][0]} | {_pct(r['clean'])} | {_pct(a.get('fgsm'))} | "
-                 f"{_pct(a.get('ifgsm'))} | {_pct(a.get('cw'))} | {_pct(a.get('apgd-ce'))} | "
-                 f"{r.get('params', 0):,} | {meta['train_s'].get(n, 0) / 60:.1f} |")
-  if integration:
-    a = integration["attacks"]
-    parts = " + ".join(f"`{n}`" for n in integration["members"])
+  est = lambda n, k: res.estimate(n, "clean" if k == "clean" else f"attacks.{k}", n="n")
+  rows = [[f"`{n}`", RUNS[n][0]] + [est(n, k).format() for k in
+                                    ("clean", "fgsm", "ifgsm", "cw", "apgd-ce")]
+          + [f"{m[n].get('params', 0):,}", f"{train_s[n] / 60:.1f}"] for n in names]
+  lines += jd.evaluation.markdown_table(
+      ["run", "model", "natural", "FGSM", "IFGSM-20", "C&W", "APGD-CE", "params",
+       "train min"], rows)
+  cell = "integration_" + "_".join(INTEGRATION)
+  if res.has(cell):
+    parts = " + ".join(f"`{n}`" for n in res.metrics(cell)["members"])
     lines += ["", "## Integration of separately trained models (Table 5 analogue)", "",
-              f"Logits of {parts} averaged (each trained on its own); white-box with EOT.", "",
-              "| model | natural | FGSM | IFGSM-20 |", "|---|---|---|---|",
-              f"| {parts} | {_pct(integration['clean'])} | {_pct(a.get('fgsm'))} | "
-              f"{_pct(a.get('ifgsm'))} |"]
-  if blind_res:
+              f"Logits of {parts} averaged (each trained on its own); white-box with EOT.", ""]
+    lines += jd.evaluation.markdown_table(
+        ["model", "natural", "FGSM", "IFGSM-20"],
+        [[parts] + [est(cell, k).format() for k in ("clean", "fgsm", "ifgsm")]])
+  blind_cells = [f"blind_{o}_{t}" for o, t in BLIND_PAIRS if res.has(f"blind_{o}_{t}")]
+  if blind_cells:
     lines += ["", "## Blind (transfer) IFGSM-20 (%)", "",
-              "Crafted with EOT on the oracle, classified by the target (one noise draw).", "",
-              "| oracle -> target | target accuracy | target white-box IFGSM-20 |",
-              "|---|---|---|"]
-    for k, v in blind_res.items():
-      tgt = k.split("->")[1]
-      lines.append(f"| {k} | {_pct(v)} | {_pct(res.get(tgt, {}).get('attacks', {}).get('ifgsm'))} |")
-  n = meta["n_eval"]
-  se = 100 * (0.25 / max(n, 1)) ** 0.5
+              "Crafted with EOT on the oracle, classified by the target (one noise draw).", ""]
+    rows = []
+    for c in blind_cells:
+      o, t = res.study.get("cells", {}).get(c, {}).get("needs") or c.split("_")[1:3]
+      rows.append([f"{o}->{t}", res.estimate(c, "accuracy", n="n").format(),
+                   est(t, "ifgsm").format() if res.has(t) else None])
+    lines += jd.evaluation.markdown_table(
+        ["oracle -> target", "target accuracy", "target white-box IFGSM-20"], rows)
   lines += ["", "## The paper's claims, tested here", "",
-            f"A verdict says whether the sign of the measured difference agrees with the paper. "
-            f"With {n} test images the standard error of one accuracy near 50 % is "
-            f"{se:.1f} points and of a difference of two about {se * 2 ** 0.5:.1f} points "
-            "(less when, as here, both are measured on the same images), before seed-to-seed "
-            f"variation of the training: differences under about {2 * se * 2 ** 0.5:.0f} "
-            "points are not significant.", "",
-            "| claim | verdict | evidence |", "|---|---|---|"]
-  for c, v, e in claims(res, blind_res, integration):
-    lines.append(f"| {c} | **{v}** | {e} |")
+            "Each verdict comes from a two-sided test at alpha = 0.05 (see Statistics "
+            "below); a claim of several parts holds when every part holds and fails when "
+            "any part is significantly against it.  With "
+            f"{n_eval} test images the standard error of one accuracy near 50 % is "
+            f"{100 * (0.25 / max(n_eval, 1)) ** 0.5:.1f} points, so most differences here "
+            "are inside the noise.", ""]
+  lines += jd.evaluation.markdown_table(
+      ["claim", "verdict", "evidence"], [[c, f"**{v}**", e] for c, v, e in claims(res)])
   lines += ["", "## Plots", "",
             "- `training_curves.png`: training accuracy on the PGD examples and clean "
             f"validation accuracy per epoch, {curves_note}.",
-            "- `acc_vs_eps.png`: IFGSM-20 accuracy against eps (step 2.5 eps / 20, EOT for noisy models).",
+            "- `acc_vs_eps.png`: IFGSM-20 accuracy against eps (step 2.5 eps / 20, EOT for "
+            "noisy models).",
             "- `sigma_sweep.png`: accuracy against the noise coefficient a (En1).",
-            "", "Raw numbers: `results.json` beside this file; per-run metrics in each run's "
-            "`metrics.jsonl`."]
-  path = os.path.join(out_dir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump({"results": res, "blind": blind_res, "integration": integration, "meta": meta,
-               "curves": train_curves}, f, indent=2, default=str)
-  return path
+            "", "Raw numbers: `results.json` beside this file (per cell: metrics, config, "
+            "commit, command, machine); per-run metrics in each run's `metrics.jsonl`."]
+  return lines
 
 
-def carry_over(previous_path: str, res: dict, blind_res: dict, integration: dict | None
-               ) -> tuple[dict | None, list[str], dict, dict]:
-  """Keep the numbers of runs whose folders are not here from an earlier ``results.json``.
+def make_study(quick: bool = False) -> Study:
+  """The study: the eleven training cells, the blind-attack cells and the integration.
 
-  Runs trained on another machine (their folders gone) keep their evaluation, blind
-  results, integration, training curves and training time, so a partial re-run on a
-  fresh machine extends the report instead of shrinking it.  ``res`` and ``blind_res``
-  are updated in place (what was evaluated now wins).
-
-  Returns:
-    ``(integration, carried run names, their training curves, their training seconds)``.
+  ``quick``: the smoke-scale study (``small_config.py:quick``, 100 test images), with
+  its own run and results folders.
   """
-  if not os.path.exists(previous_path):
-    return integration, [], {}, {}
-  with open(previous_path) as f:
-    previous = json.load(f)
-  carried = [n for n in RUNS if n not in res and n in previous.get("results", {})]
-  for n in carried:
-    res[n] = previous["results"][n]
-  for k, v in previous.get("blind", {}).items():
-    blind_res.setdefault(k, v)
-  if integration is None:
-    integration = previous.get("integration")
-  curves = {n: c for n, c in previous.get("curves", {}).items() if n in carried}
-  train_s = {n: t for n, t in previous.get("meta", {}).get("train_s", {}).items()
-             if n in carried}
-  return integration, carried, curves, train_s
+  info = {"quick": quick}
+  cells = [Cell(n, o, description=d, info=info) for n, (d, o) in RUNS.items()]
+  cells += [Cell(f"blind_{o}_{t}", needs=(o, t), run=blind,
+                 description=f"IFGSM-20 crafted on {o}, scored on {t}",
+                 info={**info, "oracle": o, "target": t}) for o, t in BLIND_PAIRS]
+  cells.append(Cell("integration_" + "_".join(INTEGRATION), needs=INTEGRATION, run=integrate,
+                    description=" + ".join(INTEGRATION) + ", logits averaged",
+                    info={**info, "members": list(INTEGRATION)}))
+  tag = "enresnet_small_quick" if quick else "enresnet_small"
+  base = lambda overrides: config_for(overrides, quick)
+  base.__qualname__ = ("experiments/enresnet/small_config.py" + (":quick" if quick else "")
+                       + " + overrides (a dict value replaces a group)")
+  return Study(
+      tag, base, cells, seeds=(0,), run=train_and_attack,
+      report=lambda res, out: report(res, out, quick),
+      title="EnResNet, small scale: Fashion-MNIST, PGD adversarial training",
+      spec=__file__, object_name="QUICK_STUDY" if quick else "STUDY",
+      command_args=("--quick",) if quick else (),
+      results_dir=os.path.join(ROOT, "workdirs", tag, "report") if quick
+      else os.path.join(HERE, "results", "small"),
+      runs_dir=os.path.join(ROOT, "workdirs", tag))
 
 
-def _finished(workdir: str) -> bool:
-  path = os.path.join(workdir, "metrics.jsonl")
-  return os.path.exists(path) and any(
-      r.get("kind") == "final" for r in jd.training.read_metrics(path))
-
-
-def _train_seconds(workdir: str) -> float:
-  """Time spent in training steps, from the step rate logged in ``metrics.jsonl``.
-
-  Each ``train`` record carries the steps/s of the window since the previous one, so
-  the sum is right across resumed runs and leaves out compilation and evaluation.
-  """
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0.0
-  total, last = 0.0, 0
-  for r in jd.training.read_metrics(path):
-    if r.get("kind") == "train" and r.get("steps_per_second"):
-      total += (r["step"] - last) / r["steps_per_second"]
-      last = r["step"]
-  return total
-
-
-def main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--only", default="", help="comma list of run names (default: all)")
-  p.add_argument("--quick", action="store_true", help="smoke run with tiny data")
-  p.add_argument("--runs", default=None, help="folder of the training runs")
-  p.add_argument("--out", default=None, help="report folder")
-  p.add_argument("--eval-examples", type=int, default=250)
-  p.add_argument("--curve-examples", type=int, default=150)
-  p.add_argument("--batch", type=int, default=250)
-  p.add_argument("--train-only", action="store_true")
-  p.add_argument("--report-only", action="store_true")
-  p.add_argument("--reevaluate", action="store_true", help="ignore cached evaluations")
-  p.add_argument("--no-carry", action="store_true",
-                 help="report only the runs found in --runs (default: runs missing there "
-                      "keep their numbers from the report's results.json)")
-  args = p.parse_args(argv)
-  tag = "enresnet_small_quick" if args.quick else "enresnet_small"
-  runs_dir = args.runs or os.path.join(ROOT, "workdirs", tag)
-  out_dir = args.out or (os.path.join(runs_dir, "report") if args.quick
-                         else os.path.join(HERE, "results", "small"))
-  names = [n for n in (args.only.split(",") if args.only else RUNS) if n]
-  for n in names:
-    if n not in RUNS:
-      p.error(f"--only: unknown run {n!r}; expected some of {', '.join(RUNS)}")
-  if args.quick:
-    args.eval_examples, args.curve_examples = min(args.eval_examples, 100), 50
-  t0 = time.time()
-  if not args.report_only:
-    for n in names:
-      wd = os.path.join(runs_dir, n)
-      print(f"== {n}: {RUNS[n][0]} ({wd})", flush=True)
-      jd.training.train_and_evaluate(config_for(n, args.quick), wd)
-  if args.train_only:
-    return 0
-  test = jd.data.load("fashion_mnist", "test").take(args.eval_examples)
-  x, y = np.asarray(test.images), np.asarray(test.labels)
-  res, blind_res, integration = {}, {}, None
-  if not args.train_only:
-    for n in RUNS:
-      wd = os.path.join(runs_dir, n)
-      if not os.path.exists(os.path.join(wd, "config.json")):
-        continue
-      if args.report_only and not os.path.exists(os.path.join(wd, "small_eval.json")):
-        continue
-      if not _finished(wd):
-        print(f"== {n}: training not finished, not evaluated", flush=True)
-        continue
-      print(f"== evaluating {n}", flush=True)
-      res[n] = evaluate_run(n, wd, x, y, args)
-      state, _ = jd.training.restore(wd, which="best")
-      res[n]["params"] = jd.models.count_params(state.params)
-    blind_path = os.path.join(runs_dir, "blind.json")
-    if os.path.exists(blind_path):
-      with open(blind_path) as f:
-        blind_res = json.load(f)
-    if not args.report_only:
-      for o, t in BLIND_PAIRS:
-        k = f"{o}->{t}"
-        if k in blind_res and not args.reevaluate or o not in res or t not in res:
-          continue
-        print(f"== blind {k}", flush=True)
-        blind_res[k] = blind(Model(os.path.join(runs_dir, o)), Model(os.path.join(runs_dir, t)),
-                             x, y, args.batch)
-        with open(blind_path, "w") as f:
-          json.dump(blind_res, f, indent=2)
-    if all(n in res for n in INTEGRATION) and not args.report_only:
-      print(f"== integration {'+'.join(INTEGRATION)}", flush=True)
-      integration = integrate(runs_dir, INTEGRATION, x, y, args)
-    elif os.path.exists(os.path.join(runs_dir, "integration.json")):
-      with open(os.path.join(runs_dir, "integration.json")) as f:
-        integration = json.load(f)
-  carried, previous_curves, previous_train_s = [], {}, {}
-  if not args.quick and not args.no_carry:
-    integration, carried, previous_curves, previous_train_s = carry_over(
-        os.path.join(out_dir, "results.json"), res, blind_res, integration)
-  train_s = {n: (previous_train_s.get(n, 0.0) if n in carried
-                 else _train_seconds(os.path.join(runs_dir, n))) for n in res}
-  meta = {"command": "python experiments/enresnet/small.py" + "".join(" " + a for a in argv),
-          "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-          "wall_s": time.time() - t0, "train_s": train_s, "n_eval": int(len(y)),
-          "n_curve": int(min(args.curve_examples, len(y))), "carried_over": carried}
-  path = write_report(out_dir, runs_dir, res, blind_res, integration, meta, args.quick,
-                      previous_curves)
-  print(f"wrote {path}")
-  return 0
+STUDY = make_study(False)
+QUICK_STUDY = lambda: make_study(True)  # noqa: E731  (built on demand)
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  argv = sys.argv[1:]
+  quick = "--quick" in argv
+  sys.exit(jd.evaluation.study_main(make_study(quick), [a for a in argv if a != "--quick"]))

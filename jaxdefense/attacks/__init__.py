@@ -27,29 +27,36 @@ The attacks are not ``jit``-ted internally; wrap a call for speed, e.g.
 Threat models: l-inf everywhere; l2 for :func:`pgd`, :func:`apgd` and :func:`cw_l2`.
 Targeted variants take ``target=`` labels.  The building blocks (losses, projections,
 ascent rules and the loop driver) are exported for custom attacks (STYLE.md practice 7).
+
+Layout (private modules, each importing only those listed before it):
+``_eot`` (EOT, predict), ``_losses`` (CE, margin, DLR, success), ``_projection``
+(balls ∩ [0, 1], random starts), ``_setup`` (argument checks and the one set-up every
+attack calls), ``_objective`` (loss and gradient at a point), ``_ascent`` (ascent rules,
+Adam), ``_loop`` (the ``lax`` loop, restarts); then the attacks ``_gradient``,
+``_apgd``, ``_cw``, ``_spsa`` and ``_transfer``.
 """
 
 from jaxdefense.attacks._apgd import APGDState as APGDState
 from jaxdefense.attacks._apgd import apgd as apgd
 from jaxdefense.attacks._apgd import apgd_rule as apgd_rule
 from jaxdefense.attacks._apgd import checkpoints as apgd_checkpoints
-from jaxdefense.attacks._core import AscentRule as AscentRule
-from jaxdefense.attacks._core import EOT as EOT
-from jaxdefense.attacks._core import adam_ascent as adam_ascent
-from jaxdefense.attacks._core import ascent_loop as ascent_loop
-from jaxdefense.attacks._core import cross_entropy as cross_entropy
-from jaxdefense.attacks._core import dlr as dlr
-from jaxdefense.attacks._core import dlr_targeted as dlr_targeted
-from jaxdefense.attacks._core import eot as eot
-from jaxdefense.attacks._core import make_loss as make_loss
-from jaxdefense.attacks._core import make_projection as make_projection
-from jaxdefense.attacks._core import make_value_and_grad as make_value_and_grad
-from jaxdefense.attacks._core import margin as margin
-from jaxdefense.attacks._core import momentum_sign_ascent as momentum_sign_ascent
-from jaxdefense.attacks._core import optax_ascent as optax_ascent
-from jaxdefense.attacks._core import predict as predict
-from jaxdefense.attacks._core import random_start as random_start
-from jaxdefense.attacks._core import sign_ascent as sign_ascent
+from jaxdefense.attacks._ascent import AscentRule as AscentRule
+from jaxdefense.attacks._ascent import adam_ascent as adam_ascent
+from jaxdefense.attacks._ascent import momentum_sign_ascent as momentum_sign_ascent
+from jaxdefense.attacks._ascent import optax_ascent as optax_ascent
+from jaxdefense.attacks._ascent import sign_ascent as sign_ascent
+from jaxdefense.attacks._eot import EOT as EOT
+from jaxdefense.attacks._eot import eot as eot
+from jaxdefense.attacks._eot import predict as predict
+from jaxdefense.attacks._loop import ascent_loop as ascent_loop
+from jaxdefense.attacks._losses import cross_entropy as cross_entropy
+from jaxdefense.attacks._losses import dlr as dlr
+from jaxdefense.attacks._losses import dlr_targeted as dlr_targeted
+from jaxdefense.attacks._losses import make_loss as make_loss
+from jaxdefense.attacks._losses import margin as margin
+from jaxdefense.attacks._objective import make_value_and_grad as make_value_and_grad
+from jaxdefense.attacks._projection import make_projection as make_projection
+from jaxdefense.attacks._projection import random_start as random_start
 from jaxdefense.attacks._cw import cw_l2 as cw_l2
 from jaxdefense.attacks._cw import cw_linf as cw_linf
 from jaxdefense.attacks._gradient import fgsm as fgsm

@@ -1,6 +1,6 @@
 """Auto-PGD (APGD-CE / APGD-DLR, targeted APGD-T) of Croce & Hein (2020).
 
-Written as an :class:`~jaxdefense.attacks._core.AscentRule` (a pair of pure functions
+Written as an :class:`~jaxdefense.attacks.AscentRule` (a pair of pure functions
 whose state carries the step sizes, the best points and the checkpoint counters) run by
 the shared ``lax.fori_loop`` driver.
 """
@@ -15,7 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdefense import _checks
-from jaxdefense.attacks import _core
+from jaxdefense.attacks._ascent import AscentRule
+from jaxdefense.attacks._loop import ascent_loop, best_of_restarts, model_key
+from jaxdefense.attacks._losses import LOSS_DTYPE, better, success
+from jaxdefense.attacks._objective import evaluate, make_value_and_grad
+from jaxdefense.attacks._projection import (expand_mask, per_example, random_start,
+                                            steepest_direction)
+from jaxdefense.attacks._setup import setup
 
 Array = jax.Array
 
@@ -64,7 +70,7 @@ class APGDState(NamedTuple):
 
 def apgd_rule(project: Callable, eps: Any, norm: str, steps: int, y: Array,
               target: Optional[Array], rho: float = 0.75,
-              alpha: float = 0.75) -> _core.AscentRule:
+              alpha: float = 0.75) -> AscentRule:
   """APGD's update as an ascent rule (Croce & Hein 2020, Algorithm 1).
 
   ``z = P(x_k + eta dir(g))``; ``x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k -
@@ -86,7 +92,7 @@ def apgd_rule(project: Callable, eps: Any, norm: str, steps: int, y: Array,
 
   def init(x0):
     b = x0.shape[0]
-    ninf = jnp.full((b,), -jnp.inf, _core.LOSS_DTYPE)  # losses are float32
+    ninf = jnp.full((b,), -jnp.inf, LOSS_DTYPE)  # losses are float32
     eta = jnp.broadcast_to(2.0 * jnp.asarray(eps, x0.dtype), (b,))
     return APGDState(x_prev=x0, x_max=x0, g_max=jnp.zeros_like(x0), f_max=ninf, eta=eta,
                      count=jnp.zeros((b,), jnp.int32), f_prev=ninf, f_max_ckpt=ninf,
@@ -94,9 +100,9 @@ def apgd_rule(project: Callable, eps: Any, norm: str, steps: int, y: Array,
                      succ_ret=jnp.zeros((b,), bool), f_ret=ninf)
 
   def update(i, x, f, logits, g, s):
-    m = lambda mask: _core.expand_mask(mask, x)
-    succ = _core.success(logits, y, target)
-    take = _core.better(succ, f, s.succ_ret, s.f_ret)
+    m = lambda mask: expand_mask(mask, x)
+    succ = success(logits, y, target)
+    take = better(succ, f, s.succ_ret, s.f_ret)
     x_ret = jnp.where(m(take), x, s.x_ret)
     succ_ret = jnp.where(take, succ, s.succ_ret)
     f_ret = jnp.where(take, f, s.f_ret)
@@ -117,7 +123,7 @@ def apgd_rule(project: Callable, eps: Any, norm: str, steps: int, y: Array,
     g_cur = jnp.where(m(reduce), g_max, g)
     x_prev = jnp.where(m(reduce), x_max, s.x_prev)
 
-    z = project(x_cur + _core.per_example(eta, x) * _core.steepest_direction(g_cur, norm))
+    z = project(x_cur + per_example(eta, x) * steepest_direction(g_cur, norm))
     with_momentum = project(x_cur + alpha * (z - x_cur) + (1.0 - alpha) * (x_cur - x_prev))
     x_next = jnp.where(i == 0, z, with_momentum)
     state = APGDState(
@@ -128,7 +134,7 @@ def apgd_rule(project: Callable, eps: Any, norm: str, steps: int, y: Array,
         x_ret=x_ret, succ_ret=succ_ret, f_ret=f_ret)
     return x_next, state
 
-  return _core.AscentRule(init, update)
+  return AscentRule(init, update)
 
 
 def apgd(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
@@ -170,32 +176,24 @@ def apgd(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
     ValueError / TypeError: bad images, labels, eps, norm, loss, steps, restarts, rho,
       alpha, key, or too few classes for DLR.
   """
-  _core.validate("apgd", logits_fn, x, y, key=key, key_required=True, eps=eps, norm=norm,
-                 target=target, loss=loss)
-  steps = _checks.check_int(steps, "steps", minimum=1)
-  restarts = _checks.check_int(restarts, "restarts", minimum=1)
+  su = setup("apgd", logits_fn, x, y, key=key, key_required=True, eps=eps, norm=norm,
+             target=target, loss=loss, counts={"steps": steps, "restarts": restarts})
+  x, y, target, eps, loss_fn = su.x, su.y, su.target, su.eps, su.loss_fn
+  steps, restarts = su.counts["steps"], su.counts["restarts"]
   rho = _checks.check_float(rho, "rho", minimum=0.0, maximum=1.0, strict_min=True)
   alpha = _checks.check_float(alpha, "alpha", minimum=0.0, maximum=1.0, strict_min=True)
-  eps = _core.as_param(eps)
-  x = jnp.asarray(x)
-  y = jnp.asarray(y)
-  target = None if target is None else jnp.asarray(target)
-  loss_fn = _core.make_loss(loss, y, target)
-  project = _core.make_projection(norm, x, eps)
-  vg = _core.make_value_and_grad(logits_fn, loss_fn)
-  rule = apgd_rule(project, eps, norm, steps, y, target, rho, alpha)
+  vg = make_value_and_grad(logits_fn, loss_fn)
+  rule = apgd_rule(su.project, eps, norm, steps, y, target, rho, alpha)
 
   def run(k):
-    x0 = _core.random_start(jax.random.fold_in(k, 0), x, eps, norm)
-    x_last, s = _core.ascent_loop(vg, rule, x0, steps, _core.model_key(logits_fn, k, 1))
-    f_last, logits_last = _core.evaluate(logits_fn, loss_fn, x_last,
-                                         _core.model_key(logits_fn, k, 2))
-    take = _core.better(_core.success(logits_last, y, target), f_last, s.succ_ret, s.f_ret)
-    return jnp.where(_core.expand_mask(take, x), x_last, s.x_ret)
+    x0 = random_start(jax.random.fold_in(k, 0), x, eps, norm)
+    x_last, s = ascent_loop(vg, rule, x0, steps, model_key(logits_fn, k, 1))
+    f_last, logits_last = evaluate(logits_fn, loss_fn, x_last, model_key(logits_fn, k, 2))
+    take = better(success(logits_last, y, target), f_last, s.succ_ret, s.f_ret)
+    return jnp.where(expand_mask(take, x), x_last, s.x_ret)
 
   def score(x_adv, k):
-    value, logits = _core.evaluate(logits_fn, loss_fn, x_adv,
-                                   _core.model_key(logits_fn, k, 0))
-    return _core.success(logits, y, target), value
+    value, logits = evaluate(logits_fn, loss_fn, x_adv, model_key(logits_fn, k, 0))
+    return success(logits, y, target), value
 
-  return _core.best_of_restarts(run, score, x, restarts, key)
+  return best_of_restarts(run, score, x, restarts, key)

@@ -11,8 +11,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdefense import _checks
-from jaxdefense.attacks import _core
+from jaxdefense.attacks._ascent import (AscentRule, adam_ascent, adam_updates, best_with_last,
+                                        track_best)
+from jaxdefense.attacks._loop import ascent_loop, fold_in, model_key
+from jaxdefense.attacks._losses import margin as margin_loss
+from jaxdefense.attacks._losses import success
+from jaxdefense.attacks._objective import evaluate, make_value_and_grad
+from jaxdefense.attacks._projection import expand_mask
+from jaxdefense.attacks._setup import setup
 
 Array = jax.Array
 
@@ -35,8 +41,8 @@ def _cw_margin(target: Optional[Array], y: Array, kappa: Any) -> Callable:
   Returned as a quantity to *maximise* (its negative), per example.
   """
   if target is None:
-    return lambda z: -jnp.maximum(-kappa, -_core.margin(z, y))
-  return lambda z: -jnp.maximum(-kappa, _core.margin(z, target))
+    return lambda z: -jnp.maximum(-kappa, -margin_loss(z, y))
+  return lambda z: -jnp.maximum(-kappa, margin_loss(z, target))
 
 
 def _cw_success(logits: Array, y: Array, target: Optional[Array], kappa: Any) -> Array:
@@ -44,7 +50,7 @@ def _cw_success(logits: Array, y: Array, target: Optional[Array], kappa: Any) ->
 
   Untargeted: ``max_{i != y} Z_i - Z_y >= kappa``; targeted: ``Z_t - max_{i != t} Z_i >=
   kappa``.  Computed as the argmax of the logits with ``Z_y`` raised (``Z_t`` lowered) by
-  ``kappa``, so ``kappa = 0`` is exactly :func:`~jaxdefense.attacks._core.success`.
+  ``kappa``, so ``kappa = 0`` is exactly :func:`~jaxdefense.attacks._losses.success`.
   """
   kappa_e = jnp.asarray(kappa, logits.dtype)
   if kappa_e.ndim == 1:
@@ -54,7 +60,7 @@ def _cw_success(logits: Array, y: Array, target: Optional[Array], kappa: Any) ->
     shifted = logits + kappa_e * jax.nn.one_hot(y, num_classes, dtype=logits.dtype)
   else:
     shifted = logits - kappa_e * jax.nn.one_hot(target, num_classes, dtype=logits.dtype)
-  return _core.success(shifted, y, target)
+  return success(shifted, y, target)
 
 
 def _linf_distance(x: Array) -> Callable:
@@ -104,29 +110,22 @@ def cw_linf(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = N
   Raises:
     ValueError / TypeError: bad images, labels, eps, steps, lr, c or kappa.
   """
-  _core.validate("cw_linf", logits_fn, x, y, key=key, eps=eps, norm="linf", target=target)
-  steps = _checks.check_int(steps, "steps", minimum=1)
-  lr, c, kappa = (_core.check_nonneg(value, name, x.shape[0], "cw_linf")
-                  for name, value in (("lr", lr), ("c", c), ("kappa", kappa)))
-  eps = _core.as_param(eps)
-  x = jnp.asarray(x)
-  y = jnp.asarray(y)
-  target = None if target is None else jnp.asarray(target)
+  s = setup("cw_linf", logits_fn, x, y, key=key, eps=eps, norm="linf", target=target,
+            counts={"steps": steps}, params={"lr": lr, "c": c, "kappa": kappa})
+  x, y, target, steps = s.x, s.y, s.target, s.counts["steps"]
+  lr, c, kappa = s.params["lr"], s.params["c"], s.params["kappa"]
   c_e = jnp.asarray(c, x.dtype)
   dist = _linf_distance(x)
   objective = lambda z: c_e * _cw_margin(target, y, kappa)(z)  # to maximise
   penalty = lambda u: -dist(u)
-  vg = _core.make_value_and_grad(logits_fn, objective, transform=_from_tanh,
-                                 penalty=penalty)
-  project_x = _core.make_projection("linf", x, eps)
+  vg = make_value_and_grad(logits_fn, objective, transform=_from_tanh, penalty=penalty)
+  project_x = s.project
   decode = lambda u: project_x(_from_tanh(u))
-  rule = _core.track_best(_core.adam_ascent(lr, lambda u: _to_tanh(decode(u))),
-                          decode, y, target)
-  u, state = _core.ascent_loop(vg, rule, _to_tanh(x), steps,
-                               _core.model_key(logits_fn, key, 0))
-  value, logits = _core.evaluate(logits_fn, objective, u, _core.model_key(logits_fn, key, 1),
-                                 transform=decode, penalty=penalty)
-  return _core.best_with_last(state, decode(u), value, logits, y, target)
+  rule = track_best(adam_ascent(lr, lambda u: _to_tanh(decode(u))), decode, y, target)
+  u, state = ascent_loop(vg, rule, _to_tanh(x), steps, model_key(logits_fn, key, 0))
+  value, logits = evaluate(logits_fn, objective, u, model_key(logits_fn, key, 1),
+                           transform=decode, penalty=penalty)
+  return best_with_last(state, decode(u), value, logits, y, target)
 
 
 class _BestL2(NamedTuple):
@@ -186,26 +185,21 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
   Raises:
     ValueError / TypeError: bad images, labels, eps, steps, lr, c or kappa.
   """
-  _core.validate("cw_l2", logits_fn, x, y, key=key, eps=eps, norm="l2", target=target)
-  steps = _checks.check_int(steps, "steps", minimum=1)
-  binary_search_steps = _checks.check_int(binary_search_steps, "binary_search_steps",
-                                          minimum=1)
-  batch = x.shape[0]
-  lr, c, kappa = (_core.check_nonneg(value, name, batch, "cw_l2")
-                  for name, value in (("lr", lr), ("c", c), ("kappa", kappa)))
-  eps = _core.as_param(eps)
-  x = jnp.asarray(x)
-  y = jnp.asarray(y)
-  target = None if target is None else jnp.asarray(target)
-  key = _core.model_key(logits_fn, key, 0)  # None for a deterministic model
+  s = setup("cw_l2", logits_fn, x, y, key=key, eps=eps, norm="l2", target=target,
+            counts={"steps": steps, "binary_search_steps": binary_search_steps},
+            params={"lr": lr, "c": c, "kappa": kappa})
+  x, y, target, eps, batch = s.x, s.y, s.target, s.eps, s.batch
+  steps, binary_search_steps = s.counts["steps"], s.counts["binary_search_steps"]
+  lr, c, kappa = s.params["lr"], s.params["c"], s.params["kappa"]
+  key = model_key(logits_fn, key, 0)  # None for a deterministic model
   if eps is None:
     project_u = lambda u: u
   else:
-    project_x = _core.make_projection("l2", x, eps)
+    project_x = s.project
     project_u = lambda u: _to_tanh(project_x(_from_tanh(u)))
   sq_dist = lambda u: jax.vmap(lambda d: jnp.sum(jnp.square(d)))(_from_tanh(u) - x)
   margin = _cw_margin(target, y, kappa)
-  adam = _core.adam_updates(lr)  # per-example lr broadcast over the batch axis
+  adam = adam_updates(lr)  # per-example lr broadcast over the batch axis
 
   def run(c_b, best_x, best_dist, k):
     """One Adam run with per-example ``c_b``; track the closest successful iterate.
@@ -213,7 +207,7 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
     Returns the updated ``(best_x, best_dist)`` and whether this run reached a
     successful iterate (``[B]``), which drives the search over ``c``.
     """
-    vg = _core.make_value_and_grad(
+    vg = make_value_and_grad(
         logits_fn, lambda z: c_b * margin(z), transform=_from_tanh,
         penalty=lambda u: -sq_dist(u))
 
@@ -224,7 +218,7 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
       d = jax.vmap(lambda v: jnp.sum(jnp.square(v)))(x_u - x)
       succ = _cw_success(logits, y, target, kappa)
       take = succ & (d < best_dist)
-      return (jnp.where(_core.expand_mask(take, x), x_u, best_x),
+      return (jnp.where(expand_mask(take, x), x_u, best_x),
               jnp.where(take, d, best_dist), succ)
 
     def init(u):
@@ -237,15 +231,14 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
       return (project_u(optax.apply_updates(u, updates)),
               _BestL2(adam_state, bx, bd, state.found | succ))
 
-    u, state = _core.ascent_loop(vg, _core.AscentRule(init, update),
-                                 project_u(_to_tanh(x)), steps, k)
-    _, logits = _core.evaluate(logits_fn, margin, _from_tanh(u), _core.fold_in(k, steps))
+    u, state = ascent_loop(vg, AscentRule(init, update), project_u(_to_tanh(x)), steps, k)
+    _, logits = evaluate(logits_fn, margin, _from_tanh(u), fold_in(k, steps))
     bx, bd, succ = keep_best(u, logits, state.best_x, state.best_dist)
     return bx, bd, state.found | succ
 
   def search(s, carry):
     c_b, lo, hi, best_x, best_dist = carry
-    best_x, best_dist, found = run(c_b, best_x, best_dist, _core.fold_in(key, s))
+    best_x, best_dist, found = run(c_b, best_x, best_dist, fold_in(key, s))
     # C&W: a run that succeeded (whether or not it beat earlier runs' distance) lowers
     # c; one that failed raises it (x10 while no c has succeeded, else bisection).
     hi = jnp.where(found, jnp.minimum(hi, c_b), hi)

@@ -1,6 +1,6 @@
 """First-order sign attacks: FGSM, IFGSM (BIM), PGD and MI-FGSM.
 
-All four are one projected-ascent loop (:func:`jaxdefense.attacks._core.ascent_loop`)
+All four are one projected-ascent loop (:func:`jaxdefense.attacks.ascent_loop`)
 with different starting points, step rules and iteration counts.
 """
 
@@ -11,8 +11,13 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from jaxdefense import _checks
-from jaxdefense.attacks import _core
+from jaxdefense.attacks._ascent import momentum_sign_ascent, sign_ascent
+from jaxdefense.attacks._eot import EOT
+from jaxdefense.attacks._loop import ascent_loop, best_of_restarts, fold_in, model_key
+from jaxdefense.attacks._losses import success
+from jaxdefense.attacks._objective import evaluate, make_value_and_grad
+from jaxdefense.attacks._projection import random_start
+from jaxdefense.attacks._setup import setup
 
 Array = jax.Array
 
@@ -20,43 +25,36 @@ Array = jax.Array
 def _projected_ascent(attack: str, logits_fn, x, y, *, key, eps, step_size, steps: int,
                       norm: str, start: Optional[str], restarts: int, target, loss,
                       mu: Any = None, key_required: bool = False) -> Array:
-  """Validate, then run ``restarts`` projected sign-ascent attacks from ``start``."""
-  _core.validate(attack, logits_fn, x, y, key=key, key_required=key_required, eps=eps,
-                 norm=norm, target=target, loss=loss)
-  steps = _checks.check_int(steps, "steps", minimum=1)
-  restarts = _checks.check_int(restarts, "restarts", minimum=1)
-  batch = x.shape[0]
-  eps = _core.as_param(eps)
+  """Set up, then run ``restarts`` projected sign-ascent attacks from ``start``."""
+  params = {} if step_size is None else {"step_size": step_size}
+  if mu is not None:
+    params["mu"] = mu
+  s = setup(attack, logits_fn, x, y, key=key, key_required=key_required, eps=eps,
+            norm=norm, target=target, loss=loss,
+            counts={"steps": steps, "restarts": restarts}, params=params)
+  x, y, target, eps = s.x, s.y, s.target, s.eps
+  steps, restarts = s.counts["steps"], s.counts["restarts"]
   if step_size is None:
     step_size = (eps if mu is not None else 2.5 * jnp.asarray(eps)) / steps
   else:
-    step_size = _core.check_nonneg(step_size, "step_size", batch, attack)
-  if mu is not None:
-    mu = _core.check_nonneg(mu, "mu", batch, attack)
-
-  x = jnp.asarray(x)
-  y = jnp.asarray(y)
-  target = None if target is None else jnp.asarray(target)
-  loss_fn = _core.make_loss(loss, y, target)
-  project = _core.make_projection(norm, x, eps)
-  vg = _core.make_value_and_grad(logits_fn, loss_fn)
+    step_size = s.params["step_size"]
+  vg = make_value_and_grad(logits_fn, s.loss_fn)
   if mu is None:
-    rule = _core.sign_ascent(step_size, project, norm)
+    rule = sign_ascent(step_size, s.project, norm)
   else:
-    rule = _core.momentum_sign_ascent(step_size, mu, project, norm)
+    rule = momentum_sign_ascent(step_size, s.params["mu"], s.project, norm)
 
   def run(k):
-    x0 = x if start is None else _core.random_start(_core.fold_in(k, 0), x, eps, norm)
-    return _core.ascent_loop(vg, rule, x0, steps, _core.model_key(logits_fn, k, 1))[0]
+    x0 = x if start is None else random_start(fold_in(k, 0), x, eps, norm)
+    return ascent_loop(vg, rule, x0, steps, model_key(logits_fn, k, 1))[0]
 
   def score(x_adv, k):
-    value, logits = _core.evaluate(logits_fn, loss_fn, x_adv,
-                                   _core.model_key(logits_fn, k, 0))
-    return _core.success(logits, y, target), value
+    value, logits = evaluate(logits_fn, s.loss_fn, x_adv, model_key(logits_fn, k, 0))
+    return success(logits, y, target), value
 
-  if start is None and not isinstance(logits_fn, _core.EOT):
+  if start is None and not isinstance(logits_fn, EOT):
     key = None  # nothing random: skip key derivations
-  return _core.best_of_restarts(run, score, x, restarts, key)
+  return best_of_restarts(run, score, x, restarts, key)
 
 
 def fgsm(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = None,

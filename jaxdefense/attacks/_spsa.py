@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxdefense import _checks
-from jaxdefense.attacks import _core
+from jaxdefense.attacks._ascent import adam_ascent
+from jaxdefense.attacks._eot import EOT, logit_draws
+from jaxdefense.attacks._loop import ascent_loop, fold_in, model_key
+from jaxdefense.attacks._losses import LOSS_DTYPE
+from jaxdefense.attacks._objective import loss_values
+from jaxdefense.attacks._projection import per_example, random_start as random_point
+from jaxdefense.attacks._setup import setup
 
 Array = jax.Array
 
@@ -32,17 +38,17 @@ def spsa_gradient(logits_fn: Callable, loss_fn: Callable, delta: Any, num_sample
   ``2 delta``).
   """
   calls = num_samples // samples_per_call
-  stochastic = isinstance(logits_fn, _core.EOT)
+  stochastic = isinstance(logits_fn, EOT)
 
   def vg(x, key):
     batch = x.shape[0]
     d_b = jnp.broadcast_to(jnp.asarray(delta, x.dtype), (batch,))  # [B]
-    d = _core.per_example(d_b, x)
+    d = per_example(d_b, x)
 
     def body(j, carry):
       g, loss = carry
       k_dir = jax.random.fold_in(key, j)
-      k_model = _core.model_key(logits_fn, _core.model_key(logits_fn, key, calls), j)
+      k_model = model_key(logits_fn, model_key(logits_fn, key, calls), j)
       v = jax.random.rademacher(k_dir, (samples_per_call,) + x.shape, x.dtype)
       # Probes batch-major, [B, S, ...] -> [B * S, ...]: merging into the (possibly
       # sharded) batch axis from the minor side keeps the batch's sharding.
@@ -50,7 +56,7 @@ def spsa_gradient(logits_fn: Callable, loss_fn: Callable, delta: Any, num_sample
       plus_x, minus_x = x[:, None] + d[:, None] * vb, x[:, None] - d[:, None] * vb
 
       def probe(points):  # [B, s, ...] -> logits [n, B, s, K]
-        draws = _core.logit_draws(logits_fn, points.reshape((-1,) + x.shape[1:]), k_model)
+        draws = logit_draws(logits_fn, points.reshape((-1,) + x.shape[1:]), k_model)
         return draws.reshape((draws.shape[0], batch, points.shape[1], -1))
 
       if stochastic:
@@ -60,14 +66,14 @@ def spsa_gradient(logits_fn: Callable, loss_fn: Callable, delta: Any, num_sample
       else:
         draws = probe(jnp.concatenate([plus_x, minus_x], axis=1))  # one call
       draws = jnp.swapaxes(draws, 1, 2)  # [n, 2S, B, K]
-      values = jax.vmap(lambda dr: _core.loss_values(loss_fn, dr), in_axes=1)(draws)
+      values = jax.vmap(lambda dr: loss_values(loss_fn, dr), in_axes=1)(draws)
       plus, minus = values[:samples_per_call], values[samples_per_call:]  # [S, B] each
       coef = ((plus - minus) / (2.0 * d_b)).astype(x.dtype)  # [S, B]
       g = g + jnp.einsum("sb,sb...->b...", coef, v)
       return g, loss + jnp.sum(values, axis=0)
 
     g, loss = jax.lax.fori_loop(0, calls, body,
-                                (jnp.zeros_like(x), jnp.zeros((batch,), _core.LOSS_DTYPE)))
+                                (jnp.zeros_like(x), jnp.zeros((batch,), LOSS_DTYPE)))
     return loss / (2 * num_samples), None, g / num_samples
 
   return vg
@@ -112,30 +118,24 @@ def spsa(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
   Raises:
     ValueError / TypeError: bad images, labels, eps, steps, delta or sample counts.
   """
-  _core.validate("spsa", logits_fn, x, y, key=key, key_required=True, eps=eps,
-                 norm="linf", target=target, loss=loss)
-  steps = _checks.check_int(steps, "steps", minimum=1)
-  num_samples = _checks.check_int(num_samples, "num_samples", minimum=1)
   if samples_per_call is None:
     samples_per_call = num_samples
-  samples_per_call = _checks.check_int(samples_per_call, "samples_per_call", minimum=1,
-                                       maximum=num_samples)
+  s = setup("spsa", logits_fn, x, y, key=key, key_required=True, eps=eps, norm="linf",
+            target=target, loss=loss,
+            counts={"steps": steps, "num_samples": num_samples,
+                    "samples_per_call": samples_per_call},
+            params={"lr": lr, "delta": delta})
+  steps, num_samples = s.counts["steps"], s.counts["num_samples"]
+  samples_per_call = _checks.check_int(s.counts["samples_per_call"], "samples_per_call",
+                                       minimum=1, maximum=num_samples)
   if num_samples % samples_per_call:
     raise ValueError(f"spsa: samples_per_call ({samples_per_call}) must divide "
                      f"num_samples ({num_samples}).")
-  batch = x.shape[0]
-  lr = _core.check_nonneg(lr, "lr", batch, "spsa")
-  delta = _core.check_nonneg(delta, "delta", batch, "spsa")
+  delta = s.params["delta"]
   delta_np = _checks.as_concrete_numpy(delta)
   if delta_np is not None and (delta_np <= 0).any():
     raise ValueError(f"spsa: delta must be > 0; got {delta!r}.")
-  eps = _core.as_param(eps)
-  x = jnp.asarray(x)
-  y = jnp.asarray(y)
-  target = None if target is None else jnp.asarray(target)
-  loss_fn = _core.make_loss(loss, y, target)
-  project = _core.make_projection("linf", x, eps)
-  vg = spsa_gradient(logits_fn, loss_fn, delta, num_samples, samples_per_call)
-  rule = _core.adam_ascent(lr, project)
-  x0 = _core.random_start(_core.fold_in(key, 0), x, eps, "linf") if random_start else x
-  return _core.ascent_loop(vg, rule, x0, steps, _core.fold_in(key, 1))[0]
+  vg = spsa_gradient(logits_fn, s.loss_fn, delta, num_samples, samples_per_call)
+  rule = adam_ascent(s.params["lr"], s.project)
+  x0 = random_point(fold_in(key, 0), s.x, s.eps, "linf") if random_start else s.x
+  return ascent_loop(vg, rule, x0, steps, fold_in(key, 1))[0]

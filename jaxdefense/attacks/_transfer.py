@@ -6,7 +6,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 
-from jaxdefense.attacks import _core
+from jaxdefense.attacks._eot import predict
 
 Array = jax.Array
 
@@ -58,5 +58,5 @@ def transfer(attack: Callable, oracle_fn: Callable, target_fn: Callable, x: Arra
   else:
     k_attack, k_oracle, k_target = jax.random.split(key, 3)
   x_adv = attack(oracle_fn, x, y, key=k_attack, **attack_kwargs)
-  return TransferResult(x_adv, _core.predict(oracle_fn, x_adv, key=k_oracle),
-                        _core.predict(target_fn, x_adv, key=k_target))
+  return TransferResult(x_adv, predict(oracle_fn, x_adv, key=k_oracle),
+                        predict(target_fn, x_adv, key=k_target))

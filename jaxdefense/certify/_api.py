@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdefense import _checks
+from jaxdefense import data as _data
 from jaxdefense.certify._domains import Box, HybridZonotope, margin_lower_bounds
 from jaxdefense.nn._abstract import AbstractValue, is_abstract
 
@@ -86,12 +87,11 @@ def _check_args(model: Any, x: Any, eps: Any, y: Any = None) -> None:
 
 def _apply(model: nn.Module, variables: Any, value: AbstractValue, train: bool,
            rngs: Any) -> AbstractValue:
+  """``model.apply(variables, value, train=train)``: the abstract logits ``[B, K]``."""
   kwargs = {"train": train}
   if rngs is not None:
     kwargs["rngs"] = rngs
   out = model.apply(variables, value, **kwargs)
-  if isinstance(out, tuple) and len(out) == 2 and is_abstract(out[0]):
-    out = out[0]
   if not is_abstract(out):
     raise TypeError(f"{type(model).__name__} returned {type(out).__name__} for an abstract "
                     "input; certification needs a model built from jaxdefense.nn layers.")
@@ -215,6 +215,47 @@ def verify(model: nn.Module, variables: Any, x: Array, y: Array, eps: Any,
   return certified_margins(model, variables, x, y, eps, domain, **kwargs) > 0
 
 
+def verify_dataset(model: nn.Module, variables: Any, x: Any, y: Any, eps: float,
+                   domain: str = "zonotope", *, batch_size: int = 100,
+                   progress: bool = False, desc: str | None = None, relu: str | None = None,
+                   relu_budget: int | None = None, correlate_input: bool = True,
+                   train: bool = False, rngs: Any = None) -> np.ndarray:
+  """:func:`verify` over a whole data set, batch by batch: ``bool [N]`` (NumPy).
+
+  Runs through ``jaxdefense.data.run_batches``: fixed-shape batches (the last one
+  padded, so the certification compiles once per model, domain and batch shape),
+  sharded over every device.  Arguments are checked once, here.
+
+  Args:
+    model, variables: as in :func:`bounds`.
+    x: images ``[N, H, W, C]`` in ``[0, 1]``; y: integer labels ``[N]``.
+    eps: l-inf radius (a scalar).
+    domain: ``"zonotope"`` (default), ``"box"`` or ``"deepz"``.
+    batch_size: examples per call (the zonotope's memory grows with it).  Default 100.
+    progress: show a tqdm progress bar labelled ``desc``.
+    relu, relu_budget, correlate_input, train, rngs: as in :func:`bounds`.
+
+  Returns:
+    ``bool [N]``: which examples are proved robust.
+
+  Raises:
+    ValueError, TypeError: as :func:`verify`, a non-scalar ``eps`` or a bad
+      ``batch_size``.
+  """
+  _check_args(model, x, eps, y)
+  if np.ndim(eps) != 0:
+    raise ValueError(f"verify_dataset takes one eps for the whole data set; got shape "
+                     f"{np.shape(eps)}.")
+  domain, relu = _resolve(domain, relu)
+  fn = _jitted("verify", model, domain, relu, relu_budget, bool(correlate_input), bool(train))
+  e = jnp.asarray(eps, jnp.float32)
+  # ``fn`` is compiled (and cached per model): the runner calls it as it is
+  margins = _data.run_batches(lambda batch, _: fn(variables, batch[0], e, batch[1], rngs),
+                              (np.asarray(x), np.asarray(y)), batch_size=batch_size,
+                              progress=progress, desc=desc, jit=False)
+  return np.asarray(margins) > 0
+
+
 def make_bounds_fn(model: nn.Module, domain: str = "box", *, relu: str | None = None,
                    relu_budget: int | None = None, correlate_input: bool = True,
                    train: bool = False) -> Callable[[Any, Array, Any], tuple[Array, Array]]:
@@ -300,11 +341,17 @@ def report(model: nn.Module, variables: Any, x: Array, y: Array, eps: float, *,
     key: PRNG key for PGD's random start (default ``PRNGKey(0)``).
     pgd_steps: PGD iterations (``jaxdefense.attacks.pgd``); 0 skips the attack.
     pgd_step_size: default ``2.5 * eps / pgd_steps``.
-    batch_size: examples per call.
+    batch_size: examples per call; every evaluation goes through
+      ``jaxdefense.data.run_batches`` (padded last batch, no recompilation; PGD's
+      random start of batch ``i`` draws from ``fold_in(key, i)``).
     **kwargs: passed to :func:`verify` (``relu``, ``relu_budget``, ``correlate_input``).
 
   Returns:
-    ``{"n": N, "standard": ..., "pgd": ..., "certified_box": ..., ...}``.
+    ``{"n": N, "standard": ..., "pgd": ..., "certified_box": ..., ...}`` (no ``"pgd"``
+    when ``pgd_steps == 0``).
+
+  Raises:
+    ValueError, TypeError: as :func:`verify_dataset`.
   """
   _check_args(model, x, eps, y)
   x = np.asarray(x)
@@ -313,26 +360,24 @@ def report(model: nn.Module, variables: Any, x: Array, y: Array, eps: float, *,
   step = pgd_step_size if pgd_step_size is not None else 2.5 * eps / max(pgd_steps, 1)
   def logits_fn(a):
     return model.apply(variables, a, train=False)
-  predict = jax.jit(lambda a: jnp.argmax(logits_fn(a), -1))
-  counts = {"standard": 0, "pgd": 0}
-  counts.update({f"certified_{d}": 0 for d in domains})
   if pgd_steps:
     from jaxdefense import attacks  # pylint: disable=import-outside-toplevel
-    attack = jax.jit(lambda a, b, k: attacks.pgd(logits_fn, a, b, key=k, eps=eps,
-                                                 step_size=step, steps=pgd_steps))
-  for start in range(0, x.shape[0], batch_size):
-    xb, yb = jnp.asarray(x[start:start + batch_size]), jnp.asarray(y[start:start + batch_size])
-    counts["standard"] += int(jnp.sum(predict(xb) == yb))
+
+  def point(batch, kb):
+    xb, yb = batch
+    out = {"standard": jnp.argmax(logits_fn(xb), -1) == yb}
     if pgd_steps:
-      key, sub = jax.random.split(key)
-      counts["pgd"] += int(jnp.sum(predict(attack(xb, yb, sub)) == yb))
-    for d in domains:
-      counts[f"certified_{d}"] += int(jnp.sum(verify(model, variables, xb, yb, eps, d,
-                                                     **kwargs)))
+      adv = attacks.pgd(logits_fn, xb, yb, key=kb, eps=eps, step_size=step, steps=pgd_steps)
+      out["pgd"] = jnp.argmax(logits_fn(adv), -1) == yb
+    return out
+
+  # batch i's PGD start draws from fold_in(key, i)
+  points = _data.run_batches(point, (x, y), batch_size=batch_size, key=key)
   n = x.shape[0]
   out: dict[str, float] = {"n": n}
-  for k, v in counts.items():
-    if k == "pgd" and not pgd_steps:
-      continue
-    out[k] = v / max(n, 1)
+  for k, v in points.items():
+    out[k] = float(np.mean(v))
+  for d in domains:
+    out[f"certified_{d}"] = float(np.mean(verify_dataset(
+        model, variables, x, y, eps, d, batch_size=batch_size, **kwargs)))
   return out

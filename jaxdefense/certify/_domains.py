@@ -13,7 +13,9 @@ Hybrid zonotope (Mirman et al. 2018; Mirman, Singh & Vechev 2019, section 2) ove
 
 with centre ``c`` ``[B, ...]``, non-negative box radius ``b`` ``[B, ...]`` and ``m``
 correlated generators ``E`` ``[m, B, ...]`` (a leading generator axis of static size).
-A box is a hybrid zonotope with ``m = 0``.
+A box is a hybrid zonotope with ``m = 0``: the two domains meet in one place,
+``_promote``, which every binary operation (``add``, ``concatenate``) and
+``linear_bounds`` go through, so a box and a zonotope combine into a zonotope.
 
 Noise symbols are tracked in *segments*: ``segments`` is a static tuple of
 ``(tag, size)`` pairs that partitions the generator axis.  Every operation that creates
@@ -64,9 +66,50 @@ def _safe_div(num: Array, den: Array, where: Array) -> Array:
   return jnp.where(where, num / den, 0.0)
 
 
+# ====================================================================== shared base
+class _Domain(AbstractValue):
+  """What :class:`Box` and :class:`HybridZonotope` share: their binary operations.
+
+  Both meet through :func:`_promote` only (a box is a hybrid zonotope without
+  generators); each domain then adds or concatenates values of its own kind
+  (``_add``, ``_concatenate``) and shifts by a concrete array (``_shift``).
+  """
+
+  def add(self, other: Any) -> AbstractValue:
+    """``self + other`` for an abstract or concrete (broadcastable) ``other``.
+
+    Two boxes give a box; a box and a hybrid zonotope give a hybrid zonotope
+    (generators aligned segment by segment, configuration of the zonotope).
+    """
+    if not isinstance(other, AbstractValue):
+      return self._shift(other)
+    a, b = _promote([self, other])
+    return a._add(b)
+
+  @classmethod
+  def concatenate(cls, values: Sequence[AbstractValue], axis: int) -> AbstractValue:
+    """Concatenate abstract values along a non-batch ``axis`` (boxes stay boxes).
+
+    Raises:
+      TypeError: a concrete array among ``values``.
+      ValueError: ``axis`` is the batch axis (hybrid zonotopes).
+    """
+    values = _promote(list(values))
+    return values[0]._concatenate(values, axis)
+
+  def _shift(self, other: Any) -> AbstractValue:
+    raise NotImplementedError
+
+  def _add(self, other: Any) -> AbstractValue:
+    raise NotImplementedError
+
+  def _concatenate(self, values: Sequence[Any], axis: int) -> AbstractValue:
+    raise NotImplementedError
+
+
 # =============================================================================== Box
 @jax.tree_util.register_pytree_node_class
-class Box(AbstractValue):
+class Box(_Domain):
   """Interval domain (interval bound propagation, IBP): centre and radius.
 
   Represents ``{c + r * beta : beta in [-1, 1]^shape}``.
@@ -157,24 +200,15 @@ class Box(AbstractValue):
     return Box.from_bounds(fn(lo), fn(hi))
 
   # ------------------------------------------------------------------- arithmetic
-  def add(self, other: Any) -> AbstractValue:
-    if isinstance(other, HybridZonotope):
-      return other.add(self)
-    if isinstance(other, Box):
-      return Box(self._center + other._center, self.radius + other.radius)
-    if isinstance(other, AbstractValue):
-      lo, hi = other.concretize()
-      return self.add(Box.from_bounds(lo, hi))
+  def _shift(self, other: Any) -> "Box":
     return Box(self._center + other, self.radius)
 
-  @classmethod
-  def concatenate(cls, values: Sequence[AbstractValue], axis: int) -> AbstractValue:
-    values = list(values)
-    if any(isinstance(v, HybridZonotope) for v in values):
-      return HybridZonotope.concatenate(values, axis)
-    boxes = [_as_box(v) for v in values]
-    return Box(jnp.concatenate([b._center for b in boxes], axis),
-               jnp.concatenate([b.radius for b in boxes], axis))
+  def _add(self, other: "Box") -> "Box":
+    return Box(self._center + other._center, self.radius + other.radius)
+
+  def _concatenate(self, values: Sequence["Box"], axis: int) -> "Box":
+    return Box(jnp.concatenate([b._center for b in values], axis),
+               jnp.concatenate([b.radius for b in values], axis))
 
   def to_zonotope(self, relu_mode: str = "box", relu_budget: int | None = None
                   ) -> "HybridZonotope":
@@ -183,16 +217,9 @@ class Box(AbstractValue):
                           relu_budget=relu_budget)
 
 
-def _as_box(v: Any) -> Box:
-  if isinstance(v, Box):
-    return v
-  lo, hi = v.concretize()
-  return Box.from_bounds(lo, hi)
-
-
 # ===================================================================== HybridZonotope
 @jax.tree_util.register_pytree_node_class
-class HybridZonotope(AbstractValue):
+class HybridZonotope(_Domain):
   """DiffAI hybrid zonotope: centre, box radius and correlated generators.
 
   Args:
@@ -426,27 +453,22 @@ class HybridZonotope(AbstractValue):
                      jnp.zeros((0,) + self.shape, self.dtype), ())
 
   # ------------------------------------------------------------------- arithmetic
-  def add(self, other: Any) -> "HybridZonotope":
-    if isinstance(other, AbstractValue):
-      other = _as_zonotope(other, self)
-      (g1, g2), segments = _align([self, other])
-      return self._new(self._center + other._center, self.box + other.box, g1 + g2,
-                       segments)
+  def _shift(self, other: Any) -> "HybridZonotope":
     return self._new(self._center + other, self.box, self.generators)
 
-  @classmethod
-  def concatenate(cls, values: Sequence[AbstractValue], axis: int) -> "HybridZonotope":
-    values = list(values)
-    ref = next(v for v in values if isinstance(v, HybridZonotope))
-    zs = [_as_zonotope(v, ref) for v in values]
-    ndim = len(ref.shape)
-    axis = axis % ndim
+  def _add(self, other: "HybridZonotope") -> "HybridZonotope":
+    (g1, g2), segments = _align([self, other])
+    return self._new(self._center + other._center, self.box + other.box, g1 + g2, segments)
+
+  def _concatenate(self, values: Sequence["HybridZonotope"], axis: int
+                   ) -> "HybridZonotope":
+    axis = axis % len(self.shape)
     if axis == 0:
       raise ValueError("HybridZonotope.concatenate: axis 0 is the batch axis.")
-    gens, segments = _align(zs)
-    return ref._new(jnp.concatenate([z._center for z in zs], axis),
-                    jnp.concatenate([z.box for z in zs], axis),
-                    jnp.concatenate(gens, axis + 1), segments)
+    gens, segments = _align(values)
+    return self._new(jnp.concatenate([z._center for z in values], axis),
+                     jnp.concatenate([z.box for z in values], axis),
+                     jnp.concatenate(gens, axis + 1), segments)
 
   # -------------------------------------------------------------- abstract layers
   def correlate(self, indices: Array, valid: Array | None = None) -> "HybridZonotope":
@@ -497,11 +519,30 @@ class HybridZonotope(AbstractValue):
     return self._new(self._center, box, kept, ((fresh_tag(), keep),))
 
 
-def _as_zonotope(v: Any, ref: HybridZonotope) -> HybridZonotope:
-  if isinstance(v, HybridZonotope):
-    return v
-  box = _as_box(v)
-  return ref._new(box._center, box.radius, jnp.zeros((0,) + box.shape, box.dtype), ())
+def _promote(values: Sequence[Any], *, zonotope: bool = False) -> list[Any]:
+  """Abstract values brought to one domain: the one place where the domains meet.
+
+  A box is a hybrid zonotope with no generators (``m = 0``).  When every value is a
+  :class:`Box` (and ``zonotope`` is False) they stay boxes; otherwise every box becomes
+  that hybrid zonotope, with the ``relu_mode`` and ``relu_budget`` of the first
+  zonotope among ``values`` (the defaults when there is none).  A value of any other
+  :class:`~jaxdefense.nn.AbstractValue` domain enters as the box of its interval
+  bounds (sound; its own correlations are dropped).
+
+  Raises:
+    TypeError: a concrete array among ``values``.
+  """
+  out = []
+  for v in values:
+    if not isinstance(v, AbstractValue):
+      raise TypeError(f"expected abstract values only, got {type(v).__name__}; lift the "
+                      "concrete parts to the abstract domain first (Box.from_bounds(x, x)).")
+    out.append(v if isinstance(v, (Box, HybridZonotope)) else Box.from_bounds(*v.concretize()))
+  ref = next((v for v in out if isinstance(v, HybridZonotope)), None)
+  if ref is None and not zonotope:
+    return out
+  mode = {} if ref is None else {"relu_mode": ref.relu_mode, "relu_budget": ref.relu_budget}
+  return [v if isinstance(v, HybridZonotope) else v.to_zonotope(**mode) for v in out]
 
 
 def _align(zs: Sequence[HybridZonotope]) -> tuple[list[Array], tuple[tuple[int, int], ...]]:
@@ -554,16 +595,12 @@ def linear_bounds(value: AbstractValue, matrix: Array) -> tuple[Array, Array]:
   matrix = jnp.asarray(matrix)
   if matrix.ndim == 2:
     matrix = jnp.broadcast_to(matrix, (value.shape[0],) + matrix.shape)
-  if isinstance(value, HybridZonotope):
-    c = jnp.einsum("bnk,bk->bn", matrix, value.center())
-    r = jnp.einsum("bnk,bk->bn", jnp.abs(matrix), value.box)
-    if value.num_generators:
-      e = jnp.einsum("bnk,mbk->mbn", matrix, value.generators)
-      r = r + jnp.sum(jnp.abs(e), axis=0)
-    return c - r, c + r
-  box = _as_box(value)
-  c = jnp.einsum("bnk,bk->bn", matrix, box.center())
-  r = jnp.einsum("bnk,bk->bn", jnp.abs(matrix), box.radius)
+  (z,) = _promote([value], zonotope=True)
+  c = jnp.einsum("bnk,bk->bn", matrix, z.center())
+  r = jnp.einsum("bnk,bk->bn", jnp.abs(matrix), z.box)
+  if z.num_generators:
+    e = jnp.einsum("bnk,mbk->mbn", matrix, z.generators)
+    r = r + jnp.sum(jnp.abs(e), axis=0)
   return c - r, c + r
 
 

@@ -10,7 +10,6 @@ validated, locked config: a typo in a key is an error that lists close matches.
 
 from __future__ import annotations
 
-from jaxdefense.configs._base import STEP_FIELDS as STEP_FIELDS
 from jaxdefense.configs._base import base_config as base_config
 from jaxdefense.configs._base import validate as validate
 from jaxdefense.configs._loader import get as get
@@ -22,6 +21,6 @@ from jaxdefense.configs._overrides import parse_value as parse_value
 from jaxdefense.configs._overrides import split_override as split_override
 
 __all__ = [
-    "STEP_FIELDS", "base_config", "get", "load_file", "names", "override", "parse_value",
+    "base_config", "get", "load_file", "names", "override", "parse_value",
     "search_dirs", "split_override", "validate",
 ]

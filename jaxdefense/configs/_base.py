@@ -14,22 +14,11 @@ from typing import Any, Iterator
 import ml_collections
 from ml_collections import config_dict
 
-__all__ = ["base_config", "validate", "flatten_keys", "FREE_GROUPS", "STEP_FIELDS"]
+__all__ = ["base_config", "validate", "flatten_keys", "FREE_GROUPS"]
 
 #: Groups whose extra keys are passed through as keyword arguments (model overrides,
 #: objective hyper-parameters, step-rule fields) rather than rejected.
 FREE_GROUPS = ("model", "model.step", "objective")
-
-#: Every field a ``model.step`` spec may carry, with the default of its rule.  A rule
-#: only reads its own fields (``euler``: none; ``euler_maruyama``: coef, std, at_test;
-#: ``damped``: kind, init_range, skip_first, skip_transitions); the others are ignored,
-#: which lets ``--config.model.step.name=euler_maruyama --config.model.step.coef=0.2``
-#: switch rules from the command line.
-STEP_FIELDS: dict[str, Any] = {
-    "coef": 0.1, "std": "batch", "at_test": True,
-    "kind": "relu", "init_range": (0.2, 0.25), "skip_first": True, "skip_transitions": True,
-}
-
 
 def base_config() -> ml_collections.ConfigDict:
   """The full default configuration (unlocked), documented field by field.
@@ -53,8 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
       augment.flip [True]      random horizontal flip (off for digits / MNIST)
       model.name ["resnet20"]  jaxdefense.models.names()
       model.normalize [True]   per-channel normalisation with data.channel_stats(dataset)
-      model.step.name ["euler"]  residual step rule: euler | euler_maruyama | damped,
-                               plus its fields (see STEP_FIELDS)
+      model.step.name [None]   residual step rule: euler | euler_maruyama | damped, plus
+                               its fields (jaxdefense.dynamics.step_from_dict; defaults
+                               from the rule).  None: the model's own rule (Euler for
+                               the plain zoo, Euler-Maruyama for en*_ presets); fields
+                               given without a name change the model's own rule
       model.<other>            any other key is a model override, e.g. model.dropout=0.3
       ensemble.size [1]        > 1 wraps the model in models.Ensemble
       ensemble.shared [False]  shared weights (n x En_1) instead of independent members
@@ -103,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet20"
   c.model.normalize = True
-  c.model.step = ml_collections.ConfigDict({"name": "euler", **STEP_FIELDS})
+  c.model.step = ml_collections.ConfigDict({"name": config_dict.placeholder(str)})
 
   c.ensemble = ml_collections.ConfigDict()
   c.ensemble.size = 1

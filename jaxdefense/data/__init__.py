@@ -31,7 +31,6 @@ from ._datasets import DatasetNotFoundError as DatasetNotFoundError
 from ._datasets import channel_stats as channel_stats
 from ._datasets import load as load
 from ._datasets import names as names
-from ._datasets import read_idx as read_idx
 from ._iterator import batches as batches
 from ._iterator import epoch_order as epoch_order
 from ._iterator import num_batches as num_batches
@@ -55,5 +54,12 @@ __all__ = [
     "num_batches",
     "random_crop",
     "random_flip",
-    "read_idx",
 ]
+
+from ._runner import run_batches as run_batches
+from ._sharding import batch_sharding as batch_sharding
+from ._sharding import make_mesh as make_mesh
+from ._sharding import replicated as replicated
+from ._sharding import shard_batch as shard_batch
+
+__all__ += ["run_batches", "batch_sharding", "make_mesh", "replicated", "shard_batch"]

@@ -10,9 +10,15 @@ from jaxdefense.dynamics._steps import Damped as Damped
 from jaxdefense.dynamics._steps import Euler as Euler
 from jaxdefense.dynamics._steps import EulerMaruyama as EulerMaruyama
 from jaxdefense.dynamics._steps import StepContext as StepContext
+from jaxdefense.dynamics._steps import apply_step as apply_step
 from jaxdefense.dynamics._steps import is_stochastic as is_stochastic
+from jaxdefense.dynamics._encoding import STEP_RULES as STEP_RULES
+from jaxdefense.dynamics._encoding import step_from_dict as step_from_dict
+from jaxdefense.dynamics._encoding import step_name as step_name
+from jaxdefense.dynamics._encoding import step_to_dict as step_to_dict
 
-__all__ = ["Damped", "Euler", "EulerMaruyama", "StepContext", "is_stochastic"]
+__all__ = ["Damped", "Euler", "EulerMaruyama", "StepContext", "apply_step", "is_stochastic",
+           "STEP_RULES", "step_from_dict", "step_name", "step_to_dict"]
 
 from jaxdefense.dynamics._continuous import ODEBlock as ODEBlock
 from jaxdefense.dynamics._continuous import SDEBlock as SDEBlock

@@ -47,7 +47,21 @@ def wavenumbers(n: int, length: float = 1.0, dtype: Any = jnp.float32) -> tuple[
 
 
 def dealias_mask(n: int) -> Array:
-  """The 2/3-rule mask ``[n, n]``: 1 where ``|m_x|, |m_y| < n / 3``, else 0."""
+  """The 2/3-rule dealiasing mask of an ``n x n`` periodic grid.
+
+  ``mask[i, j] = 1`` where both FFT frequency indices satisfy ``|m_x|, |m_y| < n / 3``
+  (``m`` as ordered by ``numpy.fft.fftfreq(n, 1 / n)``, matching :func:`wavenumbers`),
+  else 0; multiply a spectrum by it before a quadratic product to remove aliasing.
+
+  Args:
+    n: grid size, an integer ``>= 2``.
+
+  Returns:
+    float32 ``[n, n]`` of zeros and ones.
+
+  Raises:
+    TypeError: ``n`` is not an integer.  ValueError: ``n < 2``.
+  """
   n = _checks.check_int(n, "n", minimum=2)
   m = np.abs(np.fft.fftfreq(n, d=1.0 / n))
   keep = m < n / 3.0
@@ -55,7 +69,21 @@ def dealias_mask(n: int) -> Array:
 
 
 def grid(n: int, length: float = 1.0) -> tuple[Array, Array]:
-  """Grid coordinates ``(X, Y)``, each ``[n, n]``, ``X[i, j] = i h``, ``Y[i, j] = j h``."""
+  """Coordinates of the ``n x n`` periodic grid on ``[0, length)^2``.
+
+  ``X[i, j] = i h`` and ``Y[i, j] = j h`` with ``h = length / n`` (axis 0 is ``x``, as in
+  :func:`wavenumbers`); the point ``length`` itself is not included.
+
+  Args:
+    n: grid size, an integer ``>= 2``.
+    length: side of the periodic square; default 1.0.
+
+  Returns:
+    ``(X, Y)``, each float32 ``[n, n]``.
+
+  Raises:
+    TypeError: ``n`` is not an integer.  ValueError: ``n < 2``.
+  """
   n = _checks.check_int(n, "n", minimum=2)
   s = np.arange(n) * (length / n)
   x, y = np.meshgrid(s, s, indexing="ij")

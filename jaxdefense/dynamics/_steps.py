@@ -1,11 +1,17 @@
 """Residual step rules: one discretisation of ``dx/dt = F(x, t)`` per method.
 
 A residual network is ``x_{n+1} = step(x_n, f_n(x_n))``.  A step rule is a small,
-frozen, hashable dataclass chosen by configuration; the residual block calls it with
-itself as ``block`` so that rules with parameters (the damping coefficient of
-In-ResNet) or randomness (the Brownian increment of EnResNet) create them in the
-block's scope.  Every rule accepts an additive ``perturbation`` (LAD's layer-wise
-perturbation; ``None`` means zeros).
+frozen, hashable dataclass chosen by configuration, and a *pure* function: it holds no
+reference to the network that calls it.  It declares what it needs from its block,
+
+* :meth:`param_specs` -- its trainable parameters (name -> ``(init, shape)``), created
+  in the block's scope (the damping coefficient of In-ResNet), and
+* :meth:`needs_noise` -- whether the block draws a key from its ``"noise"`` RNG stream
+  (the Brownian increment of EnResNet),
+
+and :func:`apply_step` (the only place that touches a block's scope) creates them and
+calls ``rule(x, fx, ctx, params=..., key=..., perturbation=...)``.  Every rule accepts
+an additive ``perturbation`` (LAD's layer-wise perturbation; ``None`` means zeros).
 
 Rules run on arrays and, when deterministic, on abstract values
 (:class:`jaxdefense.nn.AbstractValue`): Euler and Damped with a scalar coefficient are
@@ -15,7 +21,7 @@ affine in ``(x, f)``; a noisy or input-gated rule raises a clear error.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -52,12 +58,35 @@ def _not_certifiable(rule: Any, why: str) -> ValueError:
                     "for abstract (Box / HybridZonotope) execution.")
 
 
-@dataclasses.dataclass(frozen=True)
-class Euler:
-  """Forward Euler, the plain ResNet step: ``x_{n+1} = x_n + f_n(x_n)``."""
+ParamSpecs = Mapping[str, tuple[Callable[..., Array], tuple[int, ...]]]
 
-  def __call__(self, block: nn.Module, x: Any, fx: Any, ctx: StepContext,
-               perturbation: Any = None) -> Any:
+
+class _Rule:
+  """Defaults of the step-rule protocol: no parameters, no noise."""
+
+  def param_specs(self, ctx: StepContext, x: Any) -> ParamSpecs:
+    """Trainable parameters of the block at ``ctx`` for input ``x``: name -> (init, shape)."""
+    del ctx, x
+    return {}
+
+  def needs_noise(self, ctx: StepContext) -> bool:
+    """Whether the block at ``ctx`` needs a key from the ``"noise"`` RNG stream."""
+    del ctx
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Euler(_Rule):
+  """Forward Euler, the plain ResNet step: ``x_{n+1} = x_n + f_n(x_n)``.
+
+  Call: ``Euler()(x, fx, ctx, params={}, key=None, perturbation=None)`` returns
+  ``x + fx (+ perturbation)``, on arrays or abstract values of one shape.  Inside a
+  network it is applied through :func:`apply_step`.
+  """
+
+  def __call__(self, x: Any, fx: Any, ctx: StepContext, *, params: Mapping[str, Any] = None,
+               key: Array | None = None, perturbation: Any = None) -> Any:
+    del ctx, params, key
     return _add_perturbation(L.add(x, fx), perturbation)
 
 
@@ -65,7 +94,7 @@ _STD_MODES = ("batch", "sample", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerMaruyama:
+class EulerMaruyama(_Rule):
   """Euler–Maruyama step of ``dx = F dt + sigma dB`` (EnResNet, Wang et al. 2019).
 
   ``x_{n+1} = x_n + f_n(x_n) + coef * s * xi_n``, ``xi_n ~ N(0, I)``, where ``s`` is
@@ -100,17 +129,23 @@ class EulerMaruyama:
     """Whether noise is drawn in this mode."""
     return self.coef > 0 and (train or self.at_test)
 
-  def __call__(self, block: nn.Module, x: Any, fx: Any, ctx: StepContext,
-               perturbation: Any = None) -> Any:
+  def needs_noise(self, ctx: StepContext) -> bool:
+    """Noise is drawn when :meth:`active` in the block's mode."""
+    return self.active(ctx.train)
+
+  def __call__(self, x: Any, fx: Any, ctx: StepContext, *, params: Mapping[str, Any] = None,
+               key: Array | None = None, perturbation: Any = None) -> Any:
+    """``x + fx + coef * s * N(0, I) (+ perturbation)``; ``key`` draws the noise."""
+    del params
     out = L.add(x, fx)
     if self.active(ctx.train):
       if is_abstract(out):
         raise _not_certifiable(self, "it injects Gaussian noise (coef > 0)")
-      if not block.has_rng("noise"):
+      if key is None:
         raise ValueError(
-            f"{self!r} draws noise but model.apply got no noise key: pass "
-            "rngs={'noise': key} (or use coef=0 / at_test=False for a deterministic net).")
-      xi = jax.random.normal(block.make_rng("noise"), out.shape, out.dtype)
+            f"{self!r} draws noise but got no key: pass rngs={{'noise': key}} to "
+            "model.apply (or use coef=0 / at_test=False for a deterministic net).")
+      xi = jax.random.normal(key, out.shape, out.dtype)
       if self.std == "batch":
         s = jnp.std(out)
       elif self.std == "sample":
@@ -126,7 +161,7 @@ _DAMPED_KINDS = ("relu", "lambda", "sig", "gating", "gating_sig")
 
 
 @dataclasses.dataclass(frozen=True)
-class Damped:
+class Damped(_Rule):
   """Damped residual step of ``dx/dt = -lambda x + rho(lambda) f`` (In-ResNet).
 
   With ``a = act(lambda_n)``:
@@ -173,25 +208,41 @@ class Damped:
     return not ((self.skip_first and ctx.index == 0)
                 or (self.skip_transitions and ctx.transition))
 
-  def __call__(self, block: nn.Module, x: Any, fx: Any, ctx: StepContext,
-               perturbation: Any = None) -> Any:
+  def param_specs(self, ctx: StepContext, x: Any) -> ParamSpecs:
+    """``lambda`` (a scalar), or ``gate_kernel`` / ``gate_bias`` for the gating kinds."""
+    if not self.damped(ctx):
+      return {}
+    if self.kind.startswith("gating"):
+      c = x.shape[-1]
+      kernel = (1, 1, c, c) if len(x.shape) == 4 else (c, c)
+      return {"gate_kernel": (nn.initializers.zeros_init(), kernel),
+              "gate_bias": (self._init, (c,))}
+    return {"lambda": (self._init, ())}
+
+  def __call__(self, x: Any, fx: Any, ctx: StepContext, *, params: Mapping[str, Any] = None,
+               key: Array | None = None, perturbation: Any = None) -> Any:
+    """The damped update with the parameters of :meth:`param_specs` in ``params``."""
+    del key
     if not self.damped(ctx):
       return _add_perturbation(L.add(x, fx), perturbation)
+    params = {} if params is None else params
+    missing = sorted(set(self.param_specs(ctx, x)) - set(params))
+    if missing:
+      raise ValueError(f"{self!r} needs the parameters {missing} (created by apply_step); "
+                       f"got {sorted(params)}.")
     act = jax.nn.sigmoid if self.kind in ("sig", "gating_sig") else jax.nn.relu
     if self.kind.startswith("gating"):
       if is_abstract(x):
         raise _not_certifiable(self, "its coefficient lambda = W_d x + b_d depends on the input")
-      c = x.shape[-1]
+      d = params["gate_kernel"]
       if x.ndim == 4:
-        d = block.param("gate_kernel", nn.initializers.zeros_init(), (1, 1, c, c))
         lam = jax.lax.conv_general_dilated(x, d, (1, 1), "VALID",
                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
       else:
-        d = block.param("gate_kernel", nn.initializers.zeros_init(), (c, c))
         lam = x @ d
-      lam = lam + block.param("gate_bias", self._init, (c,))
+      lam = lam + params["gate_bias"]
     else:
-      lam = block.param("lambda", self._init, ())
+      lam = params["lambda"]
     a = act(lam)
     rho = 1.0 + a if self.kind == "lambda" else None
     out = L.add(L.scale_shift(x, 1.0 - a), fx if rho is None else L.scale_shift(fx, rho))
@@ -199,6 +250,56 @@ class Damped:
 
 
 def is_stochastic(step: Any, train: bool = False) -> bool:
-  """True when ``step`` draws noise in the given mode."""
+  """True when ``step`` draws noise in the given mode.
+
+  Args:
+    step: a step rule (any object; rules without noise need not define anything).
+    train: the mode asked about; default ``False`` (evaluation).
+
+  Returns:
+    ``bool(step.active(train))`` when ``step`` has a callable ``active`` (e.g.
+    :class:`EulerMaruyama`: ``coef > 0`` and, at test time, ``at_test``), else
+    ``False`` (:class:`Euler`, :class:`Damped`, ``None``).  Never raises for a rule
+    without ``active``.
+  """
   active = getattr(step, "active", None)
   return bool(active(train)) if callable(active) else False
+
+
+def apply_step(block: nn.Module, step: Any, x: Any, fx: Any, ctx: StepContext,
+               perturbation: Any = None) -> Any:
+  """Apply ``step`` inside ``block``: the one place a step rule meets a module's scope.
+
+  Creates the rule's parameters (:meth:`param_specs`) with ``block.param`` and, when
+  the rule :meth:`needs_noise`, draws a key from the block's ``"noise"`` RNG stream, then
+  returns ``step(x, fx, ctx, params=..., key=..., perturbation=...)``.
+
+  Args:
+    block: the calling Flax module (inside its ``@nn.compact`` method).
+    step: a step rule (:class:`Euler`, :class:`EulerMaruyama`, :class:`Damped`, or any
+      object with ``param_specs``, ``needs_noise`` and that call signature).
+    x: the shortcut ``x_n`` (array or abstract value).
+    fx: the residual branch ``f_n(x_n)`` (same shape).
+    ctx: the block's :class:`StepContext`.
+    perturbation: optional additive perturbation of the block's output.
+
+  Returns:
+    ``x_{n+1}``.
+
+  Raises:
+    ValueError: the rule needs noise but ``model.apply`` got no ``"noise"`` key.
+    TypeError: ``step`` does not follow the step-rule protocol.
+  """
+  if not (hasattr(step, "param_specs") and hasattr(step, "needs_noise") and callable(step)):
+    raise TypeError(f"step must be a step rule of jaxdefense.dynamics (Euler(), "
+                    f"EulerMaruyama(...), Damped(...)); got {step!r}.")
+  params = {name: block.param(name, init, shape)
+            for name, (init, shape) in step.param_specs(ctx, x).items()}
+  key = None
+  if step.needs_noise(ctx) and not is_abstract(x):
+    if not block.has_rng("noise"):
+      raise ValueError(
+          f"{step!r} draws noise but model.apply got no noise key: pass "
+          "rngs={'noise': key} (or use coef=0 / at_test=False for a deterministic net).")
+    key = block.make_rng("noise")
+  return step(x, fx, ctx, params=params, key=key, perturbation=perturbation)

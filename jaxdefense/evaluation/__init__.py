@@ -21,7 +21,28 @@ from jaxdefense.evaluation._robustness import parse_suite as parse_suite
 from jaxdefense.evaluation._robustness import plot_accuracy_vs_eps as plot_accuracy_vs_eps
 from jaxdefense.evaluation._run import evaluate_run as evaluate_run
 from jaxdefense.evaluation._run import run_logits_fn as run_logits_fn
+from jaxdefense.evaluation._stats import Comparison as Comparison
+from jaxdefense.evaluation._stats import Estimate as Estimate
+from jaxdefense.evaluation._stats import binomial_se as binomial_se
+from jaxdefense.evaluation._stats import compare as compare
+from jaxdefense.evaluation._stats import estimate as estimate
+from jaxdefense.evaluation._stats import two_proportion_z as two_proportion_z
+from jaxdefense.evaluation._stats import welch_t as welch_t
+from jaxdefense.evaluation._study import Cell as Cell
+from jaxdefense.evaluation._study import CellContext as CellContext
+from jaxdefense.evaluation._study import Results as Results
+from jaxdefense.evaluation._study import Study as Study
+from jaxdefense.evaluation._study import load_results as load_results
+from jaxdefense.evaluation._study import markdown_table as markdown_table
+from jaxdefense.evaluation._study import render_report as render_report
+from jaxdefense.evaluation._study import run_study as run_study
+from jaxdefense.evaluation._study import main as study_main
+from jaxdefense.evaluation._study import write_report as write_report
 
 __all__ = ["ATTACKS", "SUITES", "AttackSpec", "Check", "Diagnosis", "RobustnessReport",
            "accuracy_vs_eps", "certified_accuracy", "diagnose", "evaluate_robustness",
-           "evaluate_run", "run_logits_fn", "parse_attack", "parse_suite", "plot_accuracy_vs_eps"]
+           "evaluate_run", "run_logits_fn", "parse_attack", "parse_suite", "plot_accuracy_vs_eps",
+           # the experiment runner and its statistics
+           "Cell", "CellContext", "Comparison", "Estimate", "Results", "Study", "binomial_se",
+           "compare", "estimate", "load_results", "markdown_table", "render_report",
+           "run_study", "study_main", "two_proportion_z", "welch_t", "write_report"]

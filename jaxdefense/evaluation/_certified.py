@@ -1,12 +1,10 @@
-"""Certified accuracy over a data set (batched, jit-compiled once, with a progress bar)."""
+"""Certified accuracy over a data set (the batch runner: padded batches, compiled once)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxdefense import _checks
 from jaxdefense.certify import _api as certify_api
@@ -29,8 +27,9 @@ def certified_accuracy(model: Any, variables: Any, data: Any, eps: float,
                        return_mask: bool = False, **verify_kwargs: Any) -> Any:
   """Fraction of examples proved robust at ``eps`` (see :func:`jaxdefense.certify.verify`).
 
-  Every batch has the same shape (the last one is padded and the padding ignored), so
-  the certification runs compiled once.
+  Runs :func:`jaxdefense.certify._api.verify_dataset`, i.e. ``jaxdefense.data.run_batches``:
+  every batch has the same shape (the last one is padded and the padding dropped) and
+  is sharded over all devices, so the certification runs compiled once.
 
   Args:
     model: a certifiable Flax model (built from :mod:`jaxdefense.nn` layers).
@@ -46,7 +45,8 @@ def certified_accuracy(model: Any, variables: Any, data: Any, eps: float,
     **verify_kwargs: ``relu``, ``relu_budget``, ``correlate_input``, ``train``.
 
   Returns:
-    The certified accuracy in ``[0, 1]`` (a float), or ``(accuracy, mask)``.
+    The certified accuracy in ``[0, 1]`` (a float), or ``(accuracy, mask)``; ``0.0``
+    (and an empty mask) for an empty data set.
 
   Raises:
     ValueError, TypeError: bad data, ``eps``, ``domain`` or ``batch_size`` (as
@@ -63,21 +63,8 @@ def certified_accuracy(model: Any, variables: Any, data: Any, eps: float,
   _checks.check_images(images, "data images", ranks=(2, 3, 4, 5))
   _checks.check_labels(labels, None, "data labels", batch=n)
   _checks.check_eps(eps, "eps")
-  batch_size = min(batch_size, n)
-  mask = np.zeros(n, bool)
-  steps = range(0, n, batch_size)
-  bar = tqdm(steps, desc=f"certify ({domain}, eps={eps:g})", unit="batch",
-             disable=not progress, leave=False)
-  for start in bar:
-    xb, yb = images[start:start + batch_size], labels[start:start + batch_size]
-    real = xb.shape[0]
-    if real < batch_size:  # pad to a fixed shape: no recompilation for the last batch
-      pad = batch_size - real
-      xb = np.concatenate([xb, np.repeat(xb[:1], pad, 0)], 0)
-      yb = np.concatenate([yb, np.repeat(yb[:1], pad, 0)], 0)
-    ok = certify_api.verify(model, variables, jnp.asarray(xb), jnp.asarray(yb), eps, domain,
-                            **verify_kwargs)
-    mask[start:start + real] = np.asarray(ok)[:real]
-    bar.set_postfix(certified=f"{mask[:start + real].mean():.3f}")
+  mask = certify_api.verify_dataset(model, variables, images, labels, eps, domain,
+                                    batch_size=batch_size, progress=progress,
+                                    desc=f"certify ({domain}, eps={eps:g})", **verify_kwargs)
   acc = float(mask.mean())
   return (acc, mask) if return_mask else acc

@@ -28,15 +28,24 @@ import numpy as np
 
 from jaxdefense import _checks
 from jaxdefense import attacks as _attacks
-from jaxdefense.evaluation._robustness import accuracy_vs_eps, evaluate_robustness
-from jaxdefense.training._metrics import format_table
+from jaxdefense import data as _data
+from jaxdefense.evaluation._robustness import (_check_data, _curve, _evaluate, as_model,
+                                               parse_attack, parse_suite)
+from jaxdefense._table import format_table
 
 Array = jax.Array
 
 
 @dataclasses.dataclass
 class Check:
-  """One diagnostic: its name, whether it flags masking, a sentence and its numbers."""
+  """One gradient-masking diagnostic of :func:`diagnose`.
+
+  Attributes:
+    name: the check (e.g. ``"increasing_eps"``, ``"transfer"``, ``"spsa"``).
+    flagged: whether the check points at gradient masking.
+    detail: one sentence with what was measured.
+    numbers: the measured values behind the verdict (accuracies, radii...).
+  """
   name: str
   flagged: bool
   detail: str
@@ -45,7 +54,16 @@ class Check:
 
 @dataclasses.dataclass
 class Diagnosis:
-  """All checks of :func:`diagnose`; ``masked`` is True when any check flags."""
+  """The result of :func:`diagnose`: every :class:`Check`, and the overall verdict.
+
+  Attributes:
+    checks: the checks in the order they ran.
+
+  ``masked`` is True when any masking check flags (the informational ``randomness``
+  check does not count); ``flagged()`` lists the flagged names; ``to_text()`` /
+  ``to_json()`` render the table; ``d["name"]`` returns one check (``KeyError`` for an
+  unknown name).
+  """
   checks: list[Check]
 
   @property
@@ -78,23 +96,27 @@ class Diagnosis:
             "checks": [dataclasses.asdict(c) for c in self.checks]}
 
 
-def diagnose(logits_fn: Callable, images: Any, labels: Any, *, key: Array, eps: float,
+def diagnose(logits_fn: Any, images: Any, labels: Any, *, key: Array, eps: float,
              stochastic: bool = False, eot_samples: int = 5,
              surrogate_fn: Callable | None = None, pgd_steps: int = 20,
              spsa_steps: int = 50, spsa_samples: int = 64, large_eps: float = 0.5,
              margin: float = 0.05, batch_size: int = 128, progress: bool = False) -> Diagnosis:
   """Run the gradient-masking checks on a model and a batch of examples.
 
+  Every batched measurement runs through ``jaxdefense.data.run_batches``.
+
   Args:
-    logits_fn: ``f(x) -> logits`` (or ``f(x, key)`` with ``stochastic=True``).
+    logits_fn: a :class:`~jaxdefense.models.ModelFn` (its ``stochastic`` flag counts),
+      or a plain ``f(x) -> logits`` (``f(x, key)`` with ``stochastic=True``).
     images: ``[N, H, W, C]`` in [0, 1]; a few hundred examples are enough.
     labels: ``[N]`` integer labels.
     key: PRNG key.
     eps: the threat model's l-inf radius.
-    stochastic: the model draws noise (attacks then use EOT over ``eot_samples``).
+    stochastic: a plain ``logits_fn`` draws noise (attacks then use EOT over
+      ``eot_samples``).
     eot_samples: EOT draws.
-    surrogate_fn: an optional deterministic surrogate ``g(x) -> logits`` (e.g. the
-      fixed-step twin of an adaptive ODE net) for the transfer check.
+    surrogate_fn: an optional deterministic surrogate (a ``ModelFn`` or ``g(x) ->
+      logits``, e.g. the fixed-step twin of an adaptive ODE net) for the transfer check.
     pgd_steps: PGD iterations of the white-box reference attack.
     spsa_steps, spsa_samples: budget of the gradient-free attack.
     large_eps: the "very large" radius of check 5.
@@ -106,26 +128,29 @@ def diagnose(logits_fn: Callable, images: Any, labels: Any, *, key: Array, eps: 
     A :class:`Diagnosis`.
 
   Raises:
-    ValueError: bad images, labels or eps (``large_eps`` must exceed ``eps``).
+    ValueError: bad images, labels or eps (``large_eps`` must exceed ``eps``), a
+      stochastic surrogate.
+    TypeError: a non-callable model or surrogate.
   """
-  x = np.asarray(images, np.float32)
-  y = np.asarray(labels)
-  _checks.check_images(x, "images")
+  model = as_model(logits_fn, stochastic)
+  stochastic = model.stochastic
+  surrogate = None if surrogate_fn is None else as_model(surrogate_fn)
+  if surrogate is not None and surrogate.stochastic:
+    raise ValueError("surrogate_fn must be deterministic (the transfer attack uses plain "
+                     "PGD on it); got a stochastic ModelFn.")
+  x, y = _check_data(np.asarray(images, np.float32), labels)
   _checks.check_eps(eps, "eps")
   _checks.check_eps(large_eps, "large_eps")
   if large_eps <= eps:
     raise ValueError(f"large_eps must exceed eps ({eps}); got {large_eps}.")
+  batch_size = _checks.check_int(batch_size, "batch_size", minimum=1)
   ks = jax.random.split(key, 8)
-  common = dict(stochastic=stochastic, eot_samples=eot_samples, batch_size=batch_size,
-                progress=progress)
+  common = dict(eot_samples=eot_samples, batch_size=batch_size, progress=progress)
   checks: list[Check] = []
 
-  # 1. randomness of the outputs across keys
+  # 1. randomness of the outputs across keys (a deterministic model ignores them)
   xs = jnp.asarray(x[:batch_size])
-  if stochastic:
-    first, second = logits_fn(xs, ks[0]), logits_fn(xs, ks[1])
-  else:
-    first, second = logits_fn(xs), logits_fn(xs)
+  first, second = model(xs, ks[0]), model(xs, ks[1])
   spread = float(jnp.max(jnp.abs(first - second)))
   flip = float(jnp.mean(jnp.argmax(first, -1) != jnp.argmax(second, -1)))
   checks.append(Check(
@@ -136,10 +161,10 @@ def diagnose(logits_fn: Callable, images: Any, labels: Any, *, key: Array, eps: 
       {"max_logit_change": spread, "prediction_flip_rate": flip}))
 
   # reference white-box numbers
-  rep = evaluate_robustness(logits_fn, x, y, key=ks[2], eps=eps,
-                            suite=["fgsm", f"pgd:steps={pgd_steps}",
-                                   f"spsa:steps={spsa_steps},num_samples={spsa_samples}"],
-                            **common)
+  rep = _evaluate(model, x, y, key=ks[2], eps=eps,
+                  specs=parse_suite(["fgsm", f"pgd:steps={pgd_steps}",
+                                     f"spsa:steps={spsa_steps},num_samples={spsa_samples}"]),
+                  **common)
   acc_fgsm, acc_pgd, acc_spsa = list(rep.attacks.values())
 
   # 2. black-box stronger than white-box
@@ -149,17 +174,17 @@ def diagnose(logits_fn: Callable, images: Any, labels: Any, *, key: Array, eps: 
       {"spsa": acc_spsa, "pgd": acc_pgd}))
 
   # 3. transfer stronger than white-box
-  if surrogate_fn is not None:
+  if surrogate is not None:
     # The target classifies as in the white-box number it is compared with: a stochastic
     # model with one fresh noise draw (not the EOT average, which votes over draws).
-    correct = 0
-    for lo in range(0, x.shape[0], batch_size):
-      xb, yb = jnp.asarray(x[lo:lo + batch_size]), jnp.asarray(y[lo:lo + batch_size])
-      k_attack, k_classify = jax.random.split(jax.random.fold_in(ks[3], lo))
-      x_adv = _attacks.pgd(surrogate_fn, xb, yb, key=k_attack, eps=eps, steps=pgd_steps)
-      logits = logits_fn(x_adv, k_classify) if stochastic else logits_fn(x_adv)
-      correct += int(jnp.sum(jnp.argmax(logits, -1) == yb))
-    acc_transfer = correct / x.shape[0]
+    def transfer_correct(batch, kb):
+      xb, yb = batch
+      k_attack, k_classify = jax.random.split(kb)
+      x_adv = _attacks.pgd(surrogate, xb, yb, key=k_attack, eps=eps, steps=pgd_steps)
+      return jnp.argmax(model(x_adv, k_classify), -1) == yb
+    acc_transfer = float(np.mean(_data.run_batches(
+        transfer_correct, (x, y), batch_size=batch_size, key=ks[3], progress=progress,
+        desc="transfer")))
     checks.append(Check(
         "transfer_stronger", acc_transfer < acc_pgd - margin,
         f"transfer PGD {100 * acc_transfer:.1f} % vs white-box PGD {100 * acc_pgd:.1f} %",
@@ -168,8 +193,8 @@ def diagnose(logits_fn: Callable, images: Any, labels: Any, *, key: Array, eps: 
   # 4. accuracy must not rise with eps; 5. and must reach ~0 at a very large eps
   # increasing radii up to large_eps (2 eps is capped there, so it never exceeds 1)
   radii = sorted({eps / 2, eps, min(2 * eps, large_eps), large_eps})
-  curve = accuracy_vs_eps(logits_fn, x, y, key=ks[4], eps_values=radii,
-                          attack=f"pgd:steps={pgd_steps}", **common)
+  curve = _curve(model, x, y, key=ks[4], eps_values=radii,
+                 spec=parse_attack(f"pgd:steps={pgd_steps}"), **common)
   accs = [a for _, a in curve]
   rises = max((accs[i + 1] - accs[i] for i in range(len(accs) - 1)), default=0.0)
   checks.append(Check(
@@ -185,18 +210,16 @@ def diagnose(logits_fn: Callable, images: Any, labels: Any, *, key: Array, eps: 
       {"eps": large_eps, "accuracy": accs[-1]}))
 
   # 6. zero or non-finite input gradients
-  def loss(xb, yb, kb):
-    logits = logits_fn(xb, kb) if stochastic else logits_fn(xb)
-    return jnp.sum(_attacks.cross_entropy(logits, yb))
-  grad_fn = jax.jit(jax.grad(loss))
-  zero = nonfinite = 0
-  for lo in range(0, x.shape[0], batch_size):
-    g = np.asarray(grad_fn(jnp.asarray(x[lo:lo + batch_size]), jnp.asarray(y[lo:lo + batch_size]),
-                           jax.random.fold_in(ks[5], lo)))
-    flat = g.reshape(g.shape[0], -1)
-    nonfinite += int(np.sum(~np.all(np.isfinite(flat), axis=1)))
-    zero += int(np.sum(np.all(flat == 0, axis=1)))
-  frac_zero, frac_bad = zero / x.shape[0], nonfinite / x.shape[0]
+  def gradient_flags(batch, kb):
+    xb, yb = batch
+    loss = lambda z: jnp.sum(_attacks.cross_entropy(model(z, kb), yb))
+    flat = jax.grad(loss)(xb).reshape(xb.shape[0], -1)
+    return {"zero": jnp.all(flat == 0, axis=1),
+            "nonfinite": ~jnp.all(jnp.isfinite(flat), axis=1)}
+  flags = _data.run_batches(gradient_flags, (x, y), batch_size=batch_size, key=ks[5],
+                            progress=progress, desc="gradients")
+  frac_zero = float(np.mean(flags["zero"]))
+  frac_bad = float(np.mean(flags["nonfinite"]))
   checks.append(Check(
       "bad_gradients", frac_zero > 0.1 or frac_bad > 0,
       f"{100 * frac_zero:.1f} % of examples have an all-zero input gradient, "

@@ -1,8 +1,9 @@
 """Robustness tables: clean, per-attack and per-corruption accuracy of any model.
 
-The runner takes a model as a function: ``logits_fn(x) -> logits`` for a deterministic
+The runner takes a :class:`~jaxdefense.models.ModelFn` (``jaxdefense.models.bind``), or
+for compatibility a plain function: ``logits_fn(x) -> logits`` for a deterministic
 model, or ``logits_fn(x, key) -> logits`` with ``stochastic=True`` for a noisy one
-(EnResNet).  Stochastic models are attacked with EOT automatically (the gradient is
+(EnResNet), converted once at the entry.  Stochastic models are attacked with EOT automatically (the gradient is
 the mean over ``eot_samples`` noise draws) and classified with one fresh noise draw
 per evaluation, as the EnResNet authors' test code does.
 """
@@ -18,12 +19,11 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
-
 from jaxdefense import _checks
 from jaxdefense import attacks as _attacks
 from jaxdefense import data as _data
-from jaxdefense.training._metrics import format_table
+from jaxdefense import models as _models
+from jaxdefense._table import format_table
 
 Array = jax.Array
 
@@ -213,47 +213,43 @@ class RobustnessReport:
     return md, js
 
 
-class _Model:
-  """Uniform view of a deterministic or stochastic model for the runner."""
+def as_model(logits_fn: Any, stochastic: bool = False) -> _models.ModelFn:
+  """The :class:`~jaxdefense.models.ModelFn` of an entry point's ``logits_fn`` argument.
 
-  def __init__(self, logits_fn: Callable, stochastic: bool, eot_samples: int):
-    if not callable(logits_fn):
-      raise TypeError(f"logits_fn must be callable; got {logits_fn!r}.")
-    self.stochastic = stochastic
-    self.fn = logits_fn
-    # what attacks see: EOT over noise draws for a stochastic model
-    self.attacked = _attacks.eot(logits_fn, eot_samples) if stochastic else logits_fn
+  A ``ModelFn`` is returned as it is (its own ``stochastic`` flag counts; passing
+  ``stochastic=True`` for a deterministic one is an error); a plain function is wrapped
+  with :meth:`ModelFn.wrap` and the explicit ``stochastic`` flag (``f(x)``, or
+  ``f(x, key)`` when ``stochastic``).
 
-  def logits(self, x: Array, key: Array) -> Array:
-    return self.fn(x, key) if self.stochastic else self.fn(x)
-
-
-def _batches(n: int, batch_size: int):
-  for start in range(0, n, batch_size):
-    yield start, min(start + batch_size, n)
+  Raises:
+    TypeError: ``logits_fn`` is not callable.
+    ValueError: ``stochastic=True`` for a deterministic ``ModelFn``.
+  """
+  return _models.ModelFn.wrap(logits_fn, stochastic=bool(stochastic))
 
 
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-  if a.shape[0] == size:
-    return a
-  reps = np.repeat(a[-1:], size - a.shape[0], axis=0)
-  return np.concatenate([a, reps], axis=0)
+def _attacked(model: _models.ModelFn, eot_samples: int) -> Any:
+  """What attacks see: the model itself, or EOT over ``eot_samples`` noise draws."""
+  return _attacks.eot(model, eot_samples) if model.stochastic else model
 
 
-def _accuracy_over(fn: Callable[[Array, Array, Array], Array], x: np.ndarray, y: np.ndarray,
-                   key: Array, batch_size: int, desc: str, progress: bool) -> float:
-  """Mean of ``fn(xb, yb, key_b) -> correct [B]`` over fixed-size padded batches."""
-  correct = 0
-  n = x.shape[0]
-  it = list(_batches(n, batch_size))
-  for i, (lo, hi) in enumerate(tqdm(it, desc=desc, disable=not progress, leave=False)):
-    xb, yb = _pad(x[lo:hi], batch_size), _pad(y[lo:hi], batch_size)
-    ok = np.asarray(fn(jnp.asarray(xb), jnp.asarray(yb), jax.random.fold_in(key, i)))
-    correct += int(ok[: hi - lo].sum())
-  return correct / max(n, 1)
+def _accuracy(fn: Callable[[tuple, Array], Array], x: np.ndarray, y: np.ndarray,
+              key: Array, batch_size: int, desc: str, progress: bool) -> float:
+  """Mean of ``fn((xb, yb), key_b) -> correct [B]`` over the data (the batch runner)."""
+  correct = _data.run_batches(fn, (x, y), batch_size=batch_size, key=key,
+                              progress=progress, desc=desc)
+  return float(np.mean(correct))
 
 
-def evaluate_robustness(logits_fn: Callable, images: Any, labels: Any, *, key: Array,
+def _check_data(images: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+  x = np.asarray(images, dtype=np.float32) if not isinstance(images, np.ndarray) else images
+  y = np.asarray(labels)
+  _checks.check_images(x, "images")
+  _checks.check_labels(y, None, "labels", batch=x.shape[0])
+  return x, y
+
+
+def evaluate_robustness(logits_fn: Any, images: Any, labels: Any, *, key: Array,
                         eps: float = 8 / 255, suite: Any = "quick",
                         corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
                         stochastic: bool = False, eot_samples: int = 5, batch_size: int = 128,
@@ -261,9 +257,15 @@ def evaluate_robustness(logits_fn: Callable, images: Any, labels: Any, *, key: A
                         ) -> RobustnessReport:
   """Clean, per-attack and per-corruption accuracy of a model.
 
+  Every evaluation runs through ``jaxdefense.data.run_batches`` (fixed-shape padded
+  batches sharded over all devices, compiled once); batch ``i`` of an evaluation gets
+  ``fold_in(k, i)`` of that evaluation's key ``k``.
+
   Args:
-    logits_fn: ``f(x [B, H, W, C]) -> logits [B, K]``; with ``stochastic=True``,
-      ``f(x, key) -> logits``.
+    logits_fn: the model: a :class:`~jaxdefense.models.ModelFn`
+      (``jaxdefense.models.bind(module, variables)``; its ``stochastic`` flag counts),
+      or a plain ``f(x [B, H, W, C]) -> logits [B, K]`` (with ``stochastic=True``,
+      ``f(x, key) -> logits``).
     images: ``[N, H, W, C]`` floats in [0, 1] (NumPy or JAX).
     labels: ``[N]`` integer labels.
     key: PRNG key (attacks, noise draws and corruptions derive from it).
@@ -273,7 +275,8 @@ def evaluate_robustness(logits_fn: Callable, images: Any, labels: Any, *, key: A
       :func:`parse_attack`); ``()`` for none.
     corruptions: noise corruptions from :func:`jaxdefense.data.corruption_kinds`.
     severities: corruption severities (1..5), each reported.
-    stochastic: the model draws noise; attacks use EOT over ``eot_samples`` draws.
+    stochastic: a plain ``logits_fn`` draws noise (``f(x, key)``); attacks then use EOT
+      over ``eot_samples`` draws.  Default False.
     eot_samples: noise draws per EOT gradient (EnResNet: 5).
     batch_size: examples per compiled call (the last batch is padded, so every call
       has the same shape and nothing recompiles).
@@ -284,12 +287,11 @@ def evaluate_robustness(logits_fn: Callable, images: Any, labels: Any, *, key: A
     A :class:`RobustnessReport`.
 
   Raises:
-    ValueError / TypeError: bad images, labels, eps, suite, corruption or batch size.
+    ValueError / TypeError: bad images, labels, eps, suite, corruption or batch size, a
+      non-callable ``logits_fn``, ``stochastic=True`` for a deterministic ``ModelFn``.
   """
-  x = np.asarray(images, dtype=np.float32) if not isinstance(images, np.ndarray) else images
-  y = np.asarray(labels)
-  _checks.check_images(x, "images")
-  _checks.check_labels(y, None, "labels", batch=x.shape[0])
+  model = as_model(logits_fn, stochastic)
+  x, y = _check_data(images, labels)
   _checks.check_eps(eps, "eps")
   batch_size = _checks.check_int(batch_size, "batch_size", minimum=1)
   specs = [] if suite in ((), None, "") else parse_suite(suite)
@@ -297,63 +299,112 @@ def evaluate_robustness(logits_fn: Callable, images: Any, labels: Any, *, key: A
     _checks.check_choice(kind, "corruptions", _data.corruption_kinds())
   for s in severities:
     _checks.check_int(s, "severities", minimum=1, maximum=5)
-  model = _Model(logits_fn, stochastic, eot_samples)
-  batch_size = min(batch_size, x.shape[0])
+  return _evaluate(model, x, y, key=key, eps=eps, specs=specs, corruptions=corruptions,
+                   severities=severities, eot_samples=eot_samples, batch_size=batch_size,
+                   progress=progress, meta=meta)
+
+
+def _evaluate(model: _models.ModelFn, x: np.ndarray, y: np.ndarray, *, key: Array,
+              eps: float, specs: Sequence[AttackSpec], corruptions: Sequence[str] = (),
+              severities: Sequence[int] = (), eot_samples: int, batch_size: int,
+              progress: bool, meta: Mapping[str, Any] | None = None) -> RobustnessReport:
+  """:func:`evaluate_robustness` on checked arguments."""
+  attacked = _attacked(model, eot_samples)
   k_clean, k_attack, k_corrupt = jax.random.split(key, 3)
 
-  @jax.jit
-  def clean_correct(xb, yb, kb):
-    return jnp.argmax(model.logits(xb, kb), -1) == yb
+  def clean_correct(batch, kb):
+    xb, yb = batch
+    return jnp.argmax(model(xb, kb), -1) == yb
 
   report = RobustnessReport(eps=float(eps), num_examples=int(x.shape[0]),
-                            clean=_accuracy_over(clean_correct, x, y, k_clean, batch_size,
-                                                 "clean", progress),
-                            meta={"stochastic": stochastic,
-                                  "eot_samples": eot_samples if stochastic else None,
+                            clean=_accuracy(clean_correct, x, y, k_clean, batch_size,
+                                            "clean", progress),
+                            meta={"stochastic": model.stochastic,
+                                  "eot_samples": eot_samples if model.stochastic else None,
                                   **dict(meta or {})})
   for i, spec in enumerate(specs):
-    def attacked_correct(xb, yb, kb, spec=spec):
+    def attacked_correct(batch, kb, spec=spec):
+      xb, yb = batch
       ka, kp = jax.random.split(kb)
-      x_adv = spec.run(model.attacked, xb, yb, ka, eps)
-      return jnp.argmax(model.logits(x_adv, kp), -1) == yb
-    report.attacks[spec.name] = _accuracy_over(
-        jax.jit(attacked_correct), x, y, jax.random.fold_in(k_attack, i), batch_size,
-        spec.name, progress)
+      x_adv = spec.run(attacked, xb, yb, ka, eps)
+      return jnp.argmax(model(x_adv, kp), -1) == yb
+    report.attacks[spec.name] = _accuracy(attacked_correct, x, y,
+                                          jax.random.fold_in(k_attack, i), batch_size,
+                                          spec.name, progress)
   for i, kind in enumerate(corruptions):
     per: dict[int, float] = {}
     for s in severities:
-      def corrupted_correct(xb, yb, kb, kind=kind, s=s):
+      def corrupted_correct(batch, kb, kind=kind, s=s):
+        xb, yb = batch
         kc, kp = jax.random.split(kb)
-        return jnp.argmax(model.logits(_data.corrupt(xb, kind, s, kc), kp), -1) == yb
-      per[int(s)] = _accuracy_over(jax.jit(corrupted_correct), x, y,
-                                   jax.random.fold_in(k_corrupt, 10 * i + s), batch_size,
-                                   f"{kind}-{s}", progress)
+        return jnp.argmax(model(_data.corrupt(xb, kind, s, kc), kp), -1) == yb
+      per[int(s)] = _accuracy(corrupted_correct, x, y,
+                              jax.random.fold_in(k_corrupt, 10 * i + s), batch_size,
+                              f"{kind}-{s}", progress)
     report.corruptions[kind] = per
   return report
 
 
-def accuracy_vs_eps(logits_fn: Callable, images: Any, labels: Any, *, key: Array,
+def accuracy_vs_eps(logits_fn: Any, images: Any, labels: Any, *, key: Array,
                     eps_values: Sequence[float], attack: str = "pgd",
                     stochastic: bool = False, eot_samples: int = 5, batch_size: int = 128,
                     progress: bool = False) -> list[tuple[float, float]]:
   """Robust accuracy of one attack at several radii: ``[(eps, accuracy), ...]``.
 
   ``eps = 0`` gives the clean accuracy.  Used for accuracy-vs-eps plots and by the
-  gradient-masking diagnostics.
+  gradient-masking diagnostics.  Every radius uses the same ``key`` (as separate
+  :func:`evaluate_robustness` calls would).
+
+  Args:
+    logits_fn, stochastic, eot_samples, batch_size, progress: as
+      :func:`evaluate_robustness`.
+    images: ``[N, H, W, C]`` in [0, 1]; labels: ``[N]`` integer labels.
+    key: PRNG key.
+    eps_values: radii in [0, 1].
+    attack: one attack spec (see :func:`parse_attack`); default ``"pgd"``.
+
+  Returns:
+    ``[(eps, accuracy), ...]`` in the order of ``eps_values``.
+
+  Raises:
+    ValueError / TypeError: as :func:`evaluate_robustness`.
   """
+  model = as_model(logits_fn, stochastic)
+  x, y = _check_data(images, labels)
+  for e in eps_values:
+    _checks.check_eps(e, "eps_values")
+  batch_size = _checks.check_int(batch_size, "batch_size", minimum=1)
+  spec = parse_attack(attack)
+  return _curve(model, x, y, key=key, eps_values=eps_values, spec=spec,
+                eot_samples=eot_samples, batch_size=batch_size, progress=progress)
+
+
+def _curve(model: _models.ModelFn, x: np.ndarray, y: np.ndarray, *, key: Array,
+           eps_values: Sequence[float], spec: AttackSpec, eot_samples: int,
+           batch_size: int, progress: bool) -> list[tuple[float, float]]:
+  """:func:`accuracy_vs_eps` on checked arguments."""
   out = []
   for e in eps_values:
-    rep = evaluate_robustness(logits_fn, images, labels, key=key, eps=float(e),
-                              suite=() if e == 0 else [attack], stochastic=stochastic,
-                              eot_samples=eot_samples, batch_size=batch_size,
-                              progress=progress)
+    rep = _evaluate(model, x, y, key=key, eps=float(e), specs=() if e == 0 else [spec],
+                    eot_samples=eot_samples, batch_size=batch_size, progress=progress)
     out.append((float(e), rep.clean if e == 0 else next(iter(rep.attacks.values()))))
   return out
 
 
 def plot_accuracy_vs_eps(curves: Mapping[str, Sequence[tuple[float, float]]], path: str,
                          title: str = "Robust accuracy vs eps") -> str:
-  """Plot ``{label: [(eps, accuracy), ...]}`` curves (eps in 1/255 units) to ``path``."""
+  """Plot robust accuracy against the radius, one line per model, to a PNG file.
+
+  Args:
+    curves: ``{label: [(eps, accuracy), ...]}`` with eps in ``[0, 1]`` pixel units
+      (drawn in 1/255 units) and accuracies as fractions (drawn in percent), e.g. the
+      output of :func:`accuracy_vs_eps`.
+    path: the image file to write (matplotlib picks the format from the suffix).
+    title: the plot title.
+
+  Returns:
+    ``path``.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

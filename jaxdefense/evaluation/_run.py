@@ -8,32 +8,30 @@ from typing import Any, Sequence
 import jax
 
 from jaxdefense import data as _data
-from jaxdefense import dynamics as _dynamics
+from jaxdefense import models as _models
 from jaxdefense import training as _training
 from jaxdefense.evaluation._diagnose import Diagnosis, diagnose
 from jaxdefense.evaluation._robustness import RobustnessReport, evaluate_robustness
 
 
 def run_logits_fn(workdir: str | os.PathLike, *, which: str = "latest"
-                  ) -> tuple[Any, bool, Any]:
-  """The model of a saved run as a function.
+                  ) -> tuple[_models.ModelFn, bool, Any]:
+  """The model of a saved run, ready to call.
 
   Returns:
-    ``(logits_fn, stochastic, config)``: ``logits_fn(x)`` for a deterministic model,
-    ``logits_fn(x, key)`` when the run's step rule draws noise at test time.
+    ``(model, stochastic, config)``: ``model`` is ``jaxdefense.models.bind(module,
+    variables)`` of the restored state in evaluation mode, a
+    :class:`~jaxdefense.models.ModelFn` (``model(x)``, or ``model(x, key)`` when the
+    network draws noise at test time); ``stochastic`` is ``model.stochastic`` (read from
+    the module by :func:`jaxdefense.models.is_stochastic`); ``config`` the run's config.
 
   Raises:
     FileNotFoundError / ValueError: see :func:`jaxdefense.training.restore`.
+    TypeError: a restored state whose ``apply_fn`` is not a Flax module's.
   """
   state, config = _training.restore(workdir, which=which)
-  step = _training.build_step(config.model.step)
-  stochastic = _dynamics.is_stochastic(step, train=False)
-  variables = state.variables
-  if stochastic:
-    fn = jax.jit(lambda x, key: state.apply_fn(variables, x, train=False, rngs={"noise": key}))
-  else:
-    fn = jax.jit(lambda x: state.apply_fn(variables, x, train=False))
-  return fn, stochastic, config
+  model = _training.bound_model(state)
+  return model, model.stochastic, config
 
 
 def evaluate_run(workdir: str | os.PathLike, *, key: Any = None, which: str = "latest",
@@ -60,21 +58,22 @@ def evaluate_run(workdir: str | os.PathLike, *, key: Any = None, which: str = "l
     ``(report, diagnosis_or_None)``.
   """
   key = jax.random.key(0) if key is None else key
-  logits_fn, stochastic, config = run_logits_fn(workdir, which=which)
+  model, _, config = run_logits_fn(workdir, which=which)
   test = _data.load(config.dataset, "test", data_dir=data_dir or config.data_dir)
   if num_examples is not None:
     test = test.take(int(num_examples))
-  meta = {"title": f"{config.model.name} ({config.model.step.name}) on {config.dataset}, "
+  step = f" ({config.model.step.name})" if config.model.step.name else ""
+  meta = {"title": f"{config.model.name}{step} on {config.dataset}, "
                    f"{which} checkpoint", "workdir": str(workdir), "dataset": config.dataset}
-  report = evaluate_robustness(logits_fn, test.images, test.labels, key=key, eps=eps,
+  report = evaluate_robustness(model, test.images, test.labels, key=key, eps=eps,
                                suite=suite, corruptions=corruptions, severities=severities,
-                               stochastic=stochastic, eot_samples=eot_samples,
+                               eot_samples=eot_samples,
                                batch_size=batch_size, progress=progress, meta=meta)
   diagnosis = None
   if with_diagnosis:
     sub = test.take(256)
-    diagnosis = diagnose(logits_fn, sub.images, sub.labels, key=jax.random.fold_in(key, 1),
-                         eps=eps, stochastic=stochastic, eot_samples=eot_samples,
+    diagnosis = diagnose(model, sub.images, sub.labels, key=jax.random.fold_in(key, 1),
+                         eps=eps, eot_samples=eot_samples,
                          batch_size=min(batch_size, 256), progress=progress)
   if save:
     report.save(workdir)

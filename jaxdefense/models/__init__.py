@@ -4,7 +4,10 @@
 >>> model = create("preact_resnet20", step=jaxdefense.dynamics.EulerMaruyama(coef=0.1))
 
 Every model is a ``flax.linen.Module`` called as ``model.apply(variables, x,
-train=False, rngs={"noise": key})`` on NHWC images in [0, 1].
+train=False, rngs={"noise": key})`` on NHWC images in [0, 1].  Callers above the zoo
+(evaluation, attacks, objectives, experiments) use one contract instead,
+:func:`bind` -> :class:`ModelFn` ("a model ready to call": ``m(x, key) -> logits``,
+``m.apply(x, key) -> (logits, state)``).
 """
 
 from jaxdefense.models._registry import count_params as count_params
@@ -19,4 +22,15 @@ from jaxdefense.models._ensemble import Ensemble as Ensemble
 from jaxdefense.models._ensemble import member_variables as member_variables
 from jaxdefense.models._enresnet import average_logits as average_logits
 from jaxdefense.models._enresnet import enresnet as enresnet
-from jaxdefense.models import _diffai  # registers the DiffAI zoo
+from jaxdefense.models._diffai import DiffAINet as DiffAINet  # also registers the DiffAI zoo
+from jaxdefense.models._bound import ModelFn as ModelFn
+from jaxdefense.models._bound import bind as bind
+from jaxdefense.models._bound import is_stochastic as is_stochastic
+from jaxdefense.models._stepped import step_of as step_of
+from jaxdefense.models._stepped import with_step as with_step
+
+__all__ = [
+    "DiffAINet", "Ensemble", "MLP", "ModelFn", "ResNet", "ResidualBlock", "average_logits",
+    "bind", "count_params", "create", "describe", "enresnet", "is_stochastic",
+    "member_variables", "names", "register", "step_of", "with_step",
+]

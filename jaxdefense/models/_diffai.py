@@ -1,11 +1,14 @@
 """The DiffAI network zoo (Mirman, Singh & Vechev 2019, appendix D, tables 6, 8 and 11).
 
-Every network is one class, :class:`DiffAINet`, run over a *program*: a tuple of small
-frozen layer specs (:class:`ConvReLU`, :class:`DenseReLU`, :class:`WideBlock`,
-:class:`BasicBlock`, :class:`Abstract`).  The presets registered here are the paper's
-networks; shapes come from the input, so each works on 28x28x1 (MNIST, Fashion-MNIST)
-and 32x32x3 (CIFAR-10) images, and on abstract inputs (``Box``, ``HybridZonotope``)
-without a second definition.
+Every network is one class, :class:`DiffAINet`, written like :class:`~jaxdefense.models.
+ResNet`: fields say how many layers of each kind there are, and the layers are the
+library's own (:mod:`jaxdefense.nn` convolutions, dense layers and abstract layers, and
+the :class:`~jaxdefense.models.ResidualBlock` of the ResNet zoo).  So a residual DiffAI
+net takes a residual ``step`` rule like every ResNet (``Euler`` by default;
+``dynamics.Damped`` gives a certifiable In-ResNet, ``EulerMaruyama`` a noisy one), and
+per-block LAD ``perturbations``.  Shapes come from the input, so each preset works on
+28x28x1 (MNIST, Fashion-MNIST) and 32x32x3 (CIFAR-10) images, and on abstract inputs
+(``Box``, ``HybridZonotope``) without a second definition.
 
 Every network ends, as in the paper ("for all of our networks, we use CorrelateAll
 before the last linear layer during both training and testing"), with
@@ -51,55 +54,19 @@ Readings of ambiguous text (documented where the table alone does not pin it dow
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+import numpy as np
 
+from jaxdefense.dynamics import Euler
 from jaxdefense.models._registry import register
+from jaxdefense.models._resnet import ResidualBlock
 from jaxdefense.nn import _abstract_layers as A
 from jaxdefense.nn import _layers as L
 
-__all__ = [
-    "Abstract", "BasicBlock", "ConvReLU", "DenseReLU", "DiffAINet", "WideBlock",
-    "PROGRAMS",
-]
-
-
-# ------------------------------------------------------------------------ layer specs
-@dataclasses.dataclass(frozen=True)
-class ConvReLU:
-  """``relu(conv(x))`` with a ``kernel x kernel`` kernel, bias, given stride/padding."""
-  features: int
-  kernel: int = 3
-  stride: int = 1
-  padding: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseReLU:
-  """``relu(dense(flatten(x)))``."""
-  features: int
-
-
-@dataclasses.dataclass(frozen=True)
-class WideBlock:
-  """ResNet-Tiny's block: ``relu(conv1x1(x) + conv3x3(relu(conv3x3(x))))``.
-
-  ParNet1 is the 1x1 convolution (padding 0), ParNet2 the two 3x3 ones (padding 1).
-  """
-  features: int
-
-
-@dataclasses.dataclass(frozen=True)
-class BasicBlock:
-  """ResNet basic block: ``relu(conv3x3(relu(conv3x3_s(x))) + shortcut(x))``.
-
-  The shortcut is the identity, or a strided 1x1 convolution when the stride is not 1
-  or the width changes (figures 9, 12, 13).
-  """
-  features: int
-  stride: int = 1
-
+__all__ = ["Abstract", "DiffAINet", "NAMES"]
 
 _ABSTRACT_LAYERS = {
     "correlate_all": A.CorrelateAll,
@@ -112,14 +79,32 @@ _ABSTRACT_LAYERS = {
     "deep_loss": A.DeepLoss,
 }
 
+# Residual blocks of the paper's figures, as fields of the shared ResidualBlock:
+# no batch norm, biases, PyTorch's initialisation; "wide" (ResNet-Tiny, figure 6) always
+# projects its shortcut with a 1x1 convolution, "basic" (figures 9, 12, 13) projects
+# only when the block changes resolution or width.
+_BLOCKS = {
+    "wide": {"kind": "basic", "shortcut": "conv_always"},
+    "basic": {"kind": "basic", "shortcut": "conv"},
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Abstract:
   """An abstract layer of :mod:`jaxdefense.nn` by name and keyword arguments.
 
-  ``Abstract.of("correlate_max_k", k=32, only_train=True)``.  Names:
-  ``correlate_all``, ``correlate_fixed``, ``correlate_max_k``, ``correlate_max_pool``,
-  ``decorrelate_all``, ``concretize``, ``decorrelate_min_k``, ``deep_loss``.
+  A hashable description, so that it can be a field of :class:`DiffAINet` and be
+  written in a config: ``Abstract.of("correlate_max_k", k=32, only_train=True)``.
+
+  Attributes:
+    kind: one of ``correlate_all``, ``correlate_fixed``, ``correlate_max_k``,
+      ``correlate_max_pool``, ``decorrelate_all``, ``concretize``,
+      ``decorrelate_min_k``, ``deep_loss`` (the layers of
+      :mod:`jaxdefense.nn._abstract_layers`).
+    kwargs: sorted ``(name, value)`` pairs, the layer's fields.
+
+  Raises:
+    ValueError: an unknown ``kind``.
   """
   kind: str
   kwargs: tuple[tuple[str, Any], ...] = ()
@@ -131,168 +116,234 @@ class Abstract:
 
   @classmethod
   def of(cls, kind: str, **kwargs: Any) -> "Abstract":
+    """``Abstract(kind, sorted(kwargs.items()))``; raises ``ValueError`` on a bad kind."""
     return cls(kind, tuple(sorted(kwargs.items())))
 
   def build(self) -> nn.Module:
+    """The :mod:`jaxdefense.nn` layer, e.g. ``CorrelateMaxK(k=32, only_train=True)``.
+
+    Raises:
+      TypeError: a keyword the layer does not take.
+    """
     return _ABSTRACT_LAYERS[self.kind](**dict(self.kwargs))
 
 
-def _conv(features: int, kernel: int, stride: int, padding: int) -> L.Conv:
-  return L.Conv(features, kernel, strides=stride, padding=padding, use_bias=True,
-                kernel_init=L.torch_default)
+def _check_int_tuples(value: Any, name: str, length: int, what: str) -> None:
+  for item in value:
+    if (not isinstance(item, (tuple, list)) or len(item) != length
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+                   for v in item)):
+      raise ValueError(f"DiffAINet.{name}: every entry must be {what} (ints >= 0); "
+                       f"got {item!r}.")
 
 
 class DiffAINet(nn.Module):
-  """A feed-forward or residual network described by a program of layer specs.
+  """DiffAI's feed-forward and residual networks.
 
-  ``normalize -> program -> flatten -> [CorrelateAll] -> Dense(num_classes)``.
+  Layout: ``[Normalize] -> convs (conv-ReLU) -> blocks (each a ResidualBlock, then
+  block_convs conv-ReLU layers) -> flatten -> dense (dense-ReLU) -> [CorrelateAll] ->
+  Dense(num_classes)``, with the abstract layers of ``abstract`` inserted at named
+  points.  Every convolution and dense layer has a bias and PyTorch's default
+  initialisation (:data:`jaxdefense.nn.torch_default`).
 
   Attributes:
-    program: tuple of :class:`ConvReLU`, :class:`DenseReLU`, :class:`WideBlock`,
-      :class:`BasicBlock` and :class:`Abstract` specs.
-    num_classes: output logits ``K``.
+    convs: leading conv-ReLU layers, ``(features, kernel, stride, padding)`` each.
+    blocks: residual blocks, ``(features, stride)`` each.
+    block: ``"basic"`` (``relu(step(shortcut(x), conv3x3(relu(conv3x3_s(x)))))`` with an
+      identity shortcut, or a strided 1x1 convolution when the block changes
+      resolution or width; figures 9, 12, 13) or ``"wide"`` (ResNet-Tiny's
+      ``relu(step(conv1x1(x), conv3x3(relu(conv3x3(x)))))``, figure 6).
+    block_convs: 3x3 conv-ReLU layers (stride 1, the block's width) after every block
+      (SkipNet-18, figure 9); default 0.
+    dense: hidden dense-ReLU widths.
+    abstract: ``(point, Abstract)`` pairs: the abstract layer runs after ``point``, in
+      the order given.  Points: ``"input"`` (after normalisation), ``"conv{i}"``,
+      ``"block{i}"`` (after the block and its ``block_convs``), ``"dense{i}"``
+      (0-based).  Identity on arrays.
+    step: residual step rule of :mod:`jaxdefense.dynamics` for every block (default
+      ``Euler()``; ``Damped(...)`` with a scalar coefficient stays certifiable).  A
+      network without blocks accepts only ``Euler``.
+    num_classes: output logits ``K`` (default 10).
     normalize: ``(mean, std)`` per channel (a :class:`~jaxdefense.nn.Normalize` first
       layer, so attacks and certification work in ``[0, 1]`` pixel space), or ``None``.
     correlate_last: put ``CorrelateAll(only_train=False)`` before the last layer.
 
-  Call: ``model.apply(variables, x, train=False)`` with ``x`` ``[B, H, W, C]`` images
-  (or an abstract value of that shape); returns ``[B, num_classes]``.  ``train``
-  only switches the ``only_train`` abstract layers (the networks have no batch norm
-  or dropout).
+  Call: ``model.apply(variables, x, train=False, perturbations=None,
+  capture_states=False, rngs=...)`` with ``x`` ``[B, H, W, C]`` images (or an abstract
+  value of that shape); returns logits ``[B, num_classes]`` (or ``(logits, states)``
+  with every block's output when ``capture_states``).  ``perturbations``: one additive
+  perturbation (or ``None``) per block, added to that block's output (LAD).  ``train``
+  switches the ``only_train`` abstract layers and goes to the step rule (the networks
+  have no batch norm or dropout); a noisy step needs ``rngs={"noise": key}``.
+
+  Raises:
+    ValueError: malformed ``convs`` / ``blocks`` / ``block_convs``, an unknown ``block``
+      or abstract point, a non-Euler ``step`` without blocks, a perturbation list of
+      the wrong length.
   """
-  program: tuple = ()
+  convs: Sequence[Sequence[int]] = ()
+  blocks: Sequence[Sequence[int]] = ()
+  block: str = "basic"
+  block_convs: int = 0
+  dense: Sequence[int] = ()
+  abstract: Sequence[tuple[str, Abstract]] = ()
+  step: Any = Euler()
   num_classes: int = 10
   normalize: tuple[Sequence[float], Sequence[float]] | None = None
   correlate_last: bool = True
 
+  @property
+  def num_blocks(self) -> int:
+    """Number of residual blocks (the length of ``perturbations``)."""
+    return len(self.blocks)
+
+  @property
+  def points(self) -> tuple[str, ...]:
+    """The names of the points where ``abstract`` layers can go, in network order."""
+    return (("input",) + tuple(f"conv{i}" for i in range(len(self.convs)))
+            + tuple(f"block{i}" for i in range(len(self.blocks)))
+            + tuple(f"dense{i}" for i in range(len(self.dense))))
+
+  def _check(self, perturbations: Sequence[Any] | None) -> None:
+    _check_int_tuples(self.convs, "convs", 4, "(features, kernel, stride, padding)")
+    _check_int_tuples(self.blocks, "blocks", 2, "(features, stride)")
+    if self.block not in _BLOCKS:
+      raise ValueError(f"DiffAINet.block must be one of {sorted(_BLOCKS)}; "
+                       f"got {self.block!r}.")
+    if (isinstance(self.block_convs, bool)
+        or not isinstance(self.block_convs, (int, np.integer))
+        or self.block_convs < 0):
+      raise ValueError(f"DiffAINet.block_convs must be an int >= 0; got "
+                       f"{self.block_convs!r}.")
+    points = self.points
+    for entry in self.abstract:
+      if (not isinstance(entry, (tuple, list)) or len(entry) != 2
+          or not isinstance(entry[1], Abstract)):
+        raise ValueError(f"DiffAINet.abstract: every entry must be a (point, Abstract) "
+                         f"pair; got {entry!r}.")
+      if entry[0] not in points:
+        raise ValueError(f"DiffAINet.abstract: unknown point {entry[0]!r}; this network "
+                         f"has {list(points)}.")
+    if not self.blocks and not isinstance(self.step, Euler):
+      raise ValueError(f"DiffAINet has no residual blocks, so step={self.step!r} cannot "
+                       "apply; use step=Euler() (the default).")
+    if perturbations is not None and len(perturbations) != self.num_blocks:
+      raise ValueError(f"perturbations must have one entry per residual block "
+                       f"({self.num_blocks}); got {len(perturbations)}.")
+
+  def _abstract_at(self, point: str, x: Any, train: bool) -> Any:
+    for where, layer in self.abstract:
+      if where == point:
+        x = layer.build()(x, train=train)
+    return x
+
   @nn.compact
-  def __call__(self, x: Any, train: bool = False) -> Any:
+  def __call__(self, x: Any, train: bool = False, perturbations: Sequence[Any] | None = None,
+               capture_states: bool = False) -> Any:
+    self._check(perturbations)
+    conv = functools.partial(L.Conv, use_bias=True, kernel_init=L.torch_default)
     if self.normalize is not None:
       mean, std = self.normalize
       x = L.Normalize(tuple(mean), tuple(std))(x)
-    for spec in self.program:
-      if isinstance(spec, ConvReLU):
-        x = L.relu(_conv(spec.features, spec.kernel, spec.stride, spec.padding)(x))
-      elif isinstance(spec, DenseReLU):
-        if len(x.shape) > 2:
-          x = L.flatten(x)
-        x = L.relu(L.Dense(spec.features)(x))
-      elif isinstance(spec, WideBlock):
-        short = _conv(spec.features, 1, 1, 0)(x)
-        y = L.relu(_conv(spec.features, 3, 1, 1)(x))
-        y = _conv(spec.features, 3, 1, 1)(y)
-        x = L.relu(L.add(short, y))
-      elif isinstance(spec, BasicBlock):
-        y = L.relu(_conv(spec.features, 3, spec.stride, 1)(x))
-        y = _conv(spec.features, 3, 1, 1)(y)
-        if spec.stride != 1 or x.shape[-1] != spec.features:
-          short = _conv(spec.features, 1, spec.stride, 0)(x)
-        else:
-          short = x
-        x = L.relu(L.add(short, y))
-      elif isinstance(spec, Abstract):
-        x = spec.build()(x, train=train)
-      else:
-        raise TypeError(f"DiffAINet: unknown layer spec {spec!r}.")
+    x = self._abstract_at("input", x, train)
+    for i, (features, kernel, stride, padding) in enumerate(self.convs):
+      x = L.relu(conv(features, kernel, strides=stride, padding=padding)(x))
+      x = self._abstract_at(f"conv{i}", x, train)
+    states = []
+    for i, (features, stride) in enumerate(self.blocks):
+      x = ResidualBlock(
+          features=features, stride=stride, step=self.step, index=i, batch_norm=False,
+          use_bias=True, kernel_init=L.torch_default, name=f"block{i}",
+          **_BLOCKS[self.block])(x, train, None if perturbations is None else perturbations[i])
+      states.append(x)
+      for _ in range(self.block_convs):
+        x = L.relu(conv(features, 3, strides=1, padding=1)(x))
+      x = self._abstract_at(f"block{i}", x, train)
+    for i, features in enumerate(self.dense):
+      if len(x.shape) > 2:
+        x = L.flatten(x)
+      x = L.relu(L.Dense(features)(x))
+      x = self._abstract_at(f"dense{i}", x, train)
     if len(x.shape) > 2:
       x = L.flatten(x)
     if self.correlate_last:
       x = A.CorrelateAll(only_train=False)(x, train=train)
-    return L.Dense(self.num_classes)(x)
+    logits = L.Dense(self.num_classes)(x)
+    return (logits, states) if capture_states else logits
 
 
 # ----------------------------------------------------------------------------- presets
-def _train_only(kind: str, **kw: Any) -> Abstract:
-  return Abstract.of(kind, only_train=True, **kw)
+def _train_only(point: str, kind: str, **kw: Any) -> tuple[str, Abstract]:
+  return (point, Abstract.of(kind, only_train=True, **kw))
 
 
-_TINY_BODY = (WideBlock(16), WideBlock(32), WideBlock(32), WideBlock(32), WideBlock(32))
+_TINY = {"convs": ((16, 3, 1, 1),), "block": "wide",
+         "blocks": ((16, 1), (32, 1), (32, 1), (32, 1), (32, 1)), "dense": (500,)}
 
-PROGRAMS: dict[str, tuple] = {
-    "ffnn": tuple(DenseReLU(100) for _ in range(5)),
-    "conv_small": (ConvReLU(16, 4, 2, 0), ConvReLU(32, 4, 2, 0), DenseReLU(100)),
-    "conv_med": (ConvReLU(16, 4, 2, 1), ConvReLU(32, 4, 2, 1), DenseReLU(100)),
-    "conv_big": (ConvReLU(32, 3, 1, 1), ConvReLU(32, 4, 2, 1), ConvReLU(64, 3, 1, 1),
-                 ConvReLU(64, 4, 2, 1), DenseReLU(512), DenseReLU(512)),
-    "conv_large_ibp": (ConvReLU(64, 3, 1, 1), ConvReLU(64, 3, 1, 1), ConvReLU(128, 3, 2, 1),
-                       ConvReLU(128, 3, 1, 1), ConvReLU(128, 3, 1, 1), DenseReLU(200)),
-    "truncated_vgg": (ConvReLU(64, 3, 1, 1), ConvReLU(64, 3, 1, 1), ConvReLU(128, 3, 2, 1),
-                      ConvReLU(128, 3, 1, 1), DenseReLU(512)),
-    # Figure 6.
-    "resnet_tiny": (ConvReLU(16, 3, 1, 1),) + _TINY_BODY + (DenseReLU(500),),
-    # Figure 7 (FewCombo).
+
+def _resnet(stage_blocks: Sequence[int]) -> dict[str, Any]:
+  blocks = []
+  for stage, (width, n) in enumerate(zip((64, 128, 256, 512), stage_blocks)):
+    blocks += [(width, 2 if (i == 0 and stage > 0) else 1) for i in range(n)]
+  return {"convs": ((64, 3, 1, 1),), "blocks": tuple(blocks), "dense": (512, 512)}
+
+
+# name -> (description, DiffAINet fields)
+_PRESETS: dict[str, tuple[str, Mapping[str, Any]]] = {
+    "ffnn": ("DiffAI FFNN: five dense layers of 100 (tables 8, 11)",
+             {"dense": (100,) * 5}),
+    "conv_small": ("DiffAI ConvSmall: conv16 4x4/2, conv32 4x4/2, FC100 (tables 8, 11)",
+                   {"convs": ((16, 4, 2, 0), (32, 4, 2, 0)), "dense": (100,)}),
+    "conv_med": ("DiffAI ConvMed: conv16 4x4/2 pad 1, conv32 4x4/2 pad 1, FC100",
+                 {"convs": ((16, 4, 2, 1), (32, 4, 2, 1)), "dense": (100,)}),
+    "conv_big": ("DiffAI ConvBig: conv32, conv32/2, conv64, conv64/2, FC512 x2",
+                 {"convs": ((32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)),
+                  "dense": (512, 512)}),
+    "conv_large_ibp": ("DiffAI ConvLargeIBP: conv64 x2, conv128/2, conv128 x2, FC200",
+                       {"convs": ((64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1),
+                                  (128, 3, 1, 1), (128, 3, 1, 1)), "dense": (200,)}),
+    "truncated_vgg": ("DiffAI TruncatedVGG: conv64 x2, conv128/2, conv128, FC512",
+                      {"convs": ((64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1),
+                                 (128, 3, 1, 1)), "dense": (512,)}),
+    "resnet_tiny": ("DiffAI ResNet-Tiny (figure 6): five wide blocks, FC500", _TINY),
     "resnet_tiny_few_combo": (
-        _train_only("correlate_max_k", k=32),
-        ConvReLU(16, 3, 1, 1),
-        _train_only("decorrelate_min_k", k=8),
-        WideBlock(16),
-        _train_only("decorrelate_min_k", k=4),
-        WideBlock(32),
-        _train_only("concretize"),
-        WideBlock(32), WideBlock(32), WideBlock(32),
-        _train_only("correlate_max_k", k=10),
-        DenseReLU(500)),
-    # Figure 8 (ManyFixed).
+        "ResNet-Tiny with FewCombo abstract layers (figure 7)",
+        {**_TINY, "abstract": (
+            _train_only("input", "correlate_max_k", k=32),
+            _train_only("conv0", "decorrelate_min_k", k=8),
+            _train_only("block0", "decorrelate_min_k", k=4),
+            _train_only("block1", "concretize"),
+            _train_only("block4", "correlate_max_k", k=10))}),
     "resnet_tiny_many_fixed": (
-        _train_only("correlate_max_k", k=32),
-        ConvReLU(16, 3, 1, 1),
-        _train_only("correlate_fixed", k=16), _train_only("decorrelate_min_k", k=16),
-        WideBlock(16),
-        _train_only("correlate_fixed", k=8), _train_only("decorrelate_min_k", k=8),
-        WideBlock(32),
-        _train_only("correlate_fixed", k=8), _train_only("decorrelate_min_k", k=8),
-        WideBlock(32),
-        _train_only("correlate_fixed", k=4), _train_only("decorrelate_min_k", k=4),
-        WideBlock(32),
-        _train_only("concretize"),
-        WideBlock(32),
-        DenseReLU(500)),
-    # Figure 9.
-    "skipnet18": tuple(ConvReLU(64) for _ in range(5)) + (
-        BasicBlock(128, 2), ConvReLU(128), ConvReLU(128),
-        BasicBlock(256, 2), ConvReLU(256), ConvReLU(256),
-        BasicBlock(512, 2), ConvReLU(512), ConvReLU(512),
-        DenseReLU(512), DenseReLU(512)),
+        "ResNet-Tiny with ManyFixed abstract layers (figure 8)",
+        {**_TINY, "abstract": (
+            _train_only("input", "correlate_max_k", k=32),
+            _train_only("conv0", "correlate_fixed", k=16),
+            _train_only("conv0", "decorrelate_min_k", k=16),
+            _train_only("block0", "correlate_fixed", k=8),
+            _train_only("block0", "decorrelate_min_k", k=8),
+            _train_only("block1", "correlate_fixed", k=8),
+            _train_only("block1", "decorrelate_min_k", k=8),
+            _train_only("block2", "correlate_fixed", k=4),
+            _train_only("block2", "decorrelate_min_k", k=4),
+            _train_only("block3", "concretize"))}),
+    "skipnet18": ("DiffAI SkipNet-18 (figure 9)",
+                  {"convs": ((64, 3, 1, 1),) * 5,
+                   "blocks": ((128, 2), (256, 2), (512, 2)), "block_convs": 2,
+                   "dense": (512, 512)}),
+    "diffai_resnet18": ("DiffAI ResNet-18 (figure 12): basic blocks, FC512 x2",
+                        _resnet((2, 2, 2, 2))),
+    "diffai_resnet34": ("DiffAI ResNet-34 (figure 13): basic blocks, FC512 x2",
+                        _resnet((3, 4, 6, 3))),
 }
 
-
-def _resnet_program(blocks: Sequence[int]) -> tuple:
-  prog: list = [ConvReLU(64)]
-  for stage, (width, n) in enumerate(zip((64, 128, 256, 512), blocks)):
-    for i in range(n):
-      prog.append(BasicBlock(width, 2 if (i == 0 and stage > 0) else 1))
-  return tuple(prog) + (DenseReLU(512), DenseReLU(512))
+NAMES: tuple[str, ...] = tuple(_PRESETS)
+"""The registered DiffAI presets, in the order of the paper's tables."""
 
 
-PROGRAMS["diffai_resnet18"] = _resnet_program((2, 2, 2, 2))   # figure 12
-PROGRAMS["diffai_resnet34"] = _resnet_program((3, 4, 6, 3))   # figure 13
-
-_DESCRIPTIONS = {
-    "ffnn": "DiffAI FFNN: five dense layers of 100 (tables 8, 11)",
-    "conv_small": "DiffAI ConvSmall: conv16 4x4/2, conv32 4x4/2, FC100 (tables 8, 11)",
-    "conv_med": "DiffAI ConvMed: conv16 4x4/2 pad 1, conv32 4x4/2 pad 1, FC100",
-    "conv_big": "DiffAI ConvBig: conv32, conv32/2, conv64, conv64/2, FC512 x2",
-    "conv_large_ibp": "DiffAI ConvLargeIBP: conv64 x2, conv128/2, conv128 x2, FC200",
-    "truncated_vgg": "DiffAI TruncatedVGG: conv64 x2, conv128/2, conv128, FC512",
-    "resnet_tiny": "DiffAI ResNet-Tiny (figure 6): five wide blocks, FC500",
-    "resnet_tiny_few_combo": "ResNet-Tiny with FewCombo abstract layers (figure 7)",
-    "resnet_tiny_many_fixed": "ResNet-Tiny with ManyFixed abstract layers (figure 8)",
-    "skipnet18": "DiffAI SkipNet-18 (figure 9)",
-    "diffai_resnet18": "DiffAI ResNet-18 (figure 12): basic blocks, FC512 x2",
-    "diffai_resnet34": "DiffAI ResNet-34 (figure 13): basic blocks, FC512 x2",
-}
+def _preset(fields: Mapping[str, Any], **overrides: Any) -> DiffAINet:
+  return DiffAINet(**{**fields, **overrides})
 
 
-def _make(name: str):
-  def factory(**overrides: Any) -> DiffAINet:
-    overrides.setdefault("program", PROGRAMS[name])
-    return DiffAINet(**overrides)
-  factory.__name__ = name
-  factory.__doc__ = _DESCRIPTIONS[name] + (
-      ".\n\nOverrides: num_classes (10), normalize ((mean, std) or None), "
-      "correlate_last (True), program.")
-  return factory
-
-
-for _name in PROGRAMS:
-  globals()[_name] = register(_name, _DESCRIPTIONS[_name])(_make(_name))
+for _name, (_description, _fields) in _PRESETS.items():
+  register(_name, _description)(functools.partial(_preset, _fields))

@@ -17,19 +17,20 @@ after every residual block, in training and at test time), wrapped in an
 Every factory takes the base network's overrides (``num_classes``, ``normalize``,
 ``dropout``...), the step's (``coef``, ``std``, ``at_test``) and, for ensembles,
 ``size``.  :func:`average_logits` integrates separately trained models (the paper's
-Table 5, e.g. ``En_2 ResNet110 & En_1 WRN-34-10``).
+Table 5, e.g. ``En_2 ResNet110 & En_1 WRN-34-10``) into one ``ModelFn``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 
 from jaxdefense import _checks
 from jaxdefense.dynamics import Euler, EulerMaruyama
+from jaxdefense.models._bound import ModelFn
 from jaxdefense.models._ensemble import Ensemble
 from jaxdefense.models._registry import create, register
 
@@ -119,58 +120,65 @@ for _base in BASES:
         functools.partial(enresnet, base=_base, size=_n, noise=False))
 
 
-def average_logits(logit_fns: Sequence[Callable[..., Array]],
-                   weights: Sequence[float] | None = None) -> Callable[..., Array]:
+def average_logits(models: Sequence[Any], weights: Sequence[float] | None = None, *,
+                   stochastic: bool = False) -> ModelFn:
   """Integrate separately trained models by (weighted) averaging of their logits.
 
   The paper's "integration of separately trained EnResNets" (Sec. 3.2, Table 5):
-  models of different architectures and checkpoints, each a logits function, are
-  combined into one ``logits_fn`` usable by every attack (wrap it in
-  ``jaxdefense.attacks.eot`` when the members are stochastic).
+  models of different architectures and checkpoints are combined into one model usable
+  by every attack (as ``jaxdefense.attacks.eot(combined, n)`` when it is stochastic).
 
   Args:
-    logit_fns: callables ``f(x [B, H, W, C]) -> logits [B, K]`` or, for stochastic
-      members, ``f(x, key) -> logits``; all must give the same ``[B, K]``.
-    weights: optional non-negative weights, one per function (normalised to sum 1);
+    models: :class:`ModelFn` s (``jaxdefense.models.bind(...)``), each keeping its own
+      ``stochastic`` flag, or plain functions converted with
+      ``ModelFn.wrap(f, stochastic=stochastic)``: ``f(x [B, H, W, C]) -> logits [B, K]``,
+      or ``f(x, key)`` when ``stochastic``.  All must give the same ``[B, K]``.
+    weights: optional non-negative weights, one per model (normalised to sum 1);
       default uniform.
+    stochastic: how the plain functions among ``models`` are called (default False).
 
   Returns:
-    ``combined(x, key=None) -> [B, K]``: without a key each member is called as
-    ``f(x)``; with a key, as ``f(x, key_i)`` with ``key_i = jax.random.split(key, n)[i]``
-    (so every member must accept a key then; deterministic ones may ignore it).
+    A :class:`ModelFn` ``combined(x, key=None) -> [B, K]``, stochastic iff any member
+    is; then ``key`` is required and member ``i`` gets ``jax.random.split(key, n)[i]``
+    (deterministic members ignore theirs).
 
   Raises:
     TypeError: a non-callable member.
-    ValueError: no members, wrong number of weights, negative or all-zero weights.
+    ValueError: no members, wrong number of weights, negative or all-zero weights;
+      members disagreeing on the logits shape (at the call).
   """
-  fns = tuple(logit_fns)
-  if not fns:
-    raise ValueError("average_logits needs at least one logits function; got none.")
-  for i, f in enumerate(fns):
+  members = tuple(models)
+  if not members:
+    raise ValueError("average_logits needs at least one model; got none.")
+  for i, f in enumerate(members):
     if not callable(f):
-      raise TypeError(f"logit_fns[{i}] must be callable f(x) or f(x, key); got {f!r}.")
+      raise TypeError(f"models[{i}] must be a ModelFn or callable f(x) (f(x, key) when "
+                      f"stochastic=True); got {f!r}.")
+  members = tuple(f if isinstance(f, ModelFn) else ModelFn.wrap(f, stochastic=stochastic)
+                  for f in members)
   if weights is None:
-    w = [1.0 / len(fns)] * len(fns)
+    w = [1.0 / len(members)] * len(members)
   else:
     w = [_checks.check_float(v, f"weights[{i}]", minimum=0.0) for i, v in enumerate(weights)]
-    if len(w) != len(fns):
-      raise ValueError(f"weights must have one entry per logits function ({len(fns)}); "
+    if len(w) != len(members):
+      raise ValueError(f"weights must have one entry per model ({len(members)}); "
                        f"got {len(w)}.")
     total = sum(w)
     if total <= 0:
       raise ValueError(f"weights must not all be zero; got {list(weights)}.")
     w = [v / total for v in w]
+  any_stochastic = any(m.stochastic for m in members)
 
   def combined(x: Array, key: Array | None = None) -> Array:
-    if key is None:
-      outs = [f(x) for f in fns]
+    if any_stochastic:
+      keys = jax.random.split(key, len(members))
+      outs = [m(x, keys[i]) for i, m in enumerate(members)]
     else:
-      keys = jax.random.split(key, len(fns))
-      outs = [f(x, keys[i]) for i, f in enumerate(fns)]
+      outs = [m(x) for m in members]
     shapes = {tuple(o.shape) for o in outs}
     if len(shapes) != 1:
       raise ValueError(f"average_logits members disagree on the logits shape: "
                        f"{[tuple(o.shape) for o in outs]}.")
     return sum(wi * o for wi, o in zip(w, outs))
 
-  return combined
+  return ModelFn.wrap(combined, stochastic=any_stochastic)

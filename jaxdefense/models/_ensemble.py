@@ -33,9 +33,11 @@ class Ensemble(nn.Module):
 
   Extra call arguments (``train``, ``perturbations``...) go to every member; in the
   shared mode, array arguments with the batch as leading axis (per-block
-  perturbations) are tiled with the batch.  With ``capture_states=True`` the member's
-  ``(logits, states)`` comes back as ``(averaged logits, states)`` with a leading
-  member axis on every state, ``[size, B, ...]``.
+  perturbations) are tiled with the batch.  ``capture_states=True`` (a keyword the
+  ensemble knows) is passed to the member, whose ``(logits, states)`` comes back as
+  ``(averaged logits, states)`` with a leading member axis on every state,
+  ``[size, B, ...]``; without it the member is called without the keyword and returns
+  logits.
 
   ``vectorize=True`` evaluates the members with ``vmap`` (one batched program, fast on
   accelerators); ``False`` applies them one after another (a fully unrolled ``scan``,
@@ -58,8 +60,13 @@ class Ensemble(nn.Module):
   vectorize: bool | None = None
 
   @nn.compact
-  def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+  def __call__(self, x: Any, *args: Any, capture_states: bool = False, **kwargs: Any) -> Any:
+    """Averaged logits ``[B, K]`` of the members on ``x`` (``(logits, states)`` with
+    ``capture_states=True``); ``args`` and ``kwargs`` go to every member."""
     size = _checks.check_int(self.size, "Ensemble.size", minimum=1)
+    capture_states = bool(capture_states)
+    if capture_states:
+      kwargs = {**kwargs, "capture_states": True}
     if is_abstract(x):
       raise ValueError("Ensemble does not take abstract inputs: certify each member "
                        "(unstack the ensemble axis) instead.")
@@ -71,7 +78,7 @@ class Ensemble(nn.Module):
       args, kwargs = jax.tree_util.tree_map(tile, (args, kwargs))
       out = self.member(tile(x), *args, **kwargs)
       return _average(jax.tree_util.tree_map(
-          lambda a: a.reshape((size, b) + a.shape[1:]), out))
+          lambda a: a.reshape((size, b) + a.shape[1:]), out), capture_states)
     def apply(member: nn.Module, x: Any) -> Any:
       # flax's lifted vmap drops keyword arguments: close over them instead.
       return member(x, *args, **kwargs)
@@ -92,18 +99,28 @@ class Ensemble(nn.Module):
                            in_axes=nn.broadcast, out_axes=0, length=size,
                            unroll=size)(
                                self.member, None, x)
-    return _average(stacked)
+    return _average(stacked, capture_states)
 
 
-def _average(stacked: Any) -> Any:
-  """Member average of logits ``[size, B, K]``; ``(logits, states)`` keeps the states."""
-  if isinstance(stacked, tuple):  # capture_states=True: (logits, states)
+def _average(stacked: Any, capture_states: bool) -> Any:
+  """Member average of logits ``[size, B, K]``; with ``capture_states`` the members
+  returned ``(logits, states)`` and the states are kept."""
+  if capture_states:
     logits, states = stacked
     return jnp.mean(logits, axis=0), states
   return jnp.mean(stacked, axis=0)
 
 
 def member_variables(variables: Any, i: int) -> Any:
-  """Variables of member ``i`` of a (non-shared) :class:`Ensemble`."""
+  """Variables of member ``i`` of a (non-shared) :class:`Ensemble`.
+
+  Args:
+    variables: the ensemble's variables (leaves ``[size, ...]`` under ``"member"``).
+    i: the member index, ``0 <= i < size``.
+
+  Returns:
+    Variables for ``ensemble.member`` alone (leading ensemble axis removed), e.g. to
+    certify one member.
+  """
   inner = {k: v["member"] for k, v in variables.items()}
   return jax.tree_util.tree_map(lambda a: a[i], inner)

@@ -15,7 +15,22 @@ _DESCRIPTIONS: dict[str, str] = {}
 
 
 def register(name: str, description: str = "") -> Callable:
-  """Decorator: register ``factory(**overrides) -> flax Module`` under ``name``."""
+  """Decorator: register ``factory(**overrides) -> flax Module`` under ``name``.
+
+  The zoo registers its presets this way (``register("resnet20", "...")(factory)``);
+  users may add their own.  :func:`create` then builds them with overrides.
+
+  Args:
+    name: the model name (must not be registered yet).
+    description: one line for :func:`describe`; default the factory's first docstring
+      line.
+
+  Returns:
+    A decorator that records the factory and returns it unchanged.
+
+  Raises:
+    ValueError: ``name`` is already registered (at decoration).
+  """
   def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     if name in _REGISTRY:
       raise ValueError(f"model name {name!r} is registered twice.")
@@ -27,12 +42,26 @@ def register(name: str, description: str = "") -> Callable:
 
 
 def names() -> list[str]:
-  """Sorted names of every registered model."""
+  """Sorted names of every registered model (the ResNet zoo, EnResNet presets, DiffAI nets).
+
+  Returns:
+    A new list of strings, each valid for :func:`create` and :func:`describe`.
+  """
   return sorted(_REGISTRY)
 
 
 def describe(name: str) -> str:
-  """One-line description of a registered model."""
+  """One-line description of a registered model.
+
+  Args:
+    name: a name from :func:`names`.
+
+  Returns:
+    The description given at registration.
+
+  Raises:
+    ValueError: unknown ``name`` (close matches listed).
+  """
   _check_name(name)
   return _DESCRIPTIONS[name]
 
@@ -72,6 +101,14 @@ def create(name: str, **overrides: Any) -> nn.Module:
 
 
 def count_params(variables: Any) -> int:
-  """Number of trainable parameters (the ``params`` collection) in ``variables``."""
+  """Number of trainable parameters (the ``params`` collection) in ``variables``.
+
+  Args:
+    variables: ``model.init(...)``'s mapping (its ``"params"`` are counted) or a bare
+      parameter pytree.
+
+  Returns:
+    The total number of scalars, an ``int`` (an ensemble counts every member).
+  """
   params = variables.get("params", variables) if hasattr(variables, "get") else variables
   return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))

@@ -1,10 +1,11 @@
 """The residual family: CIFAR ResNets, pre-activation ResNets, WRN, ResNeXt.
 
 One class, :class:`ResNet`, and one block, :class:`ResidualBlock`; presets differ only
-in fields.  Every block ends with ``step(block, shortcut(x), f(x), ctx, perturbation)``
-where ``step`` is a rule from :mod:`jaxdefense.dynamics`, so the same presets are
-ResNets (``Euler``), EnResNets (``EulerMaruyama``) and In-ResNets (``Damped``), and
-they run on arrays and on abstract values.
+in fields.  Every block ends with its step rule applied to ``(shortcut(x), f(x))``
+(through :func:`jaxdefense.dynamics.apply_step`), where ``step`` is a rule from
+:mod:`jaxdefense.dynamics`, so the same presets are ResNets (``Euler``), EnResNets
+(``EulerMaruyama``) and In-ResNets (``Damped``), and they run on arrays and on abstract
+values.  The DiffAI zoo (:mod:`jaxdefense.models._diffai`) uses the same block.
 """
 
 from __future__ import annotations
@@ -17,17 +18,22 @@ import jax
 import jax.numpy as jnp
 
 from jaxdefense import _checks
-from jaxdefense.dynamics import Euler, StepContext
+from jaxdefense.dynamics import Euler, StepContext, apply_step
 from jaxdefense.nn import _layers as L
 from jaxdefense.nn._abstract import is_abstract
 from jaxdefense.models._registry import register
 
 _KINDS = ("basic", "preact", "bottleneck", "preact_bottleneck", "resnext")
 _PREACT = ("preact", "preact_bottleneck")
+_SHORTCUTS = ("pad", "conv", "conv_always")
 
 
 class ResidualBlock(nn.Module):
   """One residual block ``x -> step(shortcut(x), f(x))``.
+
+  Post-activation kinds return ``relu(step(...))``, pre-activation kinds ``step(...)``.
+  The step rule is applied in exactly one place, through
+  :func:`jaxdefense.dynamics.apply_step`.
 
   Attributes:
     features: output channels.
@@ -36,13 +42,25 @@ class ResidualBlock(nn.Module):
     kind: ``basic`` (post-activation, He et al. 2016a), ``preact`` (He et al. 2016b),
       ``bottleneck`` / ``preact_bottleneck`` (1x1-3x3-1x1 with ``inner`` channels) or
       ``resnext`` (post-activation bottleneck with a grouped 3x3 conv).
-    step: the residual step rule.
+    step: the residual step rule (default ``Euler()``).
     index: block index in the network (for the step's context).
     shortcut: ``"pad"`` (parameter-free option A) or ``"conv"`` (1x1 projection) for
-      transition blocks.
+      transition blocks (stride or width change; identity otherwise), or
+      ``"conv_always"``: a 1x1 projection on every block (DiffAI's ResNet-Tiny).
     inner: channels inside a bottleneck (ignored for basic blocks).
     groups: groups of the 3x3 conv (ResNeXt cardinality).
     dropout: dropout rate between the two convs of a basic block (WRN), training only.
+    batch_norm: batch norm after every conv (and before it in pre-activation kinds);
+      ``False`` drops every batch norm of the block (DiffAI's networks).
+    use_bias: biases on every conv (default ``False``).
+    kernel_init: initialiser of every conv kernel (default He-normal,
+      :data:`jaxdefense.nn.he_normal`; DiffAI uses :data:`jaxdefense.nn.torch_default`).
+
+  Call: ``block(x, train=False, perturbation=None)`` with ``x`` ``[B, H, W, C]`` (array
+  or abstract value) returns ``[B, H / stride, W / stride, features]``.
+
+  Raises:
+    ValueError: an unknown ``kind`` or ``shortcut``; ``"pad"`` that would reduce channels.
   """
   features: int
   stride: int = 1
@@ -53,44 +71,58 @@ class ResidualBlock(nn.Module):
   inner: int = 0
   groups: int = 1
   dropout: float = 0.0
+  batch_norm: bool = True
+  use_bias: bool = False
+  kernel_init: Any = L.he_normal
+
+  def _conv(self, features: int, kernel: int, stride: int, **kw: Any) -> L.Conv:
+    return L.Conv(features, kernel, stride, use_bias=self.use_bias,
+                  kernel_init=self.kernel_init, **kw)
+
+  def _bn(self, y: Any, train: bool) -> Any:
+    return L.BatchNorm()(y, train) if self.batch_norm else y
 
   def _branch(self, h: Any, train: bool) -> Any:
-    bn = L.BatchNorm
+    bn = self._bn
     preact = self.kind in _PREACT
     if self.kind in ("basic", "preact"):
-      y = L.Conv(self.features, 3, self.stride)(h)
-      y = L.relu(bn()(y, train))
+      y = self._conv(self.features, 3, self.stride)(h)
+      y = L.relu(bn(y, train))
       if self.dropout > 0 and not is_abstract(y):  # identity at evaluation (abstract runs)
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
-      y = L.Conv(self.features, 3, 1)(y)
-      return y if preact else bn()(y, train)
+      y = self._conv(self.features, 3, 1)(y)
+      return y if preact else bn(y, train)
     # bottleneck, preact_bottleneck, resnext
-    y = L.Conv(self.inner, 1, 1)(h)
-    y = L.relu(bn()(y, train))
-    y = L.Conv(self.inner, 3, self.stride, feature_group_count=self.groups)(y)
-    y = L.relu(bn()(y, train))
-    y = L.Conv(self.features, 1, 1)(y)
-    return y if preact else bn()(y, train)
+    y = self._conv(self.inner, 1, 1)(h)
+    y = L.relu(bn(y, train))
+    y = self._conv(self.inner, 3, self.stride, feature_group_count=self.groups)(y)
+    y = L.relu(bn(y, train))
+    y = self._conv(self.features, 1, 1)(y)
+    return y if preact else bn(y, train)
+
+  def _shortcut(self, x: Any, h: Any, transition: bool, train: bool) -> Any:
+    """Identity on the block input ``x``, or a projection / padding of ``h`` (``x``
+    pre-activated in pre-activation kinds, ``x`` itself otherwise)."""
+    if self.shortcut == "conv_always" or (transition and self.shortcut == "conv"):
+      sc = self._conv(self.features, 1, self.stride, padding=0)(h)
+      return sc if self.kind in _PREACT else self._bn(sc, train)
+    if transition:
+      return L.PadShortcut(self.features, self.stride)(h)
+    return x
 
   @nn.compact
   def __call__(self, x: Any, train: bool = False, perturbation: Any = None) -> Any:
+    _checks.check_choice(self.kind, "kind", _KINDS)
+    _checks.check_choice(self.shortcut, "shortcut", _SHORTCUTS)
     in_ch = x.shape[-1]
     transition = self.stride != 1 or in_ch != self.features
     ctx = StepContext(self.index, transition, train)
-    if self.kind in _PREACT:
-      h = L.relu(L.BatchNorm()(x, train))
-      sc = x
-      if transition:
-        sc = (L.Conv(self.features, 1, self.stride, padding=0)(h) if self.shortcut == "conv"
-              else L.PadShortcut(self.features, self.stride)(h))
-      return self.step(self, sc, self._branch(h, train), ctx, perturbation)
-    sc = x
-    if transition:
-      if self.shortcut == "conv":
-        sc = L.BatchNorm()(L.Conv(self.features, 1, self.stride, padding=0)(x), train)
-      else:
-        sc = L.PadShortcut(self.features, self.stride)(x)
-    return L.relu(self.step(self, sc, self._branch(x, train), ctx, perturbation))
+    preact = self.kind in _PREACT
+    h = L.relu(self._bn(x, train)) if preact else x
+    sc = self._shortcut(x, h, transition, train)
+    fx = self._branch(h, train)
+    out = apply_step(self, self.step, sc, fx, ctx, perturbation)
+    return out if preact else L.relu(out)
 
 
 class ResNet(nn.Module):
@@ -178,7 +210,20 @@ class ResNet(nn.Module):
 
 
 class MLP(nn.Module):
-  """A multilayer perceptron on flattened images: [Normalize] -> (Dense, ReLU)* -> Dense."""
+  """A multilayer perceptron on flattened images: [Normalize] -> (Dense, ReLU)* -> Dense.
+
+  Attributes:
+    hidden: widths of the hidden layers (default ``(256, 256)``).
+    num_classes: number of logits.
+    normalize: ``(mean, std)`` per channel, applied first, or ``None``.
+
+  Call: ``model.apply(variables, x, train=False)`` with ``x`` ``[B, H, W, C]`` images
+  (or ``[B, D]`` features, or an abstract value of either shape); returns
+  ``[B, num_classes]``.
+
+  Raises:
+    ValueError: a concrete input that is not of rank 2 or 4.
+  """
   hidden: Sequence[int] = (256, 256)
   num_classes: int = 10
   normalize: tuple[Sequence[float], Sequence[float]] | None = None

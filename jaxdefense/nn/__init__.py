@@ -42,3 +42,19 @@ from jaxdefense.nn._abstract_layers import DecorrelateAll as DecorrelateAll
 from jaxdefense.nn._abstract_layers import DecorrelateMinK as DecorrelateMinK
 from jaxdefense.nn._abstract_layers import DeepLoss as DeepLoss
 from jaxdefense.nn._abstract_layers import deep_loss as deep_loss
+
+__all__ = [
+    # abstract values (certification): the protocol a domain implements
+    "AbstractValue", "is_abstract",
+    # layers: arrays and abstract values alike
+    "AvgPool", "BatchNorm", "Conv", "Dense", "Flatten", "GlobalAvgPool", "Normalize",
+    "PadShortcut", "ReLU", "Sequential", "Sigmoid", "Tanh",
+    # functions behind the layers, for custom layers that stay certifiable
+    "add", "avg_pool", "concatenate", "flatten", "global_avg_pool", "linear_map", "relu",
+    "scale_shift", "sigmoid", "tanh",
+    # initialisers
+    "he_normal", "torch_default",
+    # abstract-only layers of DiffAI (identity on arrays) and the deep loss
+    "Concretize", "CorrelateAll", "CorrelateFixed", "CorrelateMaxK", "CorrelateMaxPool",
+    "DecorrelateAll", "DecorrelateMinK", "DeepLoss", "deep_loss",
+]

@@ -171,7 +171,16 @@ class AbstractValue(abc.ABC):
 
 
 def is_abstract(x: Any) -> bool:
-  """True if ``x`` is an abstract value rather than a concrete array."""
+  """Whether ``x`` is an abstract value (``Box``, ``HybridZonotope``) rather than an array.
+
+  Layers use it to dispatch between concrete and abstract execution.
+
+  Args:
+    x: any object (a NumPy or JAX array, a tracer, an abstract value).
+
+  Returns:
+    ``isinstance(x, AbstractValue)``; never raises.
+  """
   return isinstance(x, AbstractValue)
 
 

@@ -177,7 +177,12 @@ class DecorrelateAll(nn.Module):
 
 
 class Concretize(DecorrelateAll):
-  """Alias of :class:`DecorrelateAll` (the name in the paper's figures 7 and 8)."""
+  """:class:`DecorrelateAll` under the name of the paper's figures 7 and 8.
+
+  Same attributes, behaviour and errors as :class:`DecorrelateAll`: on a hybrid
+  zonotope it folds every generator into the box part (the identity on arrays and on
+  boxes), in training only when ``only_train`` is set.
+  """
 
 
 class DecorrelateMinK(nn.Module):

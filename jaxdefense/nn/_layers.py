@@ -26,28 +26,63 @@ Initializer = Callable[..., Array]
 
 # He-normal (fan-in) initialisation, as in the CIFAR ResNet papers and torchvision.
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+he_normal.__doc__ = """He-normal (fan-in) initialiser, the default kernel init of :class:`Conv`.
+
+``he_normal(key, shape, dtype=None)`` draws from a (not truncated) normal with
+variance ``2 / fan_in`` (``fan_in`` = product of every axis but the last, e.g.
+``kh * kw * in`` for an HWIO kernel), as in the CIFAR ResNet papers and torchvision.
+``dtype`` defaults to JAX's default float (float32).  Returns an array of ``shape``.
+"""
 # PyTorch's default for Linear/Conv weights (kaiming_uniform with a = sqrt(5)).
 torch_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+torch_default.__doc__ = """PyTorch's weight initialiser, the default kernel of :class:`Dense`.
+
+``torch_default(key, shape, dtype=None)`` draws uniformly in ``[-b, b]`` with
+``b = 1 / sqrt(fan_in)`` (variance ``1 / (3 fan_in)``; ``kaiming_uniform`` with
+``a = sqrt(5)``), ``fan_in`` the product of every axis but the last.  ``dtype`` defaults
+to JAX's default float (float32).  Returns an array of ``shape``.
+"""
 
 
 # --------------------------------------------------------------------- functions
 def relu(x: Any) -> Any:
-  """ReLU on an array or an abstract value."""
+  """ReLU on an array or an abstract value.
+
+  An array ``x`` of any shape gives ``jax.nn.relu(x)`` (same shape and dtype); an
+  :class:`AbstractValue` gives its sound image under the ReLU (``x.relu()``; the
+  relaxation is the domain's choice).
+  """
   return x.relu() if is_abstract(x) else jax.nn.relu(x)
 
 
 def sigmoid(x: Any) -> Any:
-  """Logistic sigmoid on an array or an abstract value (monotone transformer)."""
+  """Logistic sigmoid on an array or an abstract value.
+
+  An array ``x`` of any shape gives ``jax.nn.sigmoid(x)`` (same shape); an abstract value
+  gives its sound image through the domain's monotone transformer
+  (``x.monotone(jax.nn.sigmoid)``).
+  """
   return x.monotone(jax.nn.sigmoid) if is_abstract(x) else jax.nn.sigmoid(x)
 
 
 def tanh(x: Any) -> Any:
-  """tanh on an array or an abstract value (monotone transformer)."""
+  """tanh on an array or an abstract value.
+
+  An array ``x`` of any shape gives ``jnp.tanh(x)`` (same shape); an abstract value gives
+  its sound image through the domain's monotone transformer (``x.monotone(jnp.tanh)``).
+  """
   return x.monotone(jnp.tanh) if is_abstract(x) else jnp.tanh(x)
 
 
 def add(a: Any, b: Any) -> Any:
-  """``a + b`` where either side may be abstract (generators aligned)."""
+  """``a + b`` where either side may be abstract (generators aligned).
+
+  The residual connection of the step rules.  Two arrays give ``a + b`` (NumPy
+  broadcasting).  If ``a`` (else ``b``) is an :class:`AbstractValue` the result is
+  ``a.add(b)``: the sum of two abstract values of one shape (shared generators add
+  up, as the set of points ``{p + q}`` of correlated inputs), or an abstract value
+  shifted by a concrete array.  The abstract domain raises on mismatched shapes.
+  """
   if is_abstract(a):
     return a.add(b)
   if is_abstract(b):
@@ -56,7 +91,18 @@ def add(a: Any, b: Any) -> Any:
 
 
 def scale_shift(x: Any, scale: Any, shift: Any = None) -> Any:
-  """Elementwise ``x * scale + shift`` with concrete ``scale`` and ``shift``."""
+  """Elementwise ``x * scale + shift`` with concrete ``scale`` and ``shift``.
+
+  Args:
+    x: an array or an abstract value, e.g. ``[B, H, W, C]``.
+    scale: a concrete array or float broadcastable against ``x`` (e.g. ``[C]``); may be
+      negative.
+    shift: a concrete array or float broadcastable against ``x``, or ``None`` (default:
+      no shift).
+
+  Returns:
+    ``x * scale (+ shift)``, the shape of ``x``; an abstract value for abstract ``x``.
+  """
   if is_abstract(x):
     return x.scale_shift(scale, shift)
   out = x * scale
@@ -64,12 +110,26 @@ def scale_shift(x: Any, scale: Any, shift: Any = None) -> Any:
 
 
 def linear_map(x: Any, fn: Callable[[Array], Array]) -> Any:
-  """Apply a linear map with non-negative weights (reshape, pooling, padding)."""
+  """Apply a linear map with non-negative weights (reshape, pooling, padding).
+
+  Args:
+    x: an array or an abstract value.
+    fn: a function of arrays that is linear with non-negative weights (selecting,
+      padding with zeros, averaging).  The abstract path relies on this and does not
+      check it: a map with negative weights (or an offset) gives unsound bounds.
+
+  Returns:
+    ``fn(x)`` for an array; ``x.linear(fn)``, the image of the set, for an abstract value.
+  """
   return x.linear(fn) if is_abstract(x) else fn(x)
 
 
 def flatten(x: Any) -> Any:
-  """Flatten every axis but the batch axis."""
+  """Flatten every axis but the batch axis: ``[B, d1, d2, ...] -> [B, d1 * d2 * ...]``.
+
+  Works on arrays and abstract values (row-major order, as ``reshape``); ``x`` must
+  have rank >= 1 (a rank-1 ``[B]`` becomes ``[B, 1]``).
+  """
   shape = tuple(x.shape)
   size = 1
   for d in shape[1:]:
@@ -78,13 +138,34 @@ def flatten(x: Any) -> Any:
 
 
 def global_avg_pool(x: Any) -> Any:
-  """Mean over the spatial axes of an NHWC batch: ``[B, H, W, C] -> [B, C]``."""
+  """Mean over the spatial axes of an NHWC batch: ``[B, H, W, C] -> [B, C]``.
+
+  Works on arrays and abstract values (a linear map with non-negative weights).  An
+  array of another rank than 4 is averaged over its axes 1 and 2 all the same.
+  """
   return linear_map(x, lambda a: jnp.mean(a, axis=(1, 2)))
 
 
 def avg_pool(x: Any, window: int | Sequence[int], strides: int | Sequence[int] | None = None,
              padding: str = "VALID") -> Any:
-  """Average pooling over the spatial axes of an NHWC batch."""
+  """Average pooling over the spatial axes of an NHWC batch.
+
+  Args:
+    x: an array or abstract value ``[B, H, W, C]``.
+    window: pooling window, an int (square) or ``(wh, ww)``.
+    strides: an int or ``(sh, sw)``; default ``None`` means ``window``
+      (non-overlapping windows).
+    padding: ``"VALID"`` (default; ``H_out = (H - wh) // sh + 1``) or ``"SAME"``
+      (``H_out = ceil(H / sh)``, the zero padding counted in the mean: every output is a
+      window sum divided by ``wh * ww``).
+
+  Returns:
+    ``[B, H_out, W_out, C]``; an abstract value for abstract ``x``.
+
+  Raises:
+    ValueError / TypeError: from ``lax.reduce_window`` for a bad rank, window or
+    padding string.
+  """
   window = (window, window) if isinstance(window, int) else tuple(window)
   strides = window if strides is None else (
       (strides, strides) if isinstance(strides, int) else tuple(strides))
@@ -97,7 +178,22 @@ def avg_pool(x: Any, window: int | Sequence[int], strides: int | Sequence[int] |
 
 
 def concatenate(values: Sequence[Any], axis: int = -1) -> Any:
-  """Concatenate arrays or abstract values along a non-batch axis."""
+  """Concatenate arrays or abstract values along a non-batch axis.
+
+  Args:
+    values: a sequence of arrays, or a sequence of abstract values of one domain, equal
+      in shape but along ``axis``.
+    axis: the axis to join along; default -1 (channels of NHWC).  For abstract values it
+      must not be the batch axis 0.
+
+  Returns:
+    ``jnp.concatenate(values, axis)`` for arrays; the joint abstract value (generators
+    aligned) otherwise.
+
+  Raises:
+    TypeError: ``values`` mixes abstract and concrete values (lift the concrete ones to
+      the domain first).
+  """
   values = list(values)
   abstract = [v for v in values if is_abstract(v)]
   if not abstract:
@@ -197,7 +293,19 @@ _conv.defjvp(_conv_jvp, symbolic_zeros=True)
 
 # ------------------------------------------------------------------------ modules
 class Dense(nn.Module):
-  """Fully connected layer ``y = x W + b`` on ``[..., in] -> [..., features]``."""
+  """Fully connected layer ``y = x W + b`` on ``[..., in] -> [..., features]``.
+
+  Parameters: ``kernel`` ``[in, features]`` (``in`` taken from the last axis of the first
+  input) and, when ``use_bias``, ``bias`` ``[features]``.  An abstract input is mapped
+  soundly through the same affine function.
+
+  Attributes:
+    features: output size.
+    use_bias: add a bias; default True.
+    kernel_init: initialiser of the kernel; default :data:`torch_default` (PyTorch's
+      ``nn.Linear``).
+    bias_init: initialiser of the bias; default zeros.
+  """
   features: int
   use_bias: bool = True
   kernel_init: Initializer = torch_default
@@ -335,28 +443,58 @@ class Normalize(nn.Module):
 
 
 class ReLU(nn.Module):
-  """ReLU as a module (for :class:`Sequential`)."""
+  """ReLU as a module (for :class:`Sequential`): ``ReLU()(x) == relu(x)``.
+
+  No parameters; works on arrays of any shape and on abstract values (see :func:`relu`).
+  """
 
   def __call__(self, x: Any) -> Any:
     return relu(x)
 
 
 class Sigmoid(nn.Module):
+  """Logistic sigmoid as a module (for :class:`Sequential`): ``Sigmoid()(x) == sigmoid(x)``.
+
+  No parameters; works on arrays of any shape and on abstract values (see :func:`sigmoid`).
+  """
+
   def __call__(self, x: Any) -> Any:
     return sigmoid(x)
 
 
 class Tanh(nn.Module):
+  """tanh as a module (for :class:`Sequential`): ``Tanh()(x) == tanh(x)``.
+
+  No parameters; works on arrays of any shape and on abstract values (see :func:`tanh`).
+  """
+
   def __call__(self, x: Any) -> Any:
     return tanh(x)
 
 
 class Flatten(nn.Module):
+  """Flatten as a module: ``[B, d1, d2, ...] -> [B, d1 * d2 * ...]`` (see :func:`flatten`).
+
+  No parameters; arrays and abstract values alike, e.g. between convolutions and a
+  :class:`Dense` head.
+  """
+
   def __call__(self, x: Any) -> Any:
     return flatten(x)
 
 
 class AvgPool(nn.Module):
+  """Average pooling as a module, over the spatial axes of ``[B, H, W, C]``.
+
+  No parameters; ``AvgPool(window, strides, padding)(x) == avg_pool(x, window, strides,
+  padding)`` on arrays and abstract values (see :func:`avg_pool` for the output shape
+  and the errors).
+
+  Attributes:
+    window: an int (square) or ``(wh, ww)``; default 2.
+    strides: an int or ``(sh, sw)``; default ``None`` means ``window``.
+    padding: ``"VALID"`` (default) or ``"SAME"``.
+  """
   window: int | Sequence[int] = 2
   strides: int | Sequence[int] | None = None
   padding: str = "VALID"
@@ -366,6 +504,12 @@ class AvgPool(nn.Module):
 
 
 class GlobalAvgPool(nn.Module):
+  """Global average pooling as a module: ``[B, H, W, C] -> [B, C]``.
+
+  No parameters; the mean over the spatial axes (see :func:`global_avg_pool`), on arrays
+  and abstract values, e.g. before the classifier of a ResNet.
+  """
+
   def __call__(self, x: Any) -> Any:
     return global_avg_pool(x)
 
@@ -399,7 +543,16 @@ def _accepts_train(module: nn.Module) -> bool:
 
 
 class Sequential(nn.Module):
-  """Apply ``layers`` in order; ``train`` is passed to the layers that take it."""
+  """Apply ``layers`` in order; ``train`` is passed to the layers that take it.
+
+  ``Sequential(layers)(x, train=False)`` calls ``layer(x, train=train)`` for a layer
+  whose ``__call__`` has a ``train`` parameter (e.g. :class:`BatchNorm`) and ``layer(x)``
+  for the others.  Each layer gets the previous one's output, so shapes must chain;
+  abstract values pass through when every layer supports them.
+
+  Attributes:
+    layers: a sequence of Flax modules (an empty sequence is the identity).
+  """
   layers: Sequence[nn.Module]
 
   def __call__(self, x: Any, train: bool = False) -> Any:

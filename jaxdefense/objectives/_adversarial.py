@@ -2,117 +2,93 @@
 
 An *objective* is a frozen (hence hashable, ``jit``-static) dataclass called as
 
-    ``loss, aux = objective(apply_fn, x, y, key)``
+    ``loss, aux = objective(model, x, y, key)``
 
-* ``apply_fn`` runs the model in train mode with the current parameters.  Two forms are
-  accepted: ``apply_fn(x) -> logits [B, K]`` (a plain logits function), or the training
-  loop's ``apply_fn(x, *, key=None) -> (logits, model_state)``, whose ``model_state``
-  (e.g. updated batch statistics) is passed on as ``aux["model_state"]`` and whose
-  ``key`` gives the model fresh noise (stochastic nets such as EnResNet).
+* ``model`` is a :class:`~jaxdefense.models.ModelFn` in training mode with the current
+  parameters (``jaxdefense.models.bind(module, variables, train=True, rngs=...)``, or
+  ``ModelFn.wrap(f)`` around a plain ``f(x) -> logits``).  Forward passes call
+  ``model.apply(x, key=None) -> (logits [B, K], model_state)``; a pass given its own
+  ``key`` draws independent model noise and dropout masks (as two forward calls of a
+  PyTorch model do), a pass without one uses the model's default ``rngs`` (the
+  training step's).
 * ``x``: images ``[B, H, W, C]`` in [0, 1]; ``y``: integer labels ``[B]``; ``key``: a
   PRNG key.
 
 ``loss`` is a scalar to minimise; ``aux`` is a dict that always holds ``"logits"``, the
-logits of the examples the loss trains on (for accuracy metrics), ``"model_state"``
-when ``apply_fn`` returns one (the state of the forward pass on the training examples:
-the adversarial pass for :class:`PGDAdversarial` and :class:`TRADES`), and scalar loss
-terms.  Objectives are pure functions, differentiable in the parameters that
-``apply_fn`` closes over.
+logits of the examples the loss trains on (for accuracy metrics), ``"model_state"``, the
+state of the forward pass on the training examples (the adversarial pass for
+:class:`PGDAdversarial` and :class:`TRADES`; ``{}`` for a wrapped function), and scalar
+loss terms.  Objectives are pure functions, differentiable in the model's variables.
 
-Inner maximisations run on a copy of the model whose closed-over arrays (the
-parameters) go through ``jax.lax.stop_gradient`` (found with ``jax.closure_convert``),
-and the adversarial images are ``stop_gradient``-ed too: parameter gradients flow only
-through the outer loss, and ``jax.grad`` never differentiates through the attack loop.
-When ``apply_fn`` takes a ``key``, every attack iteration draws fresh model noise (as
-the EnResNet training code does); the attack's own forward passes never contribute a
-model state.
+Inner maximisations run on ``model.frozen(...)`` (its variables, or a wrapped
+function's closed-over arrays, go through ``jax.lax.stop_gradient``), in evaluation mode
+(``model.with_mode(False)``) when ``attack_mode == "eval"``; a stochastic model is
+attacked as ``attacks.eot(model, 1)``, one fresh noise draw per attack iteration (as the
+EnResNet training code does).  The adversarial images are ``stop_gradient``-ed too:
+parameter gradients flow only through the outer loss, and ``jax.grad`` never
+differentiates through the attack loop; the attack's own forward passes never
+contribute a model state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from jaxdefense import _checks
 from jaxdefense import attacks
+from jaxdefense.models import ModelFn
 
 Array = jax.Array
 
 
 class Objective(Protocol):
-  """What the training loop calls: ``(loss scalar, aux dict with "logits")``."""
+  """What the training step calls: ``loss, aux = objective(model, x, y, key)``.
 
-  def __call__(self, apply_fn: Callable[..., Any], x: Array, y: Array,
+  Args (of the call):
+    model: the model in training mode (:class:`jaxdefense.models.ModelFn`), with the
+      current parameters; ``model.apply(x, key)`` gives ``(logits, state)``.
+    x: images ``[B, H, W, C]`` in ``[0, 1]``.
+    y: integer labels ``[B]``.
+    key: a PRNG key for the objective's own randomness (attacks, noise draws).
+
+  Returns:
+    A scalar loss to minimise and an ``aux`` dict holding ``"logits"`` ``[B, K]`` (of
+    the examples the loss trains on), ``"model_state"`` (the state of the forward pass
+    whose loss is used) and scalar loss terms reported as metrics.
+  """
+
+  def __call__(self, model: ModelFn, x: Array, y: Array,
                key: Array) -> tuple[Array, dict[str, Any]]:
     ...
 
 
-def frozen(fn: Callable[..., Any], *example_args: Any) -> Callable[..., Any]:
-  """``fn`` with every closed-over (possibly differentiated) array stop-gradient-ed.
+def check_model(model: Any, name: str) -> ModelFn:
+  """``model`` if it is a :class:`~jaxdefense.models.ModelFn`, else a clear TypeError."""
+  if not isinstance(model, ModelFn):
+    raise TypeError(f"{name}: model must be a jaxdefense.models.ModelFn (models.bind(module, "
+                    f"variables, train=True) or models.ModelFn.wrap(f)); got "
+                    f"{type(model).__name__}.")
+  return model
 
-  Used for inner maximisations: the attack then sees the parameters as constants, so an
-  outer ``jax.grad`` w.r.t. the parameters does not trace tangents through the attack.
-  ``example_args`` fix the argument types (as for ``jax.closure_convert``).
+
+def attack_model(model: ModelFn, x: Array, key: Array, attack_mode: str = "train") -> Any:
+  """The model as seen by an inner attack: logits only, variables stop-gradient-ed.
+
+  ``attack_mode == "eval"`` takes the evaluation-mode model (running batch statistics,
+  no dropout).  A stochastic model becomes ``attacks.eot(m, 1)`` (one fresh noise draw
+  per attack iteration, keys derived from the attack's key); a deterministic one is the
+  frozen :class:`~jaxdefense.models.ModelFn` itself.
   """
-  converted, consts = jax.closure_convert(fn, *example_args)
-  consts = [jax.lax.stop_gradient(c) for c in consts]
-  return lambda *args: converted(*args, *consts)
-
-
-def split_output(out: Any) -> tuple[Array, Any]:
-  """``(logits, model_state or None)`` from either form of ``apply_fn``'s output."""
-  if isinstance(out, tuple) and len(out) == 2:
-    return out[0], out[1]
-  return out, None
-
-
-def _takes_key(fn: Callable[..., Any]) -> bool:
-  """Whether ``fn`` accepts a ``key=`` keyword (the training loop's ``apply_fn``)."""
-  try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-  return "key" in params and params["key"].kind in (inspect.Parameter.KEYWORD_ONLY,
-                                                    inspect.Parameter.POSITIONAL_OR_KEYWORD)
-
-
-def attack_model(apply_fn: Callable[..., Any], x: Array, key: Array) -> Callable[..., Any]:
-  """The model as seen by an inner attack: logits only, parameters stop-gradient-ed.
-
-  A ``key``-taking ``apply_fn`` becomes ``attacks.eot(f, 1)`` (one fresh noise draw per
-  attack iteration, keys derived from the attack's key); otherwise a plain
-  ``f(x) -> logits``.
-  """
-  if _takes_key(apply_fn):
-    f = frozen(lambda z, k: split_output(apply_fn(z, key=k))[0], x, key)
-    return attacks.eot(f, 1)
-  return frozen(lambda z: split_output(apply_fn(z))[0], x)
-
-
-def forward(apply_fn: Callable[..., Any], x: Array,
-            key: Optional[Array] = None) -> tuple[Array, Any]:
-  """``(logits, model_state or None)`` of ``apply_fn(x)``, with its own noise draw.
-
-  A ``key``-taking ``apply_fn`` gets ``key=key`` (when given), so two forward passes of
-  one objective draw independent model noise and dropout masks, as two forward calls
-  of a PyTorch model do; a plain ``f(x)`` is called as it is.
-  """
-  if key is not None and _takes_key(apply_fn):
-    return split_output(apply_fn(x, key=key))
-  return split_output(apply_fn(x))
+  m = model.with_mode(False) if attack_mode == "eval" else model
+  m = m.frozen(*((x, key) if m.stochastic else (x,)))
+  return attacks.eot(m, 1) if m.stochastic else m
 
 
 _ATTACK_MODES = ("train", "eval")
-
-
-def _with_state(aux: dict, state: Any) -> dict:
-  if state is not None:
-    aux["model_state"] = state
-  return aux
 
 
 def _mean_ce(logits: Array, y: Array) -> Array:
@@ -124,7 +100,16 @@ def _kl_one(log_p: Array, log_q: Array) -> Array:
 
 
 def kl_divergence(logits_p: Array, logits_q: Array) -> Array:
-  """Per-example ``KL(softmax(logits_p) || softmax(logits_q))``, ``[B]``."""
+  """Per-example ``KL(softmax(logits_p) || softmax(logits_q))``, as TRADES uses it.
+
+  Args:
+    logits_p: logits ``[B, K]`` of the reference distribution (TRADES: clean).
+    logits_q: logits ``[B, K]`` of the other distribution (TRADES: adversarial).
+
+  Returns:
+    ``[B]`` non-negative divergences (computed from log-softmax, so stable for large
+    logits); 0 where the two rows give the same distribution.
+  """
   return jax.vmap(_kl_one)(jax.nn.log_softmax(logits_p), jax.nn.log_softmax(logits_q))
 
 
@@ -149,19 +134,24 @@ def _validate_pgd_fields(obj: Any) -> None:
 class Natural:
   """Natural training: mean softmax cross-entropy on clean images.
 
-  Returns ``(loss, {"logits": clean logits, "loss_clean": loss})`` (plus
-  ``"model_state"`` of the clean pass when ``apply_fn`` returns one).
+  Returns ``(loss, {"logits": clean logits, "loss_clean": loss, "model_state": state
+  of the clean pass})``.
   """
 
-  def __call__(self, apply_fn: Callable[..., Any], x: Array, y: Array,
-               key: Optional[Array] = None, *,
-               attack_logits_fn: Optional[Callable] = None) -> tuple[Array, dict]:
-    """Loss and aux for one batch; ``key`` and ``attack_logits_fn`` are unused."""
-    del key, attack_logits_fn
+  def __call__(self, model: ModelFn, x: Array, y: Array,
+               key: Array | None = None) -> tuple[Array, dict]:
+    """Loss and aux for one batch (``key`` is unused: the pass takes the model's rngs).
+
+    Raises:
+      TypeError: ``model`` is not a :class:`~jaxdefense.models.ModelFn`.
+      ValueError / TypeError: bad images or labels.
+    """
+    del key
+    check_model(model, "Natural")
     _check_batch(x, y)
-    logits, state = split_output(apply_fn(x))
+    logits, state = model.apply(x)
     loss = _mean_ce(logits, y)
-    return loss, _with_state({"logits": logits, "loss_clean": loss}, state)
+    return loss, {"logits": logits, "loss_clean": loss, "model_state": state}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +162,7 @@ class PGDAdversarial:
   ``loss = (1 - mix) * CE(f(x_adv), y) + mix * CE(f(x), y)`` where ``x_adv`` is an l-inf
   PGD attack (``steps`` steps of ``step_size``, uniform random start) on the current
   model.  ``mix = 0`` is Madry's objective; EnResNet and LAD train with eps = 8/255, 10
-  steps of 2/255.  The clean and adversarial batches go through ``logits_fn`` in
+  steps of 2/255.  The clean and adversarial batches go through ``model.apply`` in
   separate calls (so train-mode batch norm sees them separately).
 
   Attributes:
@@ -181,11 +171,9 @@ class PGDAdversarial:
     steps: PGD iterations (>= 1).  Default 10.
     random_start: uniform start in the ball.  Default True.
     mix: weight of the clean loss in [0, 1].  Default 0.
-    attack_mode: the model the inner attack runs on in the training loop: ``"train"``
-      (default; batch statistics of the batch under attack, as Madry et al.'s and the
-      EnResNet authors' code) or ``"eval"`` (running statistics, no dropout).  The
-      training loop passes the matching ``attack_logits_fn``; called directly, the
-      objective uses the ``attack_logits_fn`` it is given, else ``apply_fn``.
+    attack_mode: the model the inner attack runs on: ``"train"`` (default; batch
+      statistics of the batch under attack, as Madry et al.'s and the EnResNet authors'
+      code) or ``"eval"`` (``model.with_mode(False)``: running statistics, no dropout).
 
   Raises:
     ValueError / TypeError (at construction): a field out of range or of the wrong type.
@@ -206,39 +194,40 @@ class PGDAdversarial:
     object.__setattr__(self, "mix", _checks.check_float(self.mix, "PGDAdversarial.mix",
                                                         minimum=0.0, maximum=1.0))
 
-  def __call__(self, apply_fn: Callable[..., Any], x: Array, y: Array,
-               key: Array, *,
-               attack_logits_fn: Optional[Callable] = None) -> tuple[Array, dict]:
+  def __call__(self, model: ModelFn, x: Array, y: Array,
+               key: Array) -> tuple[Array, dict]:
     """Loss and aux for one batch.
 
     Args:
-      apply_fn: train-mode model with the current parameters, ``f(x) -> logits [B, K]``
-        or ``f(x, *, key=None) -> (logits, model_state)`` (see the module docstring).
+      model: the training-mode :class:`~jaxdefense.models.ModelFn` with the current
+        parameters (see the module docstring).
       x: clean images ``[B, H, W, C]`` in [0, 1].
       y: integer labels ``[B]``.
       key: PRNG key for the random start (and the attack's model noise).
-      attack_logits_fn: optional model used for the inner attack (e.g. eval-mode batch
-        norm, as in the reference TRADES / Madry code), of either form; defaults to
-        ``apply_fn``.
 
     Returns:
       ``(loss, aux)`` with ``aux["logits"]`` the adversarial logits, ``"loss_adv"``,
-      ``"model_state"`` of the adversarial pass (if any) and, when ``mix > 0``,
+      ``"model_state"`` of the adversarial pass and, when ``mix > 0``,
       ``"clean_logits"`` and ``"loss_clean"``.
+
+    Raises:
+      TypeError: ``model`` is not a :class:`~jaxdefense.models.ModelFn`.
+      ValueError / TypeError: bad images or labels.
     """
+    check_model(model, "PGDAdversarial")
     _check_batch(x, y)
     x = jnp.asarray(x)
-    model = attack_model(attack_logits_fn or apply_fn, x, key)
-    x_adv = attacks.pgd(model, x, y, key=key, eps=self.eps, step_size=self.step_size,
+    inner = attack_model(model, x, key, self.attack_mode)
+    x_adv = attacks.pgd(inner, x, y, key=key, eps=self.eps, step_size=self.step_size,
                         steps=self.steps, random_start=self.random_start)
     x_adv = jax.lax.stop_gradient(x_adv)
-    logits_adv, state = split_output(apply_fn(x_adv))
+    logits_adv, state = model.apply(x_adv)
     loss_adv = _mean_ce(logits_adv, y)
-    aux = _with_state({"logits": logits_adv, "loss_adv": loss_adv}, state)
+    aux = {"logits": logits_adv, "loss_adv": loss_adv, "model_state": state}
     if self.mix == 0.0:
       return loss_adv, aux
     # the clean pass draws its own model noise (the adversarial pass has the step's)
-    logits_clean, _ = forward(apply_fn, x, jax.random.fold_in(key, 1))
+    logits_clean, _ = model.apply(x, jax.random.fold_in(key, 1))
     loss_clean = _mean_ce(logits_clean, y)
     aux.update(clean_logits=logits_clean, loss_clean=loss_clean)
     return (1.0 - self.mix) * loss_adv + self.mix * loss_clean, aux
@@ -262,7 +251,8 @@ class TRADES:
     steps: inner iterations (>= 1).  Default 10.
     init_std: standard deviation of the Gaussian start.  Default 0.001.
     attack_mode: ``"eval"`` (default: the reference code puts the model in eval mode for
-      the inner maximisation) or ``"train"``; see :class:`PGDAdversarial`.
+      the inner maximisation: ``model.with_mode(False)``) or ``"train"``; see
+      :class:`PGDAdversarial`.
 
   Raises:
     ValueError / TypeError (at construction): a field out of range or of the wrong type.
@@ -283,37 +273,41 @@ class TRADES:
                                                              "TRADES.init_std",
                                                              minimum=0.0))
 
-  def __call__(self, apply_fn: Callable[..., Any], x: Array, y: Array,
-               key: Array, *,
-               attack_logits_fn: Optional[Callable] = None) -> tuple[Array, dict]:
+  def __call__(self, model: ModelFn, x: Array, y: Array,
+               key: Array) -> tuple[Array, dict]:
     """Loss and aux for one batch (arguments as :meth:`PGDAdversarial.__call__`).
 
     Returns:
       ``(loss, aux)`` with ``aux["logits"]`` the clean logits, ``"adv_logits"``,
       ``"loss_clean"`` (CE), ``"loss_robust"`` (the mean KL term) and
-      ``"model_state"`` of the adversarial pass (if ``apply_fn`` returns one).
+      ``"model_state"`` of the adversarial pass.
+
+    Raises:
+      TypeError: ``model`` is not a :class:`~jaxdefense.models.ModelFn`.
+      ValueError / TypeError: bad images or labels.
     """
+    check_model(model, "TRADES")
     _check_batch(x, y)
     x = jnp.asarray(x)
     k_clean, k_start, k_loop, k_outer = jax.random.split(key, 4)
-    model = attack_model(attack_logits_fn or apply_fn, x, key)
+    inner = attack_model(model, x, key, self.attack_mode)
     clean_for_attack = jax.lax.stop_gradient(attacks.predict(
-        model, x, key=k_clean if isinstance(model, attacks.EOT) else None))
+        inner, x, key=k_clean if isinstance(inner, attacks.EOT) else None))
     kl_to_clean = lambda z: kl_divergence(clean_for_attack, z)
     project = attacks.make_projection("linf", x, self.eps)
     x0 = attacks.random_start(k_start, x, self.eps, "linf", kind="normal",
                               scale=self.init_std)
-    vg = attacks.make_value_and_grad(model, kl_to_clean)
+    vg = attacks.make_value_and_grad(inner, kl_to_clean)
     rule = attacks.sign_ascent(self.step_size, project, "linf")
     x_adv, _ = attacks.ascent_loop(vg, rule, x0, self.steps,
-                                   k_loop if isinstance(model, attacks.EOT) else None)
+                                   k_loop if isinstance(inner, attacks.EOT) else None)
     x_adv = jax.lax.stop_gradient(x_adv)
 
     # independent model noise in the two outer passes (the adversarial one has the step's)
-    logits_clean, _ = forward(apply_fn, x, k_outer)
-    logits_adv, state = split_output(apply_fn(x_adv))
+    logits_clean, _ = model.apply(x, k_outer)
+    logits_adv, state = model.apply(x_adv)
     loss_clean = _mean_ce(logits_clean, y)
     loss_robust = jnp.mean(kl_divergence(logits_clean, logits_adv))
     aux = {"logits": logits_clean, "adv_logits": logits_adv, "loss_clean": loss_clean,
-           "loss_robust": loss_robust}
-    return loss_clean + self.beta * loss_robust, _with_state(aux, state)
+           "loss_robust": loss_robust, "model_state": state}
+    return loss_clean + self.beta * loss_robust, aux

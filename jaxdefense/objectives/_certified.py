@@ -25,7 +25,9 @@ import optax
 from jaxdefense import _checks
 from jaxdefense.certify import _api as certify_api
 from jaxdefense.certify._domains import worst_case_logits
+from jaxdefense.models import ModelFn
 from jaxdefense.nn._abstract import is_abstract
+from jaxdefense.objectives._adversarial import check_model
 
 Array = jax.Array
 
@@ -65,11 +67,8 @@ def _value(s: Schedule, epoch: Any) -> Array:
   return jnp.asarray(s(epoch) if callable(s) else s, jnp.float32)
 
 
-def _split(out: Any) -> tuple[Any, dict | None]:
-  """``apply_fn`` may return ``outputs`` or ``(outputs, mutated_collections)``."""
-  if isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "items"):
-    return out[0], dict(out[1])
-  return out, None
+#: The collection :class:`~jaxdefense.nn.DeepLoss` layers sow their terms into.
+LOSSES = "losses"
 
 
 def _extra_losses(mutated: dict) -> Array:
@@ -95,23 +94,18 @@ class CertifiedObjective:
       model's correlation layers (``False``, default, as DiffAI trains).
     relu_budget: DeepZ generators per ReLU layer (``None``: one per neuron).
 
-  Call contract (the training loop's, plus an optional ``epoch``)::
+  Call contract (the training step's, plus an optional ``epoch``)::
 
-      loss, aux = objective(apply_fn, x, y, key, epoch=epoch)
+      loss, aux = objective(model, x, y, key, epoch=epoch)
 
-  * ``apply_fn(inputs)`` runs the model with the current parameters on a batch of
-    images ``[B, H, W, C]`` *or* on an abstract value (``Box``/``HybridZonotope``) of
-    that shape.  It returns logits ``[B, K]`` (concrete or abstract), or the training
-    loop's pair ``(logits, model_state)`` (what ``model.apply(..., mutable=[...])``
-    returns).  With pairs, every leaf of the abstract pass's ``model_state["losses"]``
-    (the :class:`~jaxdefense.nn.DeepLoss` terms; make ``"losses"`` mutable to get them)
-    is added to the loss.  Typical::
-
-        def apply_fn(v):
-          return model.apply({"params": params}, v, train=True, mutable=["losses"])
-
-    A model with batch norm must run abstract inputs in evaluation mode
-    (``train=not jaxdefense.nn.is_abstract(v)``): batch statistics of a set are undefined.
+  * ``model``: a training-mode :class:`~jaxdefense.models.ModelFn` with the current
+    parameters, typically ``jaxdefense.models.bind(module, {"params": params},
+    train=True)`` of a model built from :mod:`jaxdefense.nn` layers.  The point pass is
+    ``model.apply(x)``; the abstract pass applies the same model to the abstract input
+    set (``Box``/``HybridZonotope``) with the ``"losses"`` collection made mutable, and
+    every leaf of its ``"losses"`` (the :class:`~jaxdefense.nn.DeepLoss` terms) is added
+    to the loss.  Batch norm in training mode rejects abstract inputs (batch statistics
+    of a set are undefined): certified training uses models without it, as DiffAI's.
   * ``x``: images ``[B, H, W, C]`` in ``[0, 1]``; ``y``: int labels ``[B]``;
     ``key``: a PRNG key (unused; kept for the common contract).
   * ``epoch``: fractional epoch (``step / steps_per_epoch``; a float or a traced
@@ -120,16 +114,20 @@ class CertifiedObjective:
     full ``eps`` and final ``mix`` from the first step.  ``uses_epoch = True`` marks the
     class for loops that pass it.
   * Returns the scalar loss and ``aux``: ``"logits"`` (point logits ``[B, K]``),
-    ``"model_state"`` (the point pass's state, ``{}`` for plain logits), and the scalars
+    ``"model_state"`` (the point pass's state without ``"losses"``: the structure of
+    the training state; ``{}`` for a wrapped function), and the scalars
     ``"point_loss"``, ``"abstract_loss"``, ``"deep_loss"``, ``"eps"``, ``"mix"``,
     ``"certified"`` (fraction of the batch whose training set ``B(x, eps(t))`` is
     proved).
 
   Raises:
     ValueError: bad ``eps`` or ``domain`` (at construction).
+    TypeError: ``model`` is not a :class:`~jaxdefense.models.ModelFn`, or it returns a
+      concrete array for the abstract input (a model not built from
+      :mod:`jaxdefense.nn` layers).
   """
-  # Markers for the training loop: call with ``epoch=`` and an ``apply_fn`` that accepts
-  # abstract values (not only a ``logits_fn`` on arrays).
+  # Markers for the training loop: call with ``epoch=``; the model must accept abstract
+  # values (not only arrays).
   uses_epoch: ClassVar[bool] = True
   needs_abstract_apply: ClassVar[bool] = True
 
@@ -151,26 +149,32 @@ class CertifiedObjective:
     eps_t = self.eps * jnp.clip(_value(self.eps_schedule, epoch), 0.0, 1.0)
     return eps_t, jnp.clip(_value(self.mix, epoch), 0.0, 1.0)
 
-  def __call__(self, apply_fn: Callable[[Any], Any], x: Array, y: Array, key: Array, *,
+  def __call__(self, model: ModelFn, x: Array, y: Array, key: Array | None, *,
                epoch: Any = None) -> tuple[Array, dict[str, Any]]:
+    """Loss and aux for one batch (see the class docstring)."""
     del key
+    check_model(model, "CertifiedObjective")
     eps_t, lam = self.schedules(epoch)
-    logits, mutated = _split(apply_fn(x))
+    logits, state = model.apply(x)
+    state = {k: v for k, v in dict(state).items() if k != LOSSES}
     point = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
     value = certify_api.input_set(x, eps_t, self.domain, relu_budget=self.relu_budget,
                                   correlate_input=self.correlate_input)
-    z, abs_mutated = _split(apply_fn(value))
+    abstract_model = model
+    if model.fn is None and LOSSES not in model.mutable:
+      abstract_model = model.replace(mutable=tuple(model.mutable) + (LOSSES,))
+    z, abs_state = abstract_model.apply(value)
     if not is_abstract(z):
-      raise TypeError("CertifiedObjective: apply_fn returned a concrete array for an "
+      raise TypeError("CertifiedObjective: the model returned a concrete array for an "
                       "abstract input; build the model from jaxdefense.nn layers.")
     worst = worst_case_logits(z, y)
     abstract = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(worst, y))
-    deep = _extra_losses(abs_mutated or {})
+    deep = _extra_losses(dict(abs_state))
     loss = (1.0 - lam) * point + lam * abstract + deep
     others = jnp.where(jax.nn.one_hot(y, worst.shape[-1]) > 0, -jnp.inf, worst)
     aux = {
         "logits": logits,
-        "model_state": {} if mutated is None else mutated,
+        "model_state": state,
         "point_loss": point,
         "abstract_loss": abstract,
         "deep_loss": deep,

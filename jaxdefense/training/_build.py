@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -15,17 +13,9 @@ from jaxdefense import _checks
 from jaxdefense import data as _data
 from jaxdefense import dynamics
 from jaxdefense import models
-from jaxdefense.configs._base import STEP_FIELDS
 
 __all__ = ["build_step", "build_model", "build_objective", "build_schedule",
            "build_optimizer"]
-
-_STEP_RULES: dict[str, type] = {
-    "euler": dynamics.Euler,
-    "euler_maruyama": dynamics.EulerMaruyama,
-    "damped": dynamics.Damped,
-}
-
 
 def _plain(value: Any) -> Any:
   """ConfigDict / list values as hashable Python values (dicts, tuples)."""
@@ -38,37 +28,20 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def build_step(spec: Mapping[str, Any] | ml_collections.ConfigDict) -> Any:
-  """A residual step rule from a spec ``{"name": ..., **fields}``.
+def build_step(spec: Mapping[str, Any] | ml_collections.ConfigDict, base: Any = None) -> Any:
+  """A residual step rule from a config spec ``{"name": ..., **fields}``.
 
-  Args:
-    spec: ``name`` is ``"euler"``, ``"euler_maruyama"`` or ``"damped"``; the other
-      keys are fields of the rules (see ``jaxdefense.configs.STEP_FIELDS``).  Each rule
-      takes the fields it declares and ignores the others' fields.
-
-  Returns:
-    A ``jaxdefense.dynamics`` step rule.
+  The encoding is :func:`jaxdefense.dynamics.step_from_dict` (defaults from the rule
+  itself; ``base`` is a rule that the spec completes).
 
   Raises:
-    ValueError: unknown rule name or a field that no rule declares.
+    ValueError: unknown rule name or a field the rule does not take.
   """
-  spec = dict(_plain(spec))
-  name = spec.pop("name", "euler")
-  if name not in _STEP_RULES:
-    close = difflib.get_close_matches(str(name), _STEP_RULES, n=2)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"unknown model.step.name={name!r}; expected one of "
-                     f"{sorted(_STEP_RULES)}.{hint}")
-  known = set(STEP_FIELDS)
-  for cls in _STEP_RULES.values():
-    known |= {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(spec) - known)
-  if unknown:
-    raise ValueError(f"unknown model.step field(s) {unknown}; step rules take "
-                     f"{sorted(known)}.")
-  cls = _STEP_RULES[name]
-  own = {f.name for f in dataclasses.fields(cls)}
-  return cls(**{k: v for k, v in spec.items() if k in own})
+  return dynamics.step_from_dict(_plain(spec), base=base)
+
+
+def _step_given(spec: Mapping[str, Any]) -> bool:
+  return spec.get("name") is not None or any(k != "name" for k in spec)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
@@ -78,19 +51,26 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
   (``jaxdefense.data.channel_stats(config.dataset)``); every key of ``config.model``
   other than ``name``, ``normalize`` and ``step`` is a model override.
 
+  The step rule: a preset that carries its own rule (the ``en*_`` / ``swe*_`` EnResNet
+  presets) keeps it; ``model.step`` fields without a name, or with that rule's name,
+  change its fields (``model.step.coef=0.2``), and a different rule name is an error.
+  A preset with the default ``Euler`` rule takes whatever ``model.step`` names.  So
+  the config route and ``jaxdefense.models.create(name, ...)`` build the same model.
+
   Returns:
     An unbound ``flax.linen.Module``; a ``jaxdefense.models.Ensemble`` when
     ``ensemble.size > 1``.
 
   Raises:
-    ValueError: unknown model, an override the model does not take, a non-Euler step
-      for a model without residual steps, a ``model.num_classes`` that differs from the
-      data set's, a bad ensemble size.
+    ValueError: unknown model, an override the model does not take, a step rule the
+      model cannot take (no residual step, or a preset with its own different rule), a
+      ``model.num_classes`` that differs from the data set's, a bad ensemble size, or
+      ``ensemble.size > 1`` on a preset that is already an ensemble.
   """
   spec = _plain(config.model)
   name = spec.pop("name")
   normalize = spec.pop("normalize", False)
-  step_spec = spec.pop("step", {"name": "euler"})
+  step_spec = dict(spec.pop("step", None) or {})
   if "num_classes" in spec and spec["num_classes"] != num_classes:
     raise ValueError(f"model.num_classes={spec['num_classes']} but data set "
                      f"{config.dataset!r} has {num_classes} classes.")
@@ -98,16 +78,31 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
   if normalize:
     spec["normalize"] = _data.channel_stats(config.dataset)
   model = models.create(name, **spec)
-  step = build_step(step_spec)
-  fields = {f.name for f in dataclasses.fields(model)}
-  if "step" in fields:
-    model = model.clone(step=step)
-  elif not isinstance(step, dynamics.Euler):
-    raise ValueError(f"model {name!r} has no residual step, so model.step.name="
-                     f"{step_spec.get('name')!r} cannot apply; use a residual model "
-                     f"(e.g. resnet8, preact_resnet20) or model.step.name=euler.")
+  if _step_given(step_spec):
+    own = models.step_of(model)
+    if own is None:
+      step = build_step(step_spec, base=dynamics.Euler())
+      if not isinstance(step, dynamics.Euler):
+        raise ValueError(f"model {name!r} has no residual step, so model.step.name="
+                         f"{step_spec.get('name')!r} cannot apply; use a residual model "
+                         f"(e.g. resnet8, preact_resnet20) or leave model.step unset.")
+    else:
+      wanted = step_spec.get("name")
+      if (wanted is not None and own != dynamics.Euler()
+          and wanted != dynamics.step_name(own)):
+        raise ValueError(
+            f"model {name!r} carries its own step rule {own!r}, but the config names "
+            f"model.step.name={wanted!r}; leave model.step.name unset (or set it to "
+            f"{dynamics.step_name(own)!r}) to change that rule's fields, or pick a "
+            f"model without its own rule.")
+      base = own if wanted is None or wanted == dynamics.step_name(own) else None
+      model = models.with_step(model, build_step(step_spec, base=base))
   size = _checks.check_int(config.ensemble.size, "ensemble.size", minimum=1)
   if size > 1:
+    if isinstance(model, models.Ensemble):
+      raise ValueError(f"model {name!r} is already an ensemble of {model.size}; "
+                       f"ensemble.size={size} would nest a second one (leave "
+                       f"ensemble.size=1, or use the plain base network).")
     model = models.Ensemble(member=model, size=size, shared=bool(config.ensemble.shared))
   return model
 

@@ -42,6 +42,11 @@ class TrainState(flax.struct.PyTreeNode):
     return self.model_state.get("batch_stats", {})
 
   @property
+  def module(self) -> Any:
+    """The Flax module whose ``apply`` is ``apply_fn`` (``None`` for another function)."""
+    return getattr(self.apply_fn, "__self__", None)
+
+  @property
   def variables(self) -> dict[str, Any]:
     """``{"params": ..., **model_state}``, the argument of ``model.apply``."""
     return {"params": self.params, **self.model_state}

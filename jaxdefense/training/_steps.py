@@ -11,11 +11,12 @@ import optax
 from jax.sharding import Mesh
 
 from jaxdefense import data as _data
-from jaxdefense.training import _sharding
+from jaxdefense import models as _models
+from jaxdefense.data import _sharding
 from jaxdefense.training._state import TrainState
 
 __all__ = ["CompiledStep", "make_train_step", "make_eval_step", "evaluate", "step_key",
-           "eval_key", "EVAL_STREAM"]
+           "eval_key", "bound_model", "EVAL_STREAM"]
 
 #: Constant folded into the root key for evaluation noise (stochastic models), so that
 #: evaluation is deterministic and independent of the training step.
@@ -63,6 +64,32 @@ def eval_key(state: TrainState, index: jax.Array | int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(state.key, EVAL_STREAM), index)
 
 
+def bound_model(state: TrainState, *, train: bool = False,
+                rngs: Mapping[str, jax.Array] | None = None,
+                params: Any = None) -> _models.ModelFn:
+  """``state``'s model ready to call: ``models.bind(state.module, variables, ...)``.
+
+  Args:
+    state: a :class:`TrainState` whose ``apply_fn`` is a Flax module's ``apply``.
+    train: training mode (see :func:`jaxdefense.models.bind`).
+    rngs: default ``rngs`` of the model (``None``: none).
+    params: parameters to use instead of ``state.params`` (e.g. the ones being
+      differentiated); the other collections come from ``state.model_state``.
+
+  Returns:
+    A :class:`~jaxdefense.models.ModelFn`.
+
+  Raises:
+    TypeError: ``state.apply_fn`` is not the ``apply`` of a Flax module.
+  """
+  module = state.module
+  if module is None:
+    raise TypeError(f"state.apply_fn must be a Flax module's apply (model.apply, as "
+                    f"create_train_state stores it); got {state.apply_fn!r}.")
+  variables = {"params": state.params if params is None else params, **state.model_state}
+  return _models.bind(module, variables, train=train, rngs=rngs)
+
+
 def _check_aux(aux: Any, state: TrainState, labels: jax.Array) -> None:
   if not isinstance(aux, Mapping) or "logits" not in aux or "model_state" not in aux:
     got = sorted(aux) if isinstance(aux, Mapping) else type(aux).__name__
@@ -89,16 +116,19 @@ def make_train_step(objective: Callable[..., Any], *,
 
   One call: derive the step key ``fold_in(state.key, state.step)`` and split it into
   augmentation, noise, dropout and objective keys; augment the batch on device
-  (``jaxdefense.data.augment``) if asked; evaluate ``objective(apply_fn, x, y, key) ->
+  (``jaxdefense.data.augment``) if asked; evaluate ``objective(model, x, y, key) ->
   (loss, aux)`` and its gradient with respect to the parameters; apply the optimizer;
   keep ``aux["model_state"]`` (batch statistics of the forward pass whose loss is
-  used).  ``apply_fn(x, *, key=None) -> (logits, model_state)`` runs the model in
-  training mode with the current parameters (batch statistics from the batch); its
-  noise and dropout come from the step key, or from ``key`` when given (e.g. fresh
-  noise per attack iteration).
+  used).  ``model`` is ``jaxdefense.models.bind(module, variables, train=True,
+  rngs={"noise": noise_key, "dropout": dropout_key})`` with the current parameters:
+  ``model.apply(x, key=None) -> (logits, model_state)`` runs in training mode (batch
+  statistics from the batch), with the step's noise and dropout keys, or keys split
+  from ``key`` when given (e.g. fresh noise per attack iteration).  Objectives whose
+  inner attack runs in evaluation mode (``attack_mode == "eval"``, TRADES by default)
+  take ``model.with_mode(False)`` themselves.
 
   Args:
-    objective: a callable ``objective(apply_fn, x, y, key) -> (loss, aux)``, ``aux``
+    objective: a callable ``objective(model, x, y, key) -> (loss, aux)``, ``aux``
       a dict with at least ``"logits"`` ``[B, K]`` and ``"model_state"``; other
       scalar entries of ``aux`` are reported as metrics.
     augment: keyword arguments of ``jaxdefense.data.augment`` (``pad``, ``crop``,
@@ -110,11 +140,6 @@ def make_train_step(objective: Callable[..., Any], *,
       certified objective's eps / mixing ramps), it is called with
       ``epoch=state.step / steps_per_epoch`` (a traced fractional epoch).
 
-  An objective with ``attack_mode == "eval"`` (TRADES by default) is also given
-  ``attack_logits_fn(x, *, key=None) -> logits``: the model in evaluation mode
-  (running batch statistics, no dropout) with the current parameters, for its inner
-  attack.
-
   Returns:
     A :class:`CompiledStep`; its metrics are device scalars ``loss`` (sum over the
     batch), ``correct``, ``count`` and ``<name>`` (sum) for each scalar of ``aux``.
@@ -122,6 +147,7 @@ def make_train_step(objective: Callable[..., Any], *,
   Raises:
     ValueError: (at the first call) an objective whose ``aux`` misses ``logits`` or
       ``model_state``, or returns a model state of another structure.
+    TypeError: (at the first call) a state whose ``apply_fn`` is not a module's apply.
   """
   augment = dict(augment) if augment is not None else None
 
@@ -132,27 +158,13 @@ def make_train_step(objective: Callable[..., Any], *,
       images = _data.augment(aug_key, images, **augment)
 
     def loss_fn(params):
-      variables = {"params": params, **state.model_state}
-
-      def rngs(key):
-        nk, dk = (noise_key, dropout_key) if key is None else jax.random.split(key)
-        return {"noise": nk, "dropout": dk}
-
-      def apply_fn(x, *, key=None):
-        logits, new_state = state.apply_fn(variables, x, train=True, rngs=rngs(key),
-                                           mutable=["batch_stats"])
-        return logits, dict(new_state)
-
+      # a key passed to model.apply(x, key) is split into (noise, dropout) keys
+      model = bound_model(state, train=True, params=params,
+                          rngs={"noise": noise_key, "dropout": dropout_key})
       kwargs = {}
-      if getattr(objective, "attack_mode", "train") == "eval":
-        # inner attacks on the evaluation-mode model: running batch statistics, no
-        # dropout; noise as the model draws it at test time
-        def attack_fn(x, *, key=None):
-          return state.apply_fn(variables, x, train=False, rngs=rngs(key))
-        kwargs["attack_logits_fn"] = attack_fn
       if steps_per_epoch and getattr(objective, "uses_epoch", False):
         kwargs["epoch"] = state.step.astype(jnp.float32) / float(steps_per_epoch)
-      return objective(apply_fn, images, labels, obj_key, **kwargs)
+      return objective(model, images, labels, obj_key, **kwargs)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     _check_aux(aux, state, labels)
@@ -175,13 +187,15 @@ def make_train_step(objective: Callable[..., Any], *,
 
 
 def make_eval_step(mesh: Mesh | None = None) -> CompiledStep:
-  """Build the jit-compiled evaluation step.
+  """Build the jit-compiled per-example evaluation step.
 
-  ``eval_step(state, images, labels, mask, index) -> {"loss", "correct", "count"}``
-  runs the model in evaluation mode (running batch statistics) and returns sums over
-  the rows where ``mask`` is 1 (padding rows of a last, partial batch have 0), so
-  every batch has the same shape and the step compiles once.  Stochastic models get
-  the noise key :func:`eval_key` ``(state, index)``: evaluation is deterministic.
+  ``eval_step(state, (images, labels), key) -> {"loss": [B], "correct": [B]}`` runs the
+  model in evaluation mode (running batch statistics) and returns the per-example
+  cross-entropy and correctness (``float32`` 0/1), what :func:`evaluate` feeds to
+  ``jaxdefense.data.run_batches``.  The noise of a stochastic model comes from ``key``
+  (split into noise and dropout keys, see :class:`~jaxdefense.models.ModelFn`); in
+  :func:`evaluate` batch ``i`` gets :func:`eval_key` ``(state, i)``, so evaluation is
+  deterministic.  The state is an argument: one compile serves every evaluation.
 
   Args:
     mesh: device mesh (batch sharded, state replicated) or ``None``.
@@ -190,21 +204,27 @@ def make_eval_step(mesh: Mesh | None = None) -> CompiledStep:
     A :class:`CompiledStep`.
   """
 
-  def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array,
-                index: jax.Array):
-    nk, dk = jax.random.split(eval_key(state, index))
-    logits = state.apply_fn(state.variables, images, train=False,
-                            rngs={"noise": nk, "dropout": dk})
+  def eval_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array):
+    images, labels = batch
+    logits = bound_model(state)(images, key)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-            "count": jnp.sum(mask)}
+    return {"loss": losses.astype(jnp.float32), "correct": correct}
 
   kwargs: dict[str, Any] = {}
   if mesh is not None:
     rep, bat = _sharding.replicated(mesh), _sharding.batch_sharding(mesh)
-    kwargs.update(in_shardings=(rep, bat, bat, bat, rep), out_shardings=rep)
+    kwargs.update(in_shardings=(rep, (bat, bat), rep), out_shardings=bat)
   return CompiledStep(eval_step, **kwargs)
+
+
+def _dataset_arrays(dataset: Any) -> tuple[Any, Any]:
+  if hasattr(dataset, "images") and hasattr(dataset, "labels"):
+    return dataset.images, dataset.labels
+  if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
+    return dataset[0], dataset[1]
+  raise TypeError("dataset must be a jaxdefense.data.Dataset or an (images, labels) pair "
+                  f"of arrays; got {type(dataset).__name__}.")
 
 
 def evaluate(state: TrainState, dataset: Any, batch_size: int, *,
@@ -212,8 +232,11 @@ def evaluate(state: TrainState, dataset: Any, batch_size: int, *,
              ) -> dict[str, float]:
   """Clean loss and accuracy of ``state`` on a whole data set (evaluation mode).
 
-  Every example is seen exactly once, in stored order; the last batch is padded to
-  ``batch_size`` and masked.
+  Every example is seen exactly once, in stored order, through
+  ``jaxdefense.data.run_batches``: batches of ``batch_size`` examples (the last one
+  padded, and a data set smaller than ``batch_size`` too, so every call has the same
+  shape and one compile serves every split), sharded over ``mesh``; batch ``i`` draws
+  the model's noise from :func:`eval_key` ``(state, i)``.
 
   Args:
     state: a :class:`TrainState`.
@@ -226,28 +249,21 @@ def evaluate(state: TrainState, dataset: Any, batch_size: int, *,
     ``{"loss": mean cross-entropy, "accuracy": fraction correct, "count": N}``.
 
   Raises:
-    ValueError: ``batch_size`` not divisible by the device count, an empty data set.
+    ValueError: ``batch_size`` not divisible by the device count, an empty data set,
+      images and labels of different lengths.
+    TypeError: ``dataset`` of the wrong kind.
   """
   mesh = _sharding.make_mesh() if mesh is None else mesh
   _sharding.check_divisible(batch_size, mesh, "eval_batch_size")
   step = eval_step if eval_step is not None else make_eval_step(mesh)
-  sharding = _sharding.batch_sharding(mesh)
-  sums = []
-  for i, (x, y) in enumerate(_data.batches(dataset, batch_size, shuffle=False,
-                                           drop_remainder=False)):
-    n = y.shape[0]
-    mask = np.ones((batch_size,), np.float32)
-    if n < batch_size:
-      pad = batch_size - n
-      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-      y = np.concatenate([y, np.zeros((pad,), y.dtype)])
-      mask[n:] = 0.0
-    xb, yb, mb = _sharding.shard_batch((x, y, mask), sharding)
-    sums.append(step(state, xb, yb, mb, jnp.asarray(i, jnp.int32)))
-  if not sums:
+  images, labels = _dataset_arrays(dataset)
+  if np.shape(labels)[:1] == (0,):
     raise ValueError("cannot evaluate on an empty data set.")
-  total = jax.tree_util.tree_map(lambda *a: float(np.sum(np.asarray(a, np.float64))),
-                                 *jax.device_get(sums))
-  count = total["count"]
-  return {"loss": total["loss"] / count, "accuracy": total["correct"] / count,
-          "count": int(count)}
+  root = jax.random.fold_in(state.key, EVAL_STREAM)   # batch i: eval_key(state, i)
+  out = _data.run_batches(lambda batch, key: step(state, batch, key), (images, labels),
+                          batch_size=batch_size, key=root, mesh=mesh, jit=False,
+                          fixed_batch=True)
+  count = int(out["correct"].shape[0])
+  return {"loss": float(np.mean(out["loss"], dtype=np.float64)),
+          "accuracy": float(np.mean(out["correct"], dtype=np.float64)),
+          "count": count}

@@ -1,13 +1,24 @@
-"""``jaxdefense attack``: attack suite and corruptions on a saved run (thin wrapper)."""
+"""``jaxdefense attack --workdir DIR [--suite S] [--eps E] [--corruptions C,...]``.
+
+Attacks a saved run with an attack suite (and noise corruptions), prints the table and
+writes ``DIR/robustness.md`` and ``DIR/robustness.json`` (see
+:func:`jaxdefense.evaluation.evaluate_run`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from jaxdefense.cli import Command, parse_eps, register
+import jax
+
+from jaxdefense import evaluation
+from jaxdefense.commands._base import Command, parse_eps
+
+__all__ = ["COMMAND"]
 
 
-def _args(p: argparse.ArgumentParser) -> None:
+def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workdir", required=True, help="a training run's folder")
   p.add_argument("--which", choices=("latest", "best"), default="latest")
   p.add_argument("--suite", default="quick",
@@ -27,9 +38,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
-  import sys
-  import jax
-  from jaxdefense import evaluation
+  del overrides  # not accepted (config_overrides=False)
   corruptions = tuple(c.strip() for c in args.corruptions.split(",") if c.strip())
   report, diagnosis = evaluation.evaluate_run(
       args.workdir, key=jax.random.key(args.seed), which=args.which, suite=args.suite,
@@ -44,5 +53,6 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
   return 0
 
 
-register(Command("attack", "attack a saved run with an attack suite and noise corruptions",
-                 _args, _run))
+#: The ``attack`` subcommand.
+COMMAND = Command("attack", "attack a saved run with an attack suite and noise corruptions",
+                  _add_arguments, _run)

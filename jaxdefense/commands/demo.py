@@ -1,11 +1,13 @@
-"""The quick-start demo: a ResNet and an EnResNet on the bundled digits, trained,
-attacked with FGSM and PGD, and compared in one table.
+"""``jaxdefense demo [--quick] [--epochs N] [--workdir DIR]``: the quick-start demo.
 
-It sits above every subpackage (it trains with :mod:`jaxdefense.training` and attacks
-with :mod:`jaxdefense.evaluation`), like the command line that calls it."""
+A ResNet and an EnResNet on the bundled digits, trained, attacked with FGSM and PGD,
+and compared in one table.  It sits on the top floor with the rest of the command line
+(it trains with :mod:`jaxdefense.training` and attacks with :mod:`jaxdefense.evaluation`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
 import tempfile
@@ -14,11 +16,11 @@ from typing import Any, Sequence
 
 import jax
 
-from jaxdefense import evaluation, models
-from jaxdefense.configs import _loader
-from jaxdefense.training import METRICS_FILE, format_table, read_metrics, train_and_evaluate
+from jaxdefense import configs, evaluation, models, training
+from jaxdefense._table import format_table
+from jaxdefense.commands._base import Command
 
-__all__ = ["run_demo", "DEMO_VARIANTS", "DEMO_EPS", "DEMO_SUITE"]
+__all__ = ["run_demo", "DEMO_VARIANTS", "DEMO_EPS", "DEMO_SUITE", "COMMAND"]
 
 #: l-inf radius of the demo's attacks (digits have 17 grey levels, 1/16 apart).
 DEMO_EPS = 0.1
@@ -46,14 +48,19 @@ def run_demo(workdir: str | os.PathLike | None = None, *, quick: bool = False,
   Args:
     workdir: folder for the two runs (``euler/``, ``euler_maruyama/``); a temporary
       folder, deleted at the end, by default.  Existing runs there are resumed.
-    quick: train for one epoch only (a smoke test; accuracies are low).
-    epochs: override the number of epochs.
-    overrides: more ``key=value`` config overrides for both runs.
-    verbose: print each run's table and the comparison.
+    quick: train for one epoch only (a smoke test; accuracies are low).  Default False.
+    epochs: override the number of epochs (default: the ``demo`` config's; wins over
+      ``quick``).
+    overrides: more ``key=value`` config overrides for both runs (default none).
+    verbose: print each run's table and the comparison (default True).
 
   Returns:
     One row per network: ``{"model", "params", "epochs", "test accuracy", "fgsm",
     "pgd-10", "seconds"}`` (accuracies as fractions; attacks at ``DEMO_EPS``).
+
+  Raises:
+    ValueError: a bad override or ``epochs`` (from the config validation), and the
+      errors of training and evaluation.
   """
   rows = []
   with tempfile.TemporaryDirectory(prefix="jaxdefense_demo_") as tmp:
@@ -64,14 +71,15 @@ def run_demo(workdir: str | os.PathLike | None = None, *, quick: bool = False,
         extra["epochs"] = 1
       if epochs is not None:
         extra["epochs"] = int(epochs)
-      config = _loader.get("demo", [*overrides, *(f"{k}={v}" for k, v in extra.items())])
+      config = configs.get("demo", [*overrides, *(f"{k}={v}" for k, v in extra.items())])
       if verbose:
         print(f"\n== {label}: {config.model.name}, {config.epochs} epochs on "
               f"{config.dataset} ==", flush=True)
       run_dir = root / config.model.step.name
       t0 = time.time()
-      state = train_and_evaluate(config, run_dir, verbose=verbose)
-      final = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("kind") == "final"]
+      state = training.train_and_evaluate(config, run_dir, verbose=verbose)
+      final = [r for r in training.read_metrics(run_dir / training.METRICS_FILE)
+               if r.get("kind") == "final"]
       report, _ = evaluation.evaluate_run(run_dir, key=jax.random.key(0), suite=DEMO_SUITE,
                                           eps=DEMO_EPS, num_examples=None, progress=False)
       fgsm, pgd = report.attacks.values()
@@ -90,3 +98,20 @@ def run_demo(workdir: str | os.PathLike | None = None, *, quick: bool = False,
                        formats={"seconds": "{:.1f}"}),
           flush=True)
   return rows
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--quick", action="store_true", help="one epoch only (smoke test)")
+  p.add_argument("--epochs", type=int, default=None, help="epochs per network")
+  p.add_argument("--workdir", default=None,
+                 help="keep the runs here (default: a temporary folder)")
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+  run_demo(args.workdir, quick=args.quick, epochs=args.epochs, overrides=overrides)
+  return 0
+
+
+#: The ``demo`` subcommand.
+COMMAND = Command("demo", "train a ResNet and an EnResNet on digits, attack both, compare them",
+                  _add_arguments, _run, config_overrides=True)

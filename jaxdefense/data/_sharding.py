@@ -26,12 +26,34 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  """The sharding that keeps a full copy on every device of ``mesh``."""
+  """The sharding that keeps a full copy on every device of ``mesh``.
+
+  For parameters and optimizer state: ``jax.device_put(tree, replicated(mesh))``.
+
+  Args:
+    mesh: a ``jax.sharding.Mesh``, e.g. from :func:`make_mesh`.
+
+  Returns:
+    ``NamedSharding(mesh, PartitionSpec())`` (no axis partitioned), for arrays of any
+    shape.
+  """
   return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """The sharding that splits the leading (batch) axis over ``mesh``."""
+  """The sharding that splits the leading (batch) axis over ``mesh``.
+
+  An array ``[B, ...]`` placed with it holds ``B / mesh.size`` rows on each device
+  (see :func:`shard_batch`); the other axes are not split.
+
+  Args:
+    mesh: a mesh with the axis ``DATA_AXIS`` (``"data"``), e.g. from :func:`make_mesh`.
+
+  Returns:
+    ``NamedSharding(mesh, PartitionSpec("data"))``.  ``B`` must be divisible by the
+    number of devices when arrays are placed with it (see ``check_divisible``); the
+    sharding itself does not check.
+  """
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 

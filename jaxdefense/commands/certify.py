@@ -1,10 +1,9 @@
-"""``jaxdefense certify``: standard, PGD and certified accuracy of a saved run (thin).
+"""``jaxdefense certify --workdir DIR --eps 0.1 --domain box|zonotope|deepz[,...]``.
 
-  jaxdefense certify --workdir DIR --eps 0.1 --domain box|zonotope|deepz[,...]
-
-Restores the run's checkpoint, rebuilds its model from the stored config, and calls
-:func:`jaxdefense.certify.report` on the first ``--num_examples`` test images; prints a
-table and writes ``DIR/certify.json``.
+Standard, PGD and certified accuracy of a saved run: restores the run's checkpoint,
+rebuilds its model from the stored config, and calls :func:`jaxdefense.certify.report`
+on the first ``--num_examples`` test images; prints a table and writes
+``DIR/certify.json``.
 """
 
 from __future__ import annotations
@@ -13,10 +12,15 @@ import argparse
 import json
 import os
 
-from jaxdefense.cli import Command, parse_eps, register
+import jax
+
+from jaxdefense import certify, data, training
+from jaxdefense.commands._base import Command, parse_eps
+
+__all__ = ["COMMAND"]
 
 
-def _args(p: argparse.ArgumentParser) -> None:
+def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workdir", required=True, help="a training run's folder")
   p.add_argument("--which", choices=("latest", "best"), default="latest")
   p.add_argument("--eps", type=parse_eps, default=0.1,
@@ -38,10 +42,11 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
-  del overrides
-  import jax  # pylint: disable=import-outside-toplevel
-  from jaxdefense import certify, data, training  # pylint: disable=import-outside-toplevel
+  del overrides  # not accepted (config_overrides=False)
   domains = tuple(d.strip() for d in args.domain.split(",") if d.strip())
+  if not domains:
+    raise ValueError(f"--domain must name at least one of {list(certify.DOMAINS)}; "
+                     f"got {args.domain!r}.")
   for d in domains:
     if d not in certify.DOMAINS:
       raise ValueError(f"--domain must list names from {list(certify.DOMAINS)}; got {d!r}.")
@@ -84,5 +89,6 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
   return 0
 
 
-register(Command("certify", "standard, PGD and certified accuracy of a saved run "
-                 "(box / hybrid zonotope / DeepZ)", _args, _run))
+#: The ``certify`` subcommand.
+COMMAND = Command("certify", "standard, PGD and certified accuracy of a saved run "
+                  "(box / hybrid zonotope / DeepZ)", _add_arguments, _run)

@@ -1,0 +1,226 @@
+"""The experiment runner (``jaxdefense.evaluation.Study``) and its statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jaxdefense import evaluation
+from jaxdefense.evaluation import Cell, Study, _stats, _study
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A study spec in a file (so that one-cell-per-process and `jaxdefense report` can load it).
+SPEC = '''
+import json, os
+from jaxdefense.evaluation import Cell, Study
+
+def run(ctx):
+  calls = os.path.join(ctx.runs_dir, "calls.jsonl")
+  with open(calls, "a") as f:
+    f.write(json.dumps([ctx.cell.name, ctx.seed]) + "\\n")
+  if os.environ.get("FAIL_CELL") == ctx.cell.name:
+    raise RuntimeError("killed mid-way")
+  acc = {"a": 0.60, "b": 0.70}[ctx.cell.name] + 0.01 * ctx.seed
+  return {"accuracy": acc, "n": 1000, "lr": ctx.config.optimizer.learning_rate,
+          "timings": {"train_s": 1.0}}
+
+def combine(ctx):
+  return {"sum": ctx.results.metrics("a", ctx.seed)["accuracy"]
+          + ctx.results.metrics("b", ctx.seed)["accuracy"]}
+
+STUDY = Study("fake", "demo", [
+    Cell("a", {"optimizer.learning_rate": 0.01}),
+    Cell("b", {"optimizer.learning_rate": 0.02}),
+    Cell("both", needs=("a", "b"), run=combine)],
+  seeds=(0, 1, 2), run=run, spec=__file__, root=os.path.dirname(__file__),
+  results_dir=os.environ.get("RESULTS"), runs_dir=os.environ.get("RUNS"))
+'''
+
+
+@pytest.fixture
+def spec(tmp_path, monkeypatch):
+  path = tmp_path / "spec.py"
+  path.write_text(SPEC)
+  monkeypatch.setenv("RESULTS", str(tmp_path / "results"))
+  monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+  (tmp_path / "runs").mkdir()
+  (tmp_path / ".git").mkdir()  # marks the repository root that relative spec paths use
+  res = _study.Results(str(tmp_path / "results" / "results.json"),
+                       {"study": {"spec": str(path), "object": "STUDY"}})
+  return _study.load_study(res), tmp_path
+
+
+def _calls(tmp_path):
+  p = tmp_path / "runs" / "calls.jsonl"
+  return [tuple(json.loads(x)) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_resumes_a_half_done_study_and_skips_finished_cells(spec, monkeypatch):
+  study, tmp = spec
+  monkeypatch.setenv("FAIL_CELL", "b")
+  with pytest.raises(RuntimeError, match="killed mid-way"):
+    evaluation.run_study(study, log=lambda m: None)
+  res = evaluation.load_results(tmp / "results")
+  assert [(r["cell"], r["seed"], r["status"]) for r in res.records] == [
+      ("a", 0, "done"), ("a", 1, "done"), ("a", 2, "done"), ("b", 0, "failed")]
+  assert "killed mid-way" in res.record("b", 0)["error"]
+  monkeypatch.delenv("FAIL_CELL")
+  res = evaluation.run_study(study, log=lambda m: None)
+  # the three finished cells were not run again; b seed 0 was retried
+  assert _calls(tmp) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 0), ("b", 1), ("b", 2)]
+  assert all(r["status"] == "done" for r in res.records) and len(res.records) == 9
+  assert res.record("b", 0)["attempts"] == 2
+  assert res.metrics("both", 1)["sum"] == pytest.approx(0.61 + 0.71)
+  evaluation.run_study(study, log=lambda m: None)  # nothing left to do
+  assert len(_calls(tmp)) == 7
+  # recorded provenance: commit, the command, the resolved config, metrics, timings
+  r = res.record("a", 1)
+  assert r["command"].endswith("--cell a --seed 1 --force") and "spec.py" in r["command"]
+  assert r["config"]["seed"] == 1 and r["config"]["optimizer"]["learning_rate"] == 0.01
+  assert r["metrics"]["lr"] == 0.01 and "timings" not in r["metrics"]
+  assert r["timings"]["train_s"] == 1.0 and r["timings"]["wall_s"] >= 0
+  assert r["machine"]["backend"] == "cpu" and r["machine"]["devices"]
+  assert set(r) >= {"commit", "dirty", "argv", "started", "finished", "workdir"}
+
+
+def test_recorded_commit_is_the_checkout_head():
+  info = _study.git_info(ROOT)
+  if info["commit"] is None:
+    pytest.skip("not a git checkout")
+  head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                        text=True).stdout.strip()
+  assert info["commit"] == head and isinstance(info["dirty"], bool)
+
+
+def test_one_cell_per_process_writes_the_same_results(spec, tmp_path):
+  study, tmp = spec
+  env = {**os.environ, "RESULTS": str(tmp / "results"), "RUNS": str(tmp / "runs"),
+         "JAX_PLATFORMS": "cpu"}
+  code = ("import importlib.util, sys; from jaxdefense.evaluation import study_main; "
+          "s = importlib.util.spec_from_file_location('spec', sys.argv[1]); "
+          "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+          "sys.exit(study_main(m.STUDY, sys.argv[2:]))")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp / "spec.py"), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for args in (["--index", "4"], ["--cell", "a", "--seed", "2"])]
+  for p in procs:  # two cells at once, as a job array would run them
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err.decode()[-2000:]
+  # the rest in this process: the two recorded cells are skipped
+  evaluation.run_study(study, log=lambda m: None)
+  assert sorted(_calls(tmp)) == sorted((c, s) for c in "ab" for s in (0, 1, 2))
+  many = evaluation.load_results(tmp / "results")
+  one = evaluation.run_study(study, results_dir=tmp_path / "serial", log=lambda m: None)
+  key = lambda res: sorted((r["cell"], r["seed"], json.dumps(r["metrics"], sort_keys=True),
+                            json.dumps(r["config"], sort_keys=True), r["command"])
+                           for r in res.records)
+  assert key(many) == key(one)
+  assert [r["cell"] for r in many.records][:3] == ["a", "a", "a"]  # grid order kept
+  assert "--index 4" in many.record("b", 1)["argv"]
+  assert many.record("a", 2)["argv"].endswith("--cell a --seed 2")
+
+
+def test_needs_not_done_is_a_clear_error(spec):
+  study, tmp = spec
+  with pytest.raises(ValueError, match=r"needs \['a', 'b'\] done first"):
+    evaluation.run_study(study, cells=["both"], log=lambda m: None)
+  with pytest.raises(ValueError, match=r"index must be an integer in \[0, 8\]"):
+    evaluation.run_study(study, index=9, log=lambda m: None)
+  with pytest.raises(ValueError, match="unknown cell 'c'"):
+    evaluation.run_study(study, cells=["c"], log=lambda m: None)
+  with pytest.raises(ValueError, match="needs 'x', which is not a cell listed before"):
+    Study("s", "demo", [Cell("a", needs=("x",))], run=lambda c: {})
+
+
+def test_standard_errors():
+  assert _stats.binomial_se(0.68, 250) == pytest.approx(math.sqrt(0.68 * 0.32 / 250))
+  e = evaluation.estimate([0.60, 0.62, 0.67])
+  mean = (0.60 + 0.62 + 0.67) / 3
+  sd = math.sqrt(sum((v - mean) ** 2 for v in (0.60, 0.62, 0.67)) / 2)
+  assert e.kind == "seeds" and e.mean == pytest.approx(mean)
+  assert e.se == pytest.approx(sd / math.sqrt(3))
+  one = evaluation.estimate(0.8, n=100)
+  assert one.kind == "binomial" and one.se == pytest.approx(0.04)
+  assert one.format() == "80.0 ± 4.0"
+  with pytest.raises(ValueError, match="p must be a fraction"):
+    _stats.binomial_se(1.2, 10)
+  with pytest.raises(ValueError, match="n must be a positive integer"):
+    _stats.binomial_se(0.5, 0)
+
+
+def test_two_proportion_z_against_a_hand_computation():
+  # 60 % vs 50 % on 200 images each: pooled q = 0.55,
+  # se = sqrt(0.55 * 0.45 * (2 / 200)) = 0.0497494; z = 0.1 / se = 2.010076;
+  # two-sided p = 2 (1 - Phi(2.010076)) = 0.044418 (normal table: Phi(2.01) = 0.97778).
+  z, p = evaluation.two_proportion_z(0.6, 200, 0.5, 200)
+  assert z == pytest.approx(2.010076, abs=1e-5)
+  assert p == pytest.approx(0.044418, abs=2e-5)
+  c = evaluation.compare(0.6, 0.5, ">", n=200)
+  assert c.verdict == "held" and "z-test" in c.test
+  assert evaluation.compare(0.6, 0.5, "<", n=200).verdict == "did not hold"
+  assert evaluation.compare(0.55, 0.5, ">", n=200).verdict == "inconclusive"
+  with pytest.raises(ValueError, match="needs n"):
+    evaluation.compare(0.6, 0.5)
+
+
+def test_welch_t_against_a_hand_computation():
+  # a = 1, 2, 3 (mean 2, s^2 = 1); b = 4, 6, 8 (mean 6, s^2 = 4):
+  # se^2 = 1/3 + 4/3 = 5/3; t = -4 / sqrt(5/3) = -3.098387;
+  # df = (5/3)^2 / ((1/3)^2 / 2 + (4/3)^2 / 2) = 2.941176; p = 0.05484 (t table).
+  t, df, p = evaluation.welch_t([1, 2, 3], [4, 6, 8])
+  assert t == pytest.approx(-3.098387, abs=1e-5) and df == pytest.approx(2.941176, abs=1e-5)
+  assert p == pytest.approx(0.0548, abs=5e-4)
+  c = evaluation.compare([0.70, 0.71, 0.72], [0.60, 0.62, 0.61], ">")
+  assert c.verdict == "held" and "Welch" in c.test
+  assert evaluation.compare([1, 2, 3], [4, 6, 8], "<").verdict == "inconclusive"
+  with pytest.raises(ValueError, match="one value on one side"):
+    evaluation.compare([0.7], [0.6, 0.61], n=100)
+
+
+def test_report_renders_with_tables_and_rebuild_command(spec):
+  study, tmp = spec
+  evaluation.run_study(study, log=lambda m: None)
+  path = evaluation.render_report(tmp / "results")
+  text = open(path).read()
+  assert "python -m jaxdefense report" in text
+  assert "| `a` | 3 |" in text and "## Provenance" in text
+  assert "two-proportion z-test" in text and "Welch" in text
+  assert text.count("--force`") == 9
+  from jaxdefense.commands import report
+  import argparse
+  p = argparse.ArgumentParser()
+  report.COMMAND.add_arguments(p)
+  os.remove(path)
+  assert report.COMMAND.run(p.parse_args([str(tmp / "results")]), []) == 0
+  assert os.path.exists(path)
+
+
+def test_end_to_end_tiny_training_study(tmp_path, tiny_overrides):
+  """Two real `train_and_evaluate` cells; the second run of the study skips both."""
+  import jaxdefense as jd
+  tiny = jd.configs.get("demo", [*tiny_overrides, "epochs=1", "model.hidden=(16,)"])
+
+  def run(ctx):
+    jd.training.train_and_evaluate(ctx.config, ctx.workdir, verbose=False)
+    state, _ = jd.training.restore(ctx.workdir)
+    return {"step": int(state.step)}
+
+  base = lambda overrides: jd.configs.override(tiny, overrides)
+  study = Study("tiny", base, {"lr1": {"optimizer.learning_rate": 0.05},
+                               "lr2": {"optimizer.learning_rate": 0.1}},
+                run=run, results_dir=tmp_path / "res", runs_dir=tmp_path / "runs",
+                root=tmp_path)
+  res = evaluation.run_study(study, log=lambda m: None)
+  assert [r["status"] for r in res.records] == ["done", "done"]
+  assert res.metrics("lr1")["step"] > 0
+  assert os.path.exists(tmp_path / "runs" / "lr2" / "seed0" / "metrics.jsonl")
+  seen = []
+  evaluation.run_study(study, log=seen.append)
+  assert seen == ["== lr1 seed 0: done, skipped", "== lr2 seed 0: done, skipped"]
