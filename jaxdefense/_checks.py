@@ -13,7 +13,7 @@ This module is a leaf: it imports nothing from the package, so every layer
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -156,4 +156,18 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
   """Check that ``value`` is one of ``choices``."""
   if value not in tuple(choices):
     raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}.")
+  return value
+
+
+def plain_value(value: Any) -> Any:
+  """A config value as plain, hashable Python: ConfigDicts (anything with ``to_dict``)
+  and mappings become dicts, lists and tuples become tuples, recursively; other values
+  are returned as they are.  Used where config groups become module fields or step
+  rules (flax fields must be hashable)."""
+  if hasattr(value, "to_dict") and callable(value.to_dict):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {k: plain_value(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(plain_value(v) for v in value)
   return value

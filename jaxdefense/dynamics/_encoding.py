@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 from typing import Any, Mapping
 
+from jaxdefense._checks import plain_value
 from jaxdefense.dynamics._steps import Damped, Euler, EulerMaruyama
 
 __all__ = ["STEP_RULES", "step_name", "step_to_dict", "step_from_dict"]
@@ -21,16 +22,6 @@ STEP_RULES: dict[str, type] = {
     "euler_maruyama": EulerMaruyama,
     "damped": Damped,
 }
-
-
-def _plain(value: Any) -> Any:
-  if hasattr(value, "to_dict") and callable(value.to_dict):
-    value = value.to_dict()
-  if isinstance(value, Mapping):
-    return {k: _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return tuple(_plain(v) for v in value)
-  return value
 
 
 def _fields(cls: type) -> dict[str, Any]:
@@ -86,7 +77,7 @@ def step_from_dict(spec: Mapping[str, Any] | Any, base: Any = None) -> Any:
       the rule does not have, or a bad field value (the rule's own checks).
     TypeError: ``spec`` is not a mapping.
   """
-  spec = _plain(spec)
+  spec = plain_value(spec)
   if spec is None:
     spec = {}
   if not isinstance(spec, Mapping):
@@ -113,7 +104,7 @@ def step_from_dict(spec: Mapping[str, Any] | Any, base: Any = None) -> Any:
       values[key] = value
       continue
     owners = [n for n, c in STEP_RULES.items() if key in _fields(c)]
-    if owners and all(_plain(_fields(STEP_RULES[o])[key]) == value for o in owners):
+    if owners and all(plain_value(_fields(STEP_RULES[o])[key]) == value for o in owners):
       continue  # another rule's field at its default (an older, complete config)
     where = f" (a field of {', '.join(owners)})" if owners else ""
     raise ValueError(f"model.step field {key!r}{where} does not apply to step {name!r}, "

@@ -17,17 +17,6 @@ from jaxdefense import models
 __all__ = ["build_step", "build_model", "build_objective", "build_schedule",
            "build_optimizer"]
 
-def _plain(value: Any) -> Any:
-  """ConfigDict / list values as hashable Python values (dicts, tuples)."""
-  if isinstance(value, ml_collections.ConfigDict):
-    value = value.to_dict()
-  if isinstance(value, Mapping):
-    return {k: _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return tuple(_plain(v) for v in value)
-  return value
-
-
 def build_step(spec: Mapping[str, Any] | ml_collections.ConfigDict, base: Any = None) -> Any:
   """A residual step rule from a config spec ``{"name": ..., **fields}``.
 
@@ -37,7 +26,7 @@ def build_step(spec: Mapping[str, Any] | ml_collections.ConfigDict, base: Any = 
   Raises:
     ValueError: unknown rule name or a field the rule does not take.
   """
-  return dynamics.step_from_dict(_plain(spec), base=base)
+  return dynamics.step_from_dict(spec, base=base)
 
 
 def _step_given(spec: Mapping[str, Any]) -> bool:
@@ -67,7 +56,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
       ``model.num_classes`` that differs from the data set's, a bad ensemble size, or
       ``ensemble.size > 1`` on a preset that is already an ensemble.
   """
-  spec = _plain(config.model)
+  spec = _checks.plain_value(config.model)
   name = spec.pop("name")
   normalize = spec.pop("normalize", False)
   step_spec = dict(spec.pop("step", None) or {})
