@@ -139,6 +139,44 @@ def test_needs_not_done_is_a_clear_error(spec):
     Study("s", "demo", [Cell("a", needs=("x",))], run=lambda c: {})
 
 
+def test_per_cell_seeds_and_needs_over_all_seeds(tmp_path):
+  """A cell may run fewer seeds than the study; an ensemble-like cell waits for every
+  seed of the cells it needs."""
+  calls = []
+
+  def run(ctx):
+    calls.append((ctx.cell.name, ctx.seed))
+    return {"accuracy": 0.5 + 0.01 * ctx.seed, "n": 100}
+
+  def combine(ctx):
+    calls.append((ctx.cell.name, ctx.seed))
+    vals = [ctx.results.metrics("a", s)["accuracy"] for s in ctx.study.seeds_of("a")]
+    return {"mean": sum(vals) / len(vals)}
+
+  (tmp_path / ".git").mkdir()
+  study = Study("seeds", "demo", [
+      Cell("a"), Cell("b", seeds=(0, 1)),
+      Cell("ens", needs=("a",), needs_all_seeds=True, run=combine, seeds=(0,))],
+      seeds=(0, 1, 2), run=run, root=tmp_path, results_dir=tmp_path / "results",
+      runs_dir=tmp_path / "runs")
+  assert [(c.name, s) for c, s in study.grid()] == [
+      ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("ens", 0)]
+  assert study.describe()["cells"]["b"]["seeds"] == [0, 1]
+  with pytest.raises(ValueError, match=r"needs \['a seed 0', 'a seed 1', 'a seed 2'\]"):
+    evaluation.run_study(study, cells=["ens"], log=lambda m: None)
+  evaluation.run_study(study, cells=["a"], seeds=[0, 1], log=lambda m: None)
+  with pytest.raises(ValueError, match=r"needs \['a seed 2'\] done first.*--seed 2"):
+    evaluation.run_study(study, cells=["ens"], log=lambda m: None)
+  res = evaluation.run_study(study, log=lambda m: None)
+  assert calls == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("ens", 0)]
+  assert res.metrics("ens", 0)["mean"] == pytest.approx(0.51)
+  assert res.seeds("b") == [0, 1]
+  for bad, err in (((), ValueError), ((1, 1), ValueError), (("0",), TypeError),
+                   (3, TypeError)):
+    with pytest.raises(err, match="Cell 'x': seeds"):
+      Cell("x", seeds=bad)
+
+
 def test_standard_errors():
   assert _stats.binomial_se(0.68, 250) == pytest.approx(math.sqrt(0.68 * 0.32 / 250))
   e = evaluation.estimate([0.60, 0.62, 0.67])

@@ -59,6 +59,21 @@ STATUSES = ("running", "done", "failed")
 
 
 # ------------------------------------------------------------------ the spec
+def _check_seeds(seeds: Any, owner: str) -> tuple[int, ...]:
+  """``seeds`` as a non-empty tuple of distinct ints; ValueError/TypeError naming ``owner``."""
+  if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+    raise TypeError(f"{owner}: seeds must be a sequence of integers; got {seeds!r}.")
+  seeds = tuple(seeds)
+  if not seeds:
+    raise ValueError(f"{owner}: seeds must not be empty.")
+  for s in seeds:
+    if isinstance(s, bool) or not isinstance(s, int):
+      raise TypeError(f"{owner}: seeds must be integers; got {s!r}.")
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f"{owner}: seeds must be distinct; got {seeds}.")
+  return seeds
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
   """One named configuration of a study (run once per seed).
@@ -69,13 +84,19 @@ class Cell:
       config (default none).
     needs: names of cells that must be done (for the same seed) before this one runs,
       e.g. an attack transferred between two trained cells (default none).
+    needs_all_seeds: the cells in ``needs`` must be done for EVERY one of their seeds
+      (not only this cell's seed), e.g. an ensemble over independently trained runs
+      (default ``False``).
     run: this cell's own function ``fn(ctx) -> metrics`` (default: the study's).
     description: a human label for tables (default: the name).
     info: free study-specific data for the cell functions and the report.
+    seeds: the seeds this cell runs with (default ``None``: the study's seeds), e.g.
+      fewer seeds for secondary variants, or one seed for a cell that combines runs.
 
   Raises:
     ValueError / TypeError: a bad name, overrides that are not a mapping with string
-      keys, or a ``run`` that is not callable.
+      keys, a ``run`` that is not callable, or bad ``seeds`` (empty, duplicates,
+      non-integers).
   """
   name: str
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -83,6 +104,8 @@ class Cell:
   run: Callable[["CellContext"], Mapping[str, Any]] | None = None
   description: str = ""
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  seeds: tuple[int, ...] | None = None
+  needs_all_seeds: bool = False
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name or any(
@@ -96,6 +119,8 @@ class Cell:
     object.__setattr__(self, "needs", tuple(self.needs))
     if self.run is not None and not callable(self.run):
       raise TypeError(f"Cell {self.name!r}: run must be callable; got {self.run!r}.")
+    if self.seeds is not None:
+      object.__setattr__(self, "seeds", _check_seeds(self.seeds, f"Cell {self.name!r}"))
 
   @property
   def label(self) -> str:
@@ -195,14 +220,7 @@ class Study:
           raise ValueError(f"Study {name!r}: cell {c.name!r} needs {n!r}, which is not a "
                            "cell listed before it.")
       seen.add(c.name)
-    seeds = tuple(seeds)
-    if not seeds:
-      raise ValueError(f"Study {name!r}: seeds must not be empty.")
-    for s in seeds:
-      if isinstance(s, bool) or not isinstance(s, int):
-        raise TypeError(f"Study {name!r}: seeds must be integers; got {s!r}.")
-    if len(set(seeds)) != len(seeds):
-      raise ValueError(f"Study {name!r}: duplicate seeds in {seeds}.")
+    seeds = _check_seeds(seeds, f"Study {name!r}")
     for label, fn in (("run", run), ("report", report)):
       if fn is not None and not callable(fn):
         raise TypeError(f"Study {name!r}: {label} must be callable; got {fn!r}.")
@@ -232,9 +250,25 @@ class Study:
     raise ValueError(f"Study {self.name!r}: unknown cell {name!r}; expected one of "
                      f"{', '.join(c.name for c in self.cells)}.")
 
+  def seeds_of(self, cell: Cell | str) -> tuple[int, ...]:
+    """The seeds ``cell`` runs with: its own ``seeds``, else the study's."""
+    c = cell if isinstance(cell, Cell) else self.cell(cell)
+    return c.seeds if c.seeds is not None else self.seeds
+
+  def all_seeds(self) -> tuple[int, ...]:
+    """Every seed of the grid, sorted."""
+    return tuple(sorted({s for c in self.cells for s in self.seeds_of(c)}))
+
   def grid(self) -> list[tuple[Cell, int]]:
-    """Every ``(cell, seed)`` in run order: cells in order, each with every seed."""
-    return [(c, s) for c in self.cells for s in self.seeds]
+    """Every ``(cell, seed)`` in run order: cells in order, each with its seeds."""
+    return [(c, s) for c in self.cells for s in self.seeds_of(c)]
+
+  def missing_needs(self, res: "Results", cell: Cell, seed: int) -> list[str]:
+    """``needs`` of ``cell`` at ``seed`` not done yet (``name`` or ``name seed S``)."""
+    if not cell.needs_all_seeds:
+      return [n for n in cell.needs if not res.done(n, seed)]
+    return [f"{n} seed {s}" for n in cell.needs for s in self.seeds_of(n)
+            if not res.done(n, s)]
 
   def at_index(self, index: int) -> tuple[Cell, int]:
     """The ``index``-th entry of :meth:`grid` (a job array's task id); ValueError if out
@@ -242,7 +276,7 @@ class Study:
     grid = self.grid()
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(grid):
       raise ValueError(f"index must be an integer in [0, {len(grid) - 1}] for study "
-                       f"{self.name!r} ({len(self.cells)} cells x {len(self.seeds)} seeds); "
+                       f"{self.name!r} ({len(grid)} (cell, seed) pairs); "
                        f"got {index!r}.")
     return grid[index]
 
@@ -281,7 +315,9 @@ class Study:
             "base": os.fspath(base) if isinstance(base, os.PathLike) else base,
             "seeds": list(self.seeds),
             "cells": {c.name: {"overrides": _jsonable(dict(c.overrides)),
-                               "needs": list(c.needs), "description": c.label}
+                               "needs": list(c.needs), "description": c.label,
+                               **({"seeds": list(c.seeds)} if c.seeds is not None else {}),
+                               **({"needs_all_seeds": True} if c.needs_all_seeds else {})}
                       for c in self.cells}}
 
 
@@ -584,10 +620,10 @@ def run_study(study: Study, *, cells: Sequence[str] | None = None,
   else:
     chosen = [study.cell(n) for n in cells] if cells is not None else study.cells
     for s in seeds or ():
-      if s not in study.seeds:
+      if s not in study.all_seeds():
         raise ValueError(f"seed {s!r} is not one of study {study.name!r}'s seeds "
-                         f"{list(study.seeds)}.")
-    use_seeds = tuple(seeds) if seeds is not None else study.seeds
+                         f"{list(study.all_seeds())}.")
+    use_seeds = tuple(seeds) if seeds is not None else study.all_seeds()
     names = {c.name for c in chosen}
     todo = [(c, s) for c, s in study.grid() if c.name in names and s in use_seeds]
   explicit = index is not None or cells is not None
@@ -601,10 +637,11 @@ def run_study(study: Study, *, cells: Sequence[str] | None = None,
     if res.done(cell.name, seed) and not force:
       log(f"== {cell.name} seed {seed}: done, skipped")
       continue
-    missing = [n for n in cell.needs if not res.done(n, seed)]
+    missing = study.missing_needs(res, cell, seed)
     if missing:
+      first, _, first_seed = missing[0].partition(" seed ")
       msg = (f"cell {cell.name!r} (seed {seed}) needs {missing} done first; run them "
-             f"(e.g. {study.command(missing[0], seed)}).")
+             f"(e.g. {study.command(first, int(first_seed) if first_seed else seed)}).")
       if explicit or not keep_going:
         raise ValueError(msg)
       log("== " + msg)
