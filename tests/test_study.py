@@ -171,6 +171,8 @@ def test_per_cell_seeds_and_needs_over_all_seeds(tmp_path):
   assert calls == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("ens", 0)]
   assert res.metrics("ens", 0)["mean"] == pytest.approx(0.51)
   assert res.seeds("b") == [0, 1]
+  assert res.compare(("b", "accuracy"), ("a", "accuracy"), n="n").a.k == 2
+  assert res.compare(("b", "accuracy"), ("a", "accuracy"), n="n", common_seeds=False).b.k == 3
   for bad, err in (((), ValueError), ((1, 1), ValueError), (("0",), TypeError),
                    (3, TypeError)):
     with pytest.raises(err, match="Cell 'x': seeds"):
@@ -218,8 +220,15 @@ def test_welch_t_against_a_hand_computation():
   c = evaluation.compare([0.70, 0.71, 0.72], [0.60, 0.62, 0.61], ">")
   assert c.verdict == "held" and "Welch" in c.test
   assert evaluation.compare([1, 2, 3], [4, 6, 8], "<").verdict == "inconclusive"
-  with pytest.raises(ValueError, match="one value on one side"):
-    evaluation.compare([0.7], [0.6, 0.61], n=100)
+  # one value on n images against a mean over seeds: z = (0.7 - 0.6) / sqrt(0.21/1000 +
+  # se_b^2) with se_b = std(0.58, 0.60, 0.62) / sqrt(3) = 0.011547: z = 5.49, p < 1e-6
+  c = evaluation.compare([0.7], [0.58, 0.60, 0.62], ">", n=1000)
+  assert c.verdict == "held" and "one value" in c.test
+  assert c.statistic == pytest.approx(0.1 / math.sqrt(0.21 / 1000 + 0.011547 ** 2), rel=1e-4)
+  assert evaluation.compare([0.58, 0.60, 0.62], 0.7, ">", n=1000).verdict == "did not hold"
+  assert evaluation.compare(0.61, [0.58, 0.60, 0.62], ">", n=1000).verdict == "inconclusive"
+  with pytest.raises(ValueError, match="needs n"):
+    evaluation.compare([0.7], [0.6, 0.61])
 
 
 def test_report_renders_with_tables_and_rebuild_command(spec):

@@ -244,7 +244,10 @@ def compare(a: Sequence[float] | float, b: Sequence[float] | float, relation: st
   With one value per side the values are accuracies on ``n`` (and ``n_b``, default
   ``n``) test images, compared by :func:`two_proportion_z` (``a`` shifted by
   ``-margin``, clipped to [0, 1]); with two or more values per side, by
-  :func:`welch_t` on ``a - margin`` and ``b``.
+  :func:`welch_t` on ``a - margin`` and ``b``; with one value on one side and several
+  on the other (e.g. an ensemble against its members), by a normal test on
+  ``(a - margin - b) / sqrt(se_a^2 + se_b^2)``, the single value's binomial error on its
+  ``n`` images and the other side's standard error over seeds.
 
   Args:
     a, b: a value or one value per seed.
@@ -257,8 +260,7 @@ def compare(a: Sequence[float] | float, b: Sequence[float] | float, relation: st
     A :class:`Comparison`.
 
   Raises:
-    ValueError: a bad ``relation`` or ``alpha``; one value per side without ``n``;
-      one value on one side and several on the other.
+    ValueError: a bad ``relation`` or ``alpha``; a single value without ``n``.
   """
   if relation not in (">", "<"):
     raise ValueError(f"relation must be '>' or '<', got {relation!r}.")
@@ -280,8 +282,20 @@ def compare(a: Sequence[float] | float, b: Sequence[float] | float, relation: st
     stat, _, p = welch_t([v - margin for v in av], bv)
     test = "two-sided Welch t-test over seeds"
   else:
-    raise ValueError(f"compare: one value on one side and several on the other "
-                     f"({len(av)} vs {len(bv)}); give both sides the same seeds.")
+    # one measured value (binomial error on its test images) against a mean over
+    # seeds (standard error over seeds): a normal test on the difference
+    one_n = n if single(av) else (n_b if n_b is not None else n)
+    if one_n is None:
+      raise ValueError(f"compare: one value against several ({len(av)} vs {len(bv)}) "
+                       "needs n, the number of test images of the single value.")
+    ea = estimate(av, one_n if single(av) else None)
+    eb = estimate(bv, one_n if single(bv) else None)
+    se = math.sqrt(ea.se ** 2 + eb.se ** 2)
+    stat = (ea.mean - margin - eb.mean) / se if se > 0 else math.copysign(
+        math.inf, ea.mean - margin - eb.mean) if ea.mean - margin != eb.mean else 0.0
+    p = _normal_two_sided(stat) if math.isfinite(stat) else (0.0 if stat else 1.0)
+    test = ("two-sided z-test of one value (binomial error) against a mean over seeds "
+            "(standard error over seeds)")
   diff = ea.mean - eb.mean - margin
   if p < alpha and diff != 0.0:
     verdict = "held" if (diff > 0) == (relation == ">") else "did not hold"

@@ -149,9 +149,9 @@ class CellContext:
   runs_dir: str
   results: "Results"
 
-  def workdir_of(self, name: str) -> str:
-    """The run folder of cell ``name`` for this seed."""
-    return self.study.workdir(self.runs_dir, name, self.seed)
+  def workdir_of(self, name: str, seed: int | None = None) -> str:
+    """The run folder of cell ``name`` for ``seed`` (default: this cell's seed)."""
+    return self.study.workdir(self.runs_dir, name, self.seed if seed is None else seed)
 
 
 class Study:
@@ -410,18 +410,23 @@ class Results:
     return _stats.estimate(self.values(cell, metric), self._n(cell, n))
 
   def compare(self, a: tuple[str, str], b: tuple[str, str], relation: str = ">", *,
-              n: int | str | None = None, alpha: float = 0.05, margin: float = 0.0
-              ) -> _stats.Comparison:
+              n: int | str | None = None, alpha: float = 0.05, margin: float = 0.0,
+              common_seeds: bool = True) -> _stats.Comparison:
     """Decide "``a`` ``relation`` ``b``" for ``(cell, metric)`` pairs.
 
     One seed each: two-sided two-proportion z-test on ``n`` images (a number or the
-    metric holding it); several seeds each (the seeds both have): Welch's t-test.  See
+    metric holding it); several seeds each: Welch's t-test; one against several (e.g.
+    an ensemble cell against its members): a normal test.  See
     :func:`jaxdefense.evaluation._stats.compare`.
+
+    Args:
+      common_seeds: use only the seeds both cells have (default); ``False``: every done
+        seed of each cell (cells with different seed sets, e.g. a one-seed ensemble).
 
     Raises:
       ValueError: a side without values, or as ``_stats.compare``.
     """
-    common = set(self.seeds(a[0])) & set(self.seeds(b[0]))
+    common = (set(self.seeds(a[0])) & set(self.seeds(b[0]))) if common_seeds else None
     av, bv = self.values(*a, seeds=common), self.values(*b, seeds=common)
     if not av or not bv:
       raise ValueError(f"compare: no values for {a if not av else b} on a common seed.")
