@@ -10,6 +10,7 @@ Subpackages (imports flow downward only)::
   certify     abstract domains and certified bounds
   objectives  training losses (natural, PGD-AT, TRADES, certified)
   training    TrainState, jit'd steps, the training loop, checkpoints, sharding
+  analysis    learned damping, loss landscapes, Jacobian / Lyapunov spectra
   evaluation  clean / robust / certified / corruption tables, diagnostics
   configs     ml_collections configs by name or path
 """
@@ -22,6 +23,7 @@ from jaxdefense import attacks
 from jaxdefense import certify
 from jaxdefense import objectives
 from jaxdefense import training
+from jaxdefense import analysis
 from jaxdefense import evaluation
 from jaxdefense import configs
 

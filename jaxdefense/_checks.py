@@ -78,15 +78,28 @@ def check_finite(x: Any, name: str) -> None:
 
 
 def check_images(x: Any, name: str = "x", ranks: Sequence[int] = (4,)) -> None:
-  """Check a batch of images: floating, given rank (NHWC), finite, inside [0, 1]."""
+  """Check a batch of images: floating, given rank (NHWC), finite, inside [0, 1].
+
+  Args:
+    x: the images (NumPy or JAX array); under a trace only the rank and dtype are
+      checked.
+    name: the argument's name, used in the messages.
+    ranks: accepted ranks; default ``(4,)`` (``[B, H, W, C]``).
+
+  Raises:
+    ValueError: another rank, NaN or infinite entries (their count is given), or values
+      outside ``[0, 1]`` (the range is given, with a hint for a ``[0, 255]`` scale).
+    TypeError: a non-floating dtype (integer images).
+  """
   check_rank(x, name, ranks, "a batch of images [B, H, W, C]" if tuple(ranks) == (4,) else "")
   check_floating(x, name)
   arr = as_concrete_numpy(x)
   if arr is None or arr.size == 0:
     return
-  if not np.all(np.isfinite(arr)):
-    check_finite(arr, name)
+  # min and max propagate NaN, so two passes find every non-finite entry as well.
   lo, hi = float(arr.min()), float(arr.max())
+  if not (np.isfinite(lo) and np.isfinite(hi)):
+    check_finite(arr, name)
   if lo < 0.0 or hi > 1.0:
     hint = " (images on a [0, 255] scale? divide by 255)" if hi > 1.5 else ""
     raise ValueError(f"{name} must lie in [0, 1]; got values in [{lo:.4g}, {hi:.4g}]{hint}.")
@@ -94,7 +107,26 @@ def check_images(x: Any, name: str = "x", ranks: Sequence[int] = (4,)) -> None:
 
 def check_labels(y: Any, num_classes: int | None, name: str = "y",
                  batch: int | None = None) -> None:
-  """Check integer labels ``[B]`` in ``[0, num_classes)``."""
+  """Check integer class labels ``[B]`` in ``[0, num_classes)``: the one label check.
+
+  Every place where labels enter the library (data sets, attacks, evaluation,
+  certification) calls it, so a label out of range is rejected everywhere alike.
+
+  Args:
+    y: labels, a NumPy or JAX array (a list or tuple is read as a NumPy array).  Under
+      a trace only the rank, dtype and length are checked.
+    num_classes: the number of classes ``K``; ``None`` skips the range check.
+    name: the argument's name, used in the messages.
+    batch: the expected number of labels (one per image), or ``None``.
+
+  Raises:
+    ValueError: ``y`` not of rank 1, a length other than ``batch``, or labels outside
+      ``[0, num_classes)`` (the message gives how many, the offending values and the
+      range).
+    TypeError: non-integer labels.
+  """
+  if isinstance(y, (list, tuple)):
+    y = np.asarray(y)
   check_rank(y, name, (1,), "integer labels [B]")
   dtype = getattr(y, "dtype", None)
   if dtype is None or not np.issubdtype(np.dtype(dtype), np.integer):
@@ -104,10 +136,14 @@ def check_labels(y: Any, num_classes: int | None, name: str = "y",
   arr = as_concrete_numpy(y)
   if arr is None or arr.size == 0 or num_classes is None:
     return
-  lo, hi = int(arr.min()), int(arr.max())
-  if lo < 0 or hi >= num_classes:
+  arr = arr.astype(np.int64, copy=False)
+  bad = (arr < 0) | (arr >= num_classes)
+  if np.any(bad):
+    values = np.unique(arr[bad])
+    shown = ", ".join(str(int(v)) for v in values[:5]) + (", ..." if values.size > 5 else "")
     raise ValueError(f"{name} must lie in [0, {num_classes}) for {num_classes} classes; "
-                     f"got labels in [{lo}, {hi}].")
+                     f"got {int(np.count_nonzero(bad))} of {arr.size} labels outside "
+                     f"(values {shown}; range [{int(arr.min())}, {int(arr.max())}]).")
 
 
 def check_eps(eps: Any, name: str = "eps", upper: float = 1.0) -> None:

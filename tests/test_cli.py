@@ -24,6 +24,14 @@ def run_main(*argv: str) -> int:
   return commands.main([*argv, "--compile_cache", os.environ["JAX_COMPILATION_CACHE_DIR"]])
 
 
+def exit_status(*argv: str) -> int:
+  """run_main's status: its return value, or the code of the SystemExit it raised."""
+  try:
+    return run_main(*argv)
+  except SystemExit as e:
+    return e.code
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("cli_run")
@@ -63,15 +71,15 @@ def test_eval_prints_an_aligned_table(trained, capsys):
 
 
 def test_clear_errors(tmp_path, capsys):
-  rc = run_main("train", "--config", "demo", "--workdir", str(tmp_path),
-                "--config.optimizer.learning_rat=0.1")
+  rc = exit_status("train", "--config", "demo", "--workdir", str(tmp_path),
+                   "--config.optimizer.learning_rat=0.1")
   err = capsys.readouterr().err
-  assert rc == 1 and "unknown config key 'optimizer.learning_rat'" in err
+  assert rc == 2 and "unknown config key 'optimizer.learning_rat'" in err
   assert "optimizer.learning_rate" in err
-  rc = run_main("train", "--config", "no_such_config", "--workdir", str(tmp_path))
-  assert rc == 1 and "unknown config 'no_such_config'" in capsys.readouterr().err
-  rc = run_main("eval", "--workdir", str(tmp_path / "empty"))
-  assert rc == 1 and "no latest checkpoints" in capsys.readouterr().err
+  rc = exit_status("train", "--config", "no_such_config", "--workdir", str(tmp_path))
+  assert rc == 2 and "unknown config 'no_such_config'" in capsys.readouterr().err
+  rc = exit_status("eval", "--workdir", str(tmp_path / "empty"))
+  assert rc == 2 and "no latest checkpoints" in capsys.readouterr().err
   with pytest.raises(SystemExit) as e:
     run_main("train", "--config", "demo", "--workdir", str(tmp_path), "--bogus")
   assert e.value.code == 2
@@ -85,7 +93,7 @@ def test_eval_of_a_corrupt_run(trained, tmp_path, capsys):
   for p in (workdir / "checkpoints" / "38" / "state").rglob("*"):
     if p.is_file():
       p.write_bytes(b"not a checkpoint")
-  assert run_main("eval", "--workdir", str(workdir)) == 1
+  assert exit_status("eval", "--workdir", str(workdir)) == 2
   assert "corrupt" in capsys.readouterr().err
 
 

@@ -104,6 +104,34 @@ def test_jit_with_static_kind_and_severity():
   assert one.shape == SHAPE[1:]
 
 
+@pytest.mark.parametrize("kind", ["gaussian_noise", "shot_noise"])
+def test_traced_severity_matches_the_python_severity(kind):
+  """One compiled program serves the five severities (evaluation passes the severity as
+  data); each gives the bit-identical result of the Python severity."""
+  x = jnp.asarray(np.random.default_rng(1).uniform(0, 1, SHAPE).astype(np.float32))
+  key = jax.random.key(4)
+  f = jax.jit(lambda x, s, k: data.corrupt(x, kind, s, k))
+  for s in range(1, 6):
+    np.testing.assert_array_equal(f(x, jnp.int32(s), key), data.corrupt(x, kind, s, key))
+  with pytest.raises(TypeError, match="severity must be an integer"):
+    jax.jit(lambda x, s, k: data.corrupt(x, kind, s, k))(x, jnp.float32(2), key)
+
+
+def test_key_must_be_one_prng_key():
+  x = grey(0.5)
+  # a raw uint32 key (jax.random.PRNGKey) is a key too, with the same noise
+  raw, typed = jax.random.PRNGKey(3), jax.random.wrap_key_data(jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(data.corrupt(x, "impulse_noise", 2, raw),
+                                data.corrupt(x, "impulse_noise", 2, typed))
+  with pytest.raises(TypeError, match="key must be a JAX PRNG key.*got None"):
+    data.corrupt(x, "impulse_noise", 2, None)
+  for bad in (3, "seed", np.zeros(3, np.uint32), np.zeros(2, np.float32)):
+    with pytest.raises(TypeError, match="key must be a JAX PRNG key"):
+      data.corrupt(x, "impulse_noise", 2, bad)
+  with pytest.raises(ValueError, match=r"key must be one PRNG key \(shape \(\)\)"):
+    data.corrupt(x, "impulse_noise", 2, jax.random.split(jax.random.key(0), 2))
+
+
 def test_bad_inputs():
   x = grey(0.5)
   key = jax.random.key(0)
@@ -149,6 +177,22 @@ def test_load_corrupted(tmp_path):
   every = data.load_corrupted(tmp_path / "CIFAR-10-C", "gaussian_noise")
   assert len(every) == 15 and every.split == "gaussian_noise/all"
   np.testing.assert_allclose(every.images[12:] * 255, images[12:], atol=1e-3)
+
+
+def test_load_corrupted_first_examples_of_each_block(tmp_path):
+  images, labels = write_cifar_c(tmp_path, m=4)
+  two = data.load_corrupted(tmp_path, "gaussian_noise", 3, num_examples=2)
+  assert len(two) == 2 and two.split == "gaussian_noise/3"
+  np.testing.assert_allclose(two.images * 255, images[8:10], atol=1e-3)
+  np.testing.assert_array_equal(two.labels, labels[8:10])
+  every = data.load_corrupted(tmp_path, "gaussian_noise", num_examples=1)
+  np.testing.assert_allclose(every.images * 255, images[::4], atol=1e-3)
+  np.testing.assert_array_equal(every.labels, labels[::4])
+  assert len(data.load_corrupted(tmp_path, "gaussian_noise", 1, num_examples=4)) == 4
+  with pytest.raises(ValueError, match="num_examples must be <= 4.*got num_examples=5"):
+    data.load_corrupted(tmp_path, "gaussian_noise", 1, num_examples=5)
+  with pytest.raises(ValueError, match="num_examples must be >= 1"):
+    data.load_corrupted(tmp_path, "gaussian_noise", 1, num_examples=0)
 
 
 def test_load_corrupted_errors(tmp_path):

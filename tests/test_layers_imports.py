@@ -21,7 +21,7 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "jaxdefense"
 #: and any floor below it.  ``_checks``, ``_table``, ``_xla_flags`` (every top-level
 #: ``jaxdefense/_*.py`` module) are the ground floor, below ``nn``.  ``configs`` sits
 #: just below ``training``: it may be imported by training, analysis, evaluation and
-#: commands only.  ``analysis`` is named by DESIGN.md and does not exist yet.
+#: commands only.
 #: ``data`` is an exception to the order: it may import only the ground floor
 #: (DESIGN.md: "data/ depends only on the ground-floor helpers"), not ``nn``.
 FLOORS = ("_ground", "nn", "data", "dynamics", "models", "attacks", "certify", "objectives",

@@ -103,20 +103,24 @@ def test_noise_coefficient_zero_equals_plain_resnet():
                                 noisy0.apply(v, x, train=True, mutable=["batch_stats"])[0])
 
 
-def _set_lambdas(params, value):
+def _set_lambdas(params, step, value):
+  """Every damped block's stored parameter (``k`` or ``lambda``) set so that its
+  effective coefficient is ``value``."""
+  name, stored = step.param_names()[0], step.parameter_for(value)
   return jax.tree_util.tree_map_with_path(
-      lambda path, a: jnp.full_like(a, value) if path[-1].key == "lambda" else a, params)
+      lambda path, a: jnp.full_like(a, stored) if path[-1].key == name else a, params)
 
 
 @pytest.mark.parametrize("kind", ["relu", "lambda"])
 def test_damped_at_lambda_zero_equals_resnet(kind):
   x = _x()
-  damped = jd.models.create("preact_resnet20", step=Damped(kind))
+  step = Damped(kind)
+  damped = jd.models.create("preact_resnet20", step=step)
   plain = jd.models.create("preact_resnet20")
   vd = _init(damped, x)
-  vd = {**vd, "params": _set_lambdas(vd["params"], 0.0)}
+  vd = {**vd, "params": _set_lambdas(vd["params"], step, 0.0)}
   # the plain net has the same variables without the damping coefficients
-  vp = {**vd, "params": {name: ({k: a for k, a in sub.items() if k != "lambda"}
+  vp = {**vd, "params": {name: ({k: a for k, a in sub.items() if k not in step.param_names()}
                                 if isinstance(sub, dict) else sub)
                          for name, sub in vd["params"].items()}}
   np.testing.assert_allclose(damped.apply(vd, x), plain.apply(vp, x), rtol=0, atol=0)
@@ -149,10 +153,11 @@ def test_damped_lambda_init_range():
   x = _x()
   model = jd.models.create("preact_resnet20", step=Damped("relu", init_range=(0.1, 0.2)))
   v = _init(model, x)
-  lams = [a for p, a in jax.tree_util.tree_leaves_with_path(v["params"]) if p[-1].key == "lambda"]
+  # the authors' storage: k = 1 - lambda, lambda = relu(1 - k) in the effective range
+  ks = [a for p, a in jax.tree_util.tree_leaves_with_path(v["params"]) if p[-1].key == "k"]
   # 9 blocks, minus the first and the two transitions
-  assert len(lams) == 6
-  assert all(0.1 <= float(a) <= 0.2 for a in lams)
+  assert len(ks) == 6
+  assert all(0.8 - 1e-6 <= float(a) <= 0.9 + 1e-6 for a in ks)
 
 
 def test_gating_variants_run_and_start_as_constant_gate():
@@ -172,7 +177,9 @@ def test_gating_variants_run_and_start_as_constant_gate():
       v = probe.init(KEY, x, fx)["params"]
       # W_d starts at zero and b_d in init_range: the gate is a per-channel constant
       assert np.all(np.asarray(v["gate_kernel"]) == 0), kind
-      assert np.all((0.1 <= v["gate_bias"]) & (v["gate_bias"] <= 0.3)), kind
+      # init_range is a range of the effective coefficient act(b_d)
+      gate = act(np.asarray(v["gate_bias"], np.float64))
+      assert np.all((0.1 - 1e-6 <= gate) & (gate <= 0.3 + 1e-6)), kind
       np.testing.assert_allclose(
           probe.apply({"params": v}, x, fx),
           (1 - act(np.asarray(v["gate_bias"], np.float64))) * x + fx, rtol=1e-6, atol=1e-6)
@@ -191,7 +198,8 @@ def test_gating_variants_run_and_start_as_constant_gate():
   for kind, scalar_kind in (("gating", "relu"), ("gating_sig", "sig")):
     # two blocks in each of the first two stages: blocks 1 and 3 are damped
     gated = jd.models.create("preact_resnet8", stage_sizes=(2, 2, 1), step=Damped(kind))
-    plain = jd.models.create("preact_resnet8", stage_sizes=(2, 2, 1), step=Damped(scalar_kind))
+    plain = jd.models.create("preact_resnet8", stage_sizes=(2, 2, 1),
+                             step=Damped(scalar_kind, storage="lambda"))
     vg = _init(gated, x)
     lams = {}
     params_g, params_p = {}, {}

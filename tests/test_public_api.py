@@ -9,8 +9,8 @@ import pytest
 
 PACKAGES = ("jaxdefense.data", "jaxdefense.dynamics", "jaxdefense.nn", "jaxdefense.models",
             "jaxdefense.attacks", "jaxdefense.certify", "jaxdefense.objectives",
-            "jaxdefense.training", "jaxdefense.evaluation", "jaxdefense.configs",
-            "jaxdefense.commands")
+            "jaxdefense.training", "jaxdefense.analysis", "jaxdefense.evaluation",
+            "jaxdefense.configs", "jaxdefense.commands")
 
 #: Internals that once leaked into the public namespaces (issue: "a curated public surface").
 INTERNALS = ("split_output", "frozen", "CompiledStep", "STEP_FIELDS", "read_idx",

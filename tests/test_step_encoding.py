@@ -90,11 +90,13 @@ def test_damped_at_zero_lambda_is_the_resnet_step():
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
   fx = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
   euler = D.Euler()(x, fx, CTX)
-  for kind in ("relu", "lambda"):
-    out = D.Damped(kind)(x, fx, CTX, params={"lambda": jnp.float32(0.0)})
+  # the authors' storage: k = 1 gives lambda = relu(1 - k) = 0; stored lambda otherwise
+  for rule, name, zero in ((D.Damped("relu"), "k", 1.0), (D.Damped("lambda"), "lambda", 0.0),
+                           (D.Damped("relu", storage="lambda"), "lambda", 0.0)):
+    out = rule(x, fx, CTX, params={name: jnp.float32(zero)})
     np.testing.assert_array_equal(out, euler)
-  # lambda = 1 with the relu kind: the plain CNN step x_{n+1} = f(x_n)
-  out = D.Damped("relu")(x, fx, CTX, params={"lambda": jnp.float32(1.0)})
+  # lambda = 1 with the relu kind (k = 0): the plain CNN step x_{n+1} = f(x_n)
+  out = D.Damped("relu")(x, fx, CTX, params={"k": jnp.float32(0.0)})
   np.testing.assert_allclose(out, fx, rtol=0, atol=0)
 
 
@@ -131,4 +133,4 @@ def test_apply_step_inside_a_model_matches_the_pure_rule():
   euler = models.create("preact_resnet8")
   np.testing.assert_allclose(model.apply(zero, x), euler.apply(zero, x), rtol=1e-6, atol=1e-6)
   with pytest.raises(TypeError, match="step must be a step rule"):
-    models.create("preact_resnet8", step="euler").init(jax.random.key(0), x)
+    models.create("preact_resnet8", step=3).init(jax.random.key(0), x)  # names are accepted

@@ -9,7 +9,15 @@ model ``f(x, key)`` is passed as ``eot(f, n)``: the attack then averages its gra
 Every attack
 
 * returns images inside the eps-ball around ``x`` and inside [0, 1] (``eps = 0``
-  returns ``x``);
+  returns ``x``), also when the model misbehaves (next point);
+* checks every loss, logits and gradient it evaluates, per example and inside the
+  compiled loop (no host sync): an example that meets a NaN or inf stops at the
+  iterate where it happened (finite, inside the ball and [0, 1]); a point where the
+  model's logits are not finite never counts as a success.  When the call is not
+  traced (not inside ``jit`` / ``vmap``), the attack then raises a ``ValueError``
+  naming itself and how many (and which) examples were hit, since their result is no
+  adversarial example; traced, nothing can be raised and the stopped examples are
+  returned;
 * runs its iterations in one ``jax.lax.fori_loop`` (compile time does not depend on the
   step count) and is ``jit``-, ``vmap``- and batch-friendly: static arguments (steps,
   norm, restarts, sample counts) are Python values, ``eps`` and step sizes may be traced
@@ -21,15 +29,27 @@ Every attack
 * validates its arguments before tracing and raises a ``ValueError`` / ``TypeError``
   naming the argument, its value and what was expected.
 
-The attacks are not ``jit``-ted internally; wrap a call for speed, e.g.
-``jax.jit(lambda params, x, y, key: pgd(partial(apply, params), x, y, key=key, eps=8/255))``.
+Compiled once: each attack checks its arguments in Python, then runs one ``jax.jit``
+cached on what really changes: the model's structure (the arrays of a
+:class:`~jaxdefense.models.ModelFn`, of a ``functools.partial`` or inside an
+:class:`EOT` are traced arguments; a plain function counts by identity), the static
+hyper-parameters (steps, norm, restarts, loss, ...) and the shapes.  ``eps``, step
+sizes, learning rates and other float hyper-parameters are traced, so
+``for eps in sweep: pgd(model, x, y, key=key, eps=eps)`` compiles once, and so does
+attacking batch after batch, or a model whose variables change (``models.bind``).  A
+new ``lambda`` per call is a new function and compiles again: build it once.  The
+cache keeps the functions it was keyed on alive (JAX's jit cache, until
+``jax.clear_caches()``).  Called
+inside the caller's ``jax.jit`` / ``vmap``, the attack is traced into that program as
+before.
 
 Threat models: l-inf everywhere; l2 for :func:`pgd`, :func:`apgd` and :func:`cw_l2`.
 Targeted variants take ``target=`` labels.  The building blocks (losses, projections,
 ascent rules and the loop driver) are exported for custom attacks (STYLE.md practice 7).
 
 Layout (private modules, each importing only those listed before it):
-``_eot`` (EOT, predict), ``_losses`` (CE, margin, DLR, success), ``_projection``
+``_eot`` (EOT, predict), ``_compiled`` (the compile cache and the non-finite check at
+the API boundary), ``_losses`` (CE, margin, DLR, success), ``_projection``
 (balls ∩ [0, 1], random starts), ``_setup`` (argument checks and the one set-up every
 attack calls), ``_objective`` (loss and gradient at a point), ``_ascent`` (ascent rules,
 Adam), ``_loop`` (the ``lax`` loop, restarts); then the attacks ``_gradient``,

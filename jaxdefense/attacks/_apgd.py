@@ -16,11 +16,13 @@ import numpy as np
 
 from jaxdefense import _checks
 from jaxdefense.attacks._ascent import AscentRule
-from jaxdefense.attacks._loop import ascent_loop, best_of_restarts, model_key
-from jaxdefense.attacks._losses import LOSS_DTYPE, better, success
+from jaxdefense.attacks._compiled import run_attack
+from jaxdefense.attacks._loop import (ascent_loop, best_of_restarts, finite_examples,
+                                      model_key)
+from jaxdefense.attacks._losses import LOSS_DTYPE, better, make_loss, success
 from jaxdefense.attacks._objective import evaluate, make_value_and_grad
-from jaxdefense.attacks._projection import (expand_mask, per_example, random_start,
-                                            steepest_direction)
+from jaxdefense.attacks._projection import (expand_mask, make_projection, per_example,
+                                            random_start, steepest_direction)
 from jaxdefense.attacks._setup import setup
 
 Array = jax.Array
@@ -175,22 +177,39 @@ def apgd(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
   Raises:
     ValueError / TypeError: bad images, labels, eps, norm, loss, steps, restarts, rho,
       alpha, key, or too few classes for DLR.
+    ValueError: an untraced call where the model produced non-finite (NaN / inf)
+      logits, loss or gradient for some examples (the message gives how many and
+      which).  Traced (``jit`` / ``vmap``), nothing is raised and those examples stop
+      at the iterate where it happened, inside the ball and [0, 1].
   """
   su = setup("apgd", logits_fn, x, y, key=key, key_required=True, eps=eps, norm=norm,
              target=target, loss=loss, counts={"steps": steps, "restarts": restarts})
-  x, y, target, eps, loss_fn = su.x, su.y, su.target, su.eps, su.loss_fn
-  steps, restarts = su.counts["steps"], su.counts["restarts"]
   rho = _checks.check_float(rho, "rho", minimum=0.0, maximum=1.0, strict_min=True)
   alpha = _checks.check_float(alpha, "alpha", minimum=0.0, maximum=1.0, strict_min=True)
+  return run_attack(
+      "apgd", _apgd_core, logits_fn,
+      {"x": su.x, "y": su.y, "target": su.target, "key": key, "eps": su.eps, "rho": rho,
+       "alpha": alpha},
+      {"steps": su.counts["steps"], "norm": norm, "restarts": su.counts["restarts"],
+       "loss": loss})
+
+
+def _apgd_core(logits_fn, *, x, y, target, key, eps, rho, alpha, steps: int, norm: str,
+               restarts: int, loss) -> tuple[Array, Array]:
+  """The compiled part of :func:`apgd`; returns ``(x_adv, nonfinite [B])``."""
+  loss_fn = make_loss(loss, y, target)
+  project = make_projection(norm, x, eps)
   vg = make_value_and_grad(logits_fn, loss_fn)
-  rule = apgd_rule(su.project, eps, norm, steps, y, target, rho, alpha)
+  rule = apgd_rule(project, eps, norm, steps, y, target, rho, alpha)
 
   def run(k):
     x0 = random_start(jax.random.fold_in(k, 0), x, eps, norm)
-    x_last, s = ascent_loop(vg, rule, x0, steps, model_key(logits_fn, k, 1))
+    x_last, s, bad = ascent_loop(vg, rule, x0, steps, model_key(logits_fn, k, 1),
+                                 with_nonfinite=True)
     f_last, logits_last = evaluate(logits_fn, loss_fn, x_last, model_key(logits_fn, k, 2))
     take = better(success(logits_last, y, target), f_last, s.succ_ret, s.f_ret)
-    return jnp.where(expand_mask(take, x), x_last, s.x_ret)
+    bad = bad | ~finite_examples(f_last, logits_last)
+    return jnp.where(expand_mask(take, x), x_last, s.x_ret), bad
 
   def score(x_adv, k):
     value, logits = evaluate(logits_fn, loss_fn, x_adv, model_key(logits_fn, k, 0))

@@ -13,11 +13,13 @@ import optax
 
 from jaxdefense.attacks._ascent import (AscentRule, adam_ascent, adam_updates, best_with_last,
                                         track_best)
-from jaxdefense.attacks._loop import ascent_loop, fold_in, model_key
+from jaxdefense.attacks._compiled import run_attack
+from jaxdefense.attacks._eot import EOT
+from jaxdefense.attacks._loop import ascent_loop, finite_examples, fold_in, model_key
 from jaxdefense.attacks._losses import margin as margin_loss
 from jaxdefense.attacks._losses import success
 from jaxdefense.attacks._objective import evaluate, make_value_and_grad
-from jaxdefense.attacks._projection import expand_mask
+from jaxdefense.attacks._projection import expand_mask, make_projection
 from jaxdefense.attacks._setup import setup
 
 Array = jax.Array
@@ -109,23 +111,38 @@ def cw_linf(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = N
 
   Raises:
     ValueError / TypeError: bad images, labels, eps, steps, lr, c or kappa.
+    ValueError: an untraced call where the model produced non-finite (NaN / inf)
+      logits, loss or gradient for some examples (the message gives how many and
+      which).  Traced (``jit`` / ``vmap``), nothing is raised and those examples stop
+      at the iterate where it happened, inside the ball and [0, 1].
   """
   s = setup("cw_linf", logits_fn, x, y, key=key, eps=eps, norm="linf", target=target,
             counts={"steps": steps}, params={"lr": lr, "c": c, "kappa": kappa})
-  x, y, target, steps = s.x, s.y, s.target, s.counts["steps"]
-  lr, c, kappa = s.params["lr"], s.params["c"], s.params["kappa"]
+  return run_attack(
+      "cw_linf", _cw_linf_core, logits_fn,
+      {"x": s.x, "y": s.y, "target": s.target,
+       "key": key if isinstance(logits_fn, EOT) else None, "eps": s.eps,
+       "lr": s.params["lr"], "c": s.params["c"], "kappa": s.params["kappa"]},
+      {"steps": s.counts["steps"]})
+
+
+def _cw_linf_core(logits_fn, *, x, y, target, key, eps, lr, c, kappa,
+                  steps: int) -> tuple[Array, Array]:
+  """The compiled part of :func:`cw_linf`; returns ``(x_adv, nonfinite [B])``."""
   c_e = jnp.asarray(c, x.dtype)
   dist = _linf_distance(x)
   objective = lambda z: c_e * _cw_margin(target, y, kappa)(z)  # to maximise
   penalty = lambda u: -dist(u)
   vg = make_value_and_grad(logits_fn, objective, transform=_from_tanh, penalty=penalty)
-  project_x = s.project
+  project_x = make_projection("linf", x, eps)
   decode = lambda u: project_x(_from_tanh(u))
   rule = track_best(adam_ascent(lr, lambda u: _to_tanh(decode(u))), decode, y, target)
-  u, state = ascent_loop(vg, rule, _to_tanh(x), steps, model_key(logits_fn, key, 0))
+  u, state, bad = ascent_loop(vg, rule, _to_tanh(x), steps, model_key(logits_fn, key, 0),
+                              with_nonfinite=True)
   value, logits = evaluate(logits_fn, objective, u, model_key(logits_fn, key, 1),
                            transform=decode, penalty=penalty)
-  return best_with_last(state, decode(u), value, logits, y, target)
+  bad = bad | ~finite_examples(value, logits)
+  return best_with_last(state, decode(u), value, logits, y, target), bad
 
 
 class _BestL2(NamedTuple):
@@ -184,18 +201,32 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
 
   Raises:
     ValueError / TypeError: bad images, labels, eps, steps, lr, c or kappa.
+    ValueError: an untraced call where the model produced non-finite (NaN / inf)
+      logits, loss or gradient for some examples (the message gives how many and
+      which).  Traced (``jit`` / ``vmap``), nothing is raised and those examples stop
+      at the iterate where it happened, inside the ball and [0, 1].
   """
   s = setup("cw_l2", logits_fn, x, y, key=key, eps=eps, norm="l2", target=target,
             counts={"steps": steps, "binary_search_steps": binary_search_steps},
             params={"lr": lr, "c": c, "kappa": kappa})
-  x, y, target, eps, batch = s.x, s.y, s.target, s.eps, s.batch
-  steps, binary_search_steps = s.counts["steps"], s.counts["binary_search_steps"]
-  lr, c, kappa = s.params["lr"], s.params["c"], s.params["kappa"]
+  return run_attack(
+      "cw_l2", _cw_l2_core, logits_fn,
+      {"x": s.x, "y": s.y, "target": s.target,
+       "key": key if isinstance(logits_fn, EOT) else None, "eps": s.eps,
+       "lr": s.params["lr"], "c": s.params["c"], "kappa": s.params["kappa"]},
+      {"steps": s.counts["steps"],
+       "binary_search_steps": s.counts["binary_search_steps"]})
+
+
+def _cw_l2_core(logits_fn, *, x, y, target, key, eps, lr, c, kappa, steps: int,
+                binary_search_steps: int) -> tuple[Array, Array]:
+  """The compiled part of :func:`cw_l2`; returns ``(x_adv, nonfinite [B])``."""
   key = model_key(logits_fn, key, 0)  # None for a deterministic model
+  batch = x.shape[0]
   if eps is None:
     project_u = lambda u: u
   else:
-    project_x = s.project
+    project_x = make_projection("l2", x, eps)
     project_u = lambda u: _to_tanh(project_x(_from_tanh(u)))
   sq_dist = lambda u: jax.vmap(lambda d: jnp.sum(jnp.square(d)))(_from_tanh(u) - x)
   margin = _cw_margin(target, y, kappa)
@@ -204,8 +235,9 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
   def run(c_b, best_x, best_dist, k):
     """One Adam run with per-example ``c_b``; track the closest successful iterate.
 
-    Returns the updated ``(best_x, best_dist)`` and whether this run reached a
-    successful iterate (``[B]``), which drives the search over ``c``.
+    Returns the updated ``(best_x, best_dist)``, whether this run reached a
+    successful iterate (``[B]``), which drives the search over ``c``, and whether it
+    met a non-finite value (``[B]``).
     """
     vg = make_value_and_grad(
         logits_fn, lambda z: c_b * margin(z), transform=_from_tanh,
@@ -231,21 +263,24 @@ def cw_l2(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
       return (project_u(optax.apply_updates(u, updates)),
               _BestL2(adam_state, bx, bd, state.found | succ))
 
-    u, state = ascent_loop(vg, AscentRule(init, update), project_u(_to_tanh(x)), steps, k)
+    u, state, bad = ascent_loop(vg, AscentRule(init, update), project_u(_to_tanh(x)),
+                                steps, k, with_nonfinite=True)
     _, logits = evaluate(logits_fn, margin, _from_tanh(u), fold_in(k, steps))
     bx, bd, succ = keep_best(u, logits, state.best_x, state.best_dist)
-    return bx, bd, state.found | succ
+    return bx, bd, state.found | succ, bad | ~finite_examples(logits)
 
   def search(s, carry):
-    c_b, lo, hi, best_x, best_dist = carry
-    best_x, best_dist, found = run(c_b, best_x, best_dist, fold_in(key, s))
+    c_b, lo, hi, best_x, best_dist, bad = carry
+    best_x, best_dist, found, bad_s = run(c_b, best_x, best_dist, fold_in(key, s))
     # C&W: a run that succeeded (whether or not it beat earlier runs' distance) lowers
     # c; one that failed raises it (x10 while no c has succeeded, else bisection).
     hi = jnp.where(found, jnp.minimum(hi, c_b), hi)
     lo = jnp.where(found, lo, jnp.maximum(lo, c_b))
     c_b = jnp.where(hi < 1e9, 0.5 * (lo + hi), c_b * 10.0)
-    return c_b, lo, hi, best_x, best_dist
+    return c_b, lo, hi, best_x, best_dist, bad | bad_s
 
   c0 = jnp.broadcast_to(jnp.asarray(c, x.dtype), (batch,))
-  init = (c0, jnp.zeros_like(c0), jnp.full_like(c0, 1e10), x, jnp.full_like(c0, jnp.inf))
-  return jax.lax.fori_loop(0, binary_search_steps, search, init)[3]
+  init = (c0, jnp.zeros_like(c0), jnp.full_like(c0, 1e10), x, jnp.full_like(c0, jnp.inf),
+          jnp.zeros((batch,), bool))
+  out = jax.lax.fori_loop(0, binary_search_steps, search, init)
+  return out[3], out[5]

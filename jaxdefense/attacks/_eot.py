@@ -34,6 +34,10 @@ class EOT:
   gradient is the mean of the ``n`` per-draw gradients; every iteration draws fresh
   keys derived from the attack's ``key``.
 
+  An ``EOT`` is a pytree: its child is ``logits_fn`` (so the variables of a
+  :class:`~jaxdefense.models.ModelFn` inside are leaves), ``n`` and ``vectorize`` are
+  static.
+
   Attributes:
     logits_fn: stochastic model ``f(x [B, H, W, C], key) -> logits [B, K]``.
     n: number of noise draws per evaluation (>= 1).
@@ -56,6 +60,14 @@ class EOT:
   def __call__(self, x: Array, key: Array) -> Array:
     """Mean logits over ``n`` draws, ``[B, K]``."""
     return jnp.mean(self.draws(x, key), axis=0)
+
+
+# An EOT is a pytree whose child is the wrapped model (its variables are leaves, e.g. of a
+# ModelFn) and whose static part is (n, vectorize): the attacks pass it into jax.jit as
+# an argument, so a new EOT of the same model reuses the compiled attack.
+jax.tree_util.register_pytree_node(
+    EOT, lambda e: ((e.logits_fn,), (e.n, e.vectorize)),
+    lambda aux, children: EOT(children[0], *aux))
 
 
 def eot(logits_fn: LogitsFn, n: int = 5, *, vectorize: bool = True) -> EOT:

@@ -13,48 +13,64 @@ import jax.numpy as jnp
 
 from jaxdefense.attacks._ascent import momentum_sign_ascent, sign_ascent
 from jaxdefense.attacks._eot import EOT
+from jaxdefense.attacks._compiled import run_attack
 from jaxdefense.attacks._loop import ascent_loop, best_of_restarts, fold_in, model_key
-from jaxdefense.attacks._losses import success
+from jaxdefense.attacks._losses import make_loss, success
 from jaxdefense.attacks._objective import evaluate, make_value_and_grad
-from jaxdefense.attacks._projection import random_start
+from jaxdefense.attacks._projection import make_projection, random_start
 from jaxdefense.attacks._setup import setup
 
 Array = jax.Array
 
 
+def _projected_ascent_core(logits_fn, *, x, y, target, key, eps, step_size, mu, steps: int,
+                           norm: str, start: Optional[str], restarts: int,
+                           loss) -> tuple[Array, Array]:
+  """The compiled part: ``restarts`` projected sign-ascent runs from ``start``.
+
+  Returns ``(x_adv, nonfinite [B])``.
+  """
+  loss_fn = make_loss(loss, y, target)
+  project = make_projection(norm, x, eps)
+  if step_size is None:
+    step_size = (eps if mu is not None else 2.5 * jnp.asarray(eps)) / steps
+  vg = make_value_and_grad(logits_fn, loss_fn)
+  if mu is None:
+    rule = sign_ascent(step_size, project, norm)
+  else:
+    rule = momentum_sign_ascent(step_size, mu, project, norm)
+
+  def run(k):
+    x0 = x if start is None else random_start(fold_in(k, 0), x, eps, norm)
+    z, _, bad = ascent_loop(vg, rule, x0, steps, model_key(logits_fn, k, 1),
+                            with_nonfinite=True)
+    return z, bad
+
+  def score(x_adv, k):
+    value, logits = evaluate(logits_fn, loss_fn, x_adv, model_key(logits_fn, k, 0))
+    return success(logits, y, target), value
+
+  return best_of_restarts(run, score, x, restarts, key)
+
+
 def _projected_ascent(attack: str, logits_fn, x, y, *, key, eps, step_size, steps: int,
                       norm: str, start: Optional[str], restarts: int, target, loss,
                       mu: Any = None, key_required: bool = False) -> Array:
-  """Set up, then run ``restarts`` projected sign-ascent attacks from ``start``."""
+  """Check the arguments, then run :func:`_projected_ascent_core` compiled (cached)."""
   params = {} if step_size is None else {"step_size": step_size}
   if mu is not None:
     params["mu"] = mu
   s = setup(attack, logits_fn, x, y, key=key, key_required=key_required, eps=eps,
             norm=norm, target=target, loss=loss,
             counts={"steps": steps, "restarts": restarts}, params=params)
-  x, y, target, eps = s.x, s.y, s.target, s.eps
-  steps, restarts = s.counts["steps"], s.counts["restarts"]
-  if step_size is None:
-    step_size = (eps if mu is not None else 2.5 * jnp.asarray(eps)) / steps
-  else:
-    step_size = s.params["step_size"]
-  vg = make_value_and_grad(logits_fn, s.loss_fn)
-  if mu is None:
-    rule = sign_ascent(step_size, s.project, norm)
-  else:
-    rule = momentum_sign_ascent(step_size, s.params["mu"], s.project, norm)
-
-  def run(k):
-    x0 = x if start is None else random_start(fold_in(k, 0), x, eps, norm)
-    return ascent_loop(vg, rule, x0, steps, model_key(logits_fn, k, 1))[0]
-
-  def score(x_adv, k):
-    value, logits = evaluate(logits_fn, s.loss_fn, x_adv, model_key(logits_fn, k, 0))
-    return success(logits, y, target), value
-
   if start is None and not isinstance(logits_fn, EOT):
     key = None  # nothing random: skip key derivations
-  return best_of_restarts(run, score, x, restarts, key)
+  return run_attack(
+      attack, _projected_ascent_core, logits_fn,
+      {"x": s.x, "y": s.y, "target": s.target, "key": key, "eps": s.eps,
+       "step_size": s.params.get("step_size"), "mu": s.params.get("mu")},
+      {"steps": s.counts["steps"], "norm": norm, "start": start,
+       "restarts": s.counts["restarts"], "loss": loss})
 
 
 def fgsm(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = None,
@@ -80,6 +96,10 @@ def fgsm(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = None
   Raises:
     ValueError / TypeError: bad images, labels, eps, loss, or a model that does not
       map ``[B, H, W, C]`` to ``[B, K]``.
+    ValueError: an untraced call where the model produced non-finite (NaN / inf)
+      logits, loss or gradient for some examples (the message gives how many and
+      which).  Traced (``jit`` / ``vmap``), nothing is raised and those examples stop
+      at the iterate where it happened, inside the ball and [0, 1].
   """
   return _projected_ascent("fgsm", logits_fn, x, y, key=key, eps=eps, step_size=eps,
                            steps=1, norm="linf", start=None, restarts=1, target=target,
@@ -111,6 +131,10 @@ def ifgsm(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = Non
 
   Raises:
     ValueError / TypeError: bad images, labels, eps, step size or steps.
+    ValueError: an untraced call where the model produced non-finite (NaN / inf)
+      logits, loss or gradient for some examples (the message gives how many and
+      which).  Traced (``jit`` / ``vmap``), nothing is raised and those examples stop
+      at the iterate where it happened, inside the ball and [0, 1].
   """
   return _projected_ascent("ifgsm", logits_fn, x, y, key=key, eps=eps,
                            step_size=step_size, steps=steps, norm="linf", start=None,
@@ -152,6 +176,10 @@ def pgd(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
 
   Raises:
     ValueError / TypeError: bad images, labels, eps, norm, steps, restarts or key.
+    ValueError: an untraced call where the model produced non-finite (NaN / inf)
+      logits, loss or gradient for some examples (the message gives how many and
+      which).  Traced (``jit`` / ``vmap``), nothing is raised and those examples stop
+      at the iterate where it happened, inside the ball and [0, 1].
   """
   return _projected_ascent("pgd", logits_fn, x, y, key=key, eps=eps, step_size=step_size,
                            steps=steps, norm=norm,
@@ -186,6 +214,10 @@ def mifgsm(logits_fn: Callable, x: Array, y: Array, *, key: Optional[Array] = No
 
   Raises:
     ValueError / TypeError: bad images, labels, eps, mu, step size or steps.
+    ValueError: an untraced call where the model produced non-finite (NaN / inf)
+      logits, loss or gradient for some examples (the message gives how many and
+      which).  Traced (``jit`` / ``vmap``), nothing is raised and those examples stop
+      at the iterate where it happened, inside the ball and [0, 1].
   """
   return _projected_ascent("mifgsm", logits_fn, x, y, key=key, eps=eps,
                            step_size=step_size, steps=steps, norm="linf", start=None,

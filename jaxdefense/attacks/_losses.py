@@ -119,9 +119,14 @@ def make_loss(loss: Union[str, Callable], y: Array, target: Optional[Array]) -> 
 
 
 def success(logits: Array, y: Array, target: Optional[Array]) -> Array:
-  """Per-example attack success ``[B]``: misclassified, or classified as ``target``."""
+  """Per-example attack success ``[B]``: misclassified, or classified as ``target``.
+
+  Logits ``[B, K]`` with a NaN or inf entry never count as a success (their argmax
+  means nothing), so the attacks never prefer a point where the model failed.
+  """
   pred = jnp.argmax(logits, axis=-1)
-  return pred != y if target is None else pred == target
+  hit = pred != y if target is None else pred == target
+  return hit & jnp.all(jnp.isfinite(logits), axis=-1)
 
 
 def better(succ_a: Array, loss_a: Array, succ_b: Array, loss_b: Array) -> Array:

@@ -1,10 +1,12 @@
 """The shared set-up of every attack: argument checks at the API boundary, conversion
-to JAX arrays, checked hyper-parameters, and the attack's loss and projection.
+to JAX arrays and checked hyper-parameters.  The compiled part of each attack
+(:func:`~jaxdefense.attacks._compiled.run_attack`) then builds its loss and projection.
 
-Every attack starts with one call of :func:`setup`; it raises a ``TypeError`` /
-``ValueError`` naming the argument, its value and what was expected before anything is
-traced.  Shape and dtype checks always run; value checks (ranges, NaNs, label bounds)
-run only on concrete inputs, so they cost nothing under ``jit``.
+Every attack starts with one call of :func:`setup`, outside the compiled part; it
+raises a ``TypeError`` / ``ValueError`` naming the argument, its value and what was
+expected before anything is compiled.  Shape and dtype checks always run; value checks
+(ranges, NaNs, label bounds) run only on concrete inputs, so they cost nothing under
+``jit``.
 
 Precision: images are float32 or float64 (:data:`IMAGE_DTYPES`); float16 and bfloat16
 images are rejected because the attacks' small constants (1e-12 guards, C&W's tanh
@@ -21,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdefense import _checks
+from jaxdefense.attacks._compiled import model_output
 from jaxdefense.attacks._eot import EOT
-from jaxdefense.attacks._losses import LOSSES, LossFn, make_loss
-from jaxdefense.attacks._projection import NORMS, make_projection
+from jaxdefense.attacks._losses import LOSSES
+from jaxdefense.attacks._projection import NORMS
 
 Array = jax.Array
 
@@ -92,8 +95,10 @@ def validate(attack: str, logits_fn: Any, x: Any, y: Any, *, key: Any = None,
              target: Any = None, loss: Any = "ce") -> int:
   """Check an attack's model, images, labels, key, eps, norm and loss; return ``K``.
 
-  The model is traced once with ``jax.eval_shape`` to find the number of classes ``K``
-  and to check that it maps ``x [B, H, W, C]`` to ``[B, K]``.  ``eps`` ``None`` skips
+  The model is traced with ``jax.eval_shape`` to find the number of classes ``K`` and to
+  check that it maps ``x [B, H, W, C]`` to ``[B, K]``; the result is cached on the
+  model's structure and the shapes (:func:`~jaxdefense.attacks._compiled.model_output`),
+  so a repeated call does not trace the model again.  ``eps`` ``None`` skips
   the radius checks; an :class:`EOT` model always needs a key.
 
   Raises:
@@ -122,13 +127,8 @@ def validate(attack: str, logits_fn: Any, x: Any, y: Any, *, key: Any = None,
     upper = 1.0 if norm == "linf" else math.sqrt(math.prod(x.shape[1:]))
     check_nonneg(eps, "eps", batch, attack)
     _checks.check_eps(eps, "eps", upper=upper)
-  x_spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
   try:
-    if stochastic:
-      key_spec = jax.ShapeDtypeStruct(key.shape, key.dtype)
-      out = jax.eval_shape(logits_fn.logits_fn, x_spec, key_spec)
-    else:
-      out = jax.eval_shape(logits_fn, x_spec)
+    out = model_output(logits_fn, x, key)  # cached: a repeated call traces nothing
   except TypeError as err:
     raise TypeError(
         f"{attack}: calling logits_fn on x ({_checks._summary(x)}) failed: {err}. "
@@ -164,10 +164,6 @@ class AttackSetup(NamedTuple):
     num_classes: ``K``, the model's number of classes.
     counts: the checked static counts (``steps``, ``restarts``, ...) by name, as ints.
     params: the checked hyper-parameters (scalar or ``[B]``, may be traced) by name.
-    loss_fn: the per-example objective ``logits [B, K] -> [B]`` (:func:`make_loss`), or
-      ``None`` when the attack brings its own.
-    project: the projection onto the eps-ball ∩ [0, 1] (:func:`make_projection`), or
-      ``None`` without ``eps``.
   """
 
   x: Array
@@ -178,15 +174,13 @@ class AttackSetup(NamedTuple):
   num_classes: int
   counts: dict
   params: dict
-  loss_fn: Optional[LossFn]
-  project: Optional[Callable[[Array], Array]]
 
 
 def setup(attack: str, logits_fn: Any, x: Any, y: Any, *, key: Any, eps: Any,
           norm: str = "linf", target: Any = None, loss: Union[str, Callable, None] = None,
           key_required: bool = False, counts: Optional[Mapping[str, Any]] = None,
           params: Optional[Mapping[str, Any]] = None) -> AttackSetup:
-  """Check and convert the arguments every attack shares; build its loss and projection.
+  """Check and convert the arguments every attack shares (before anything is compiled).
 
   In order: :func:`validate` (model, images ``x [B, H, W, C]``, labels ``y [B]``,
   ``target``, ``key``, ``eps``, ``norm``, ``loss``), then each of ``counts`` as an
@@ -200,12 +194,11 @@ def setup(attack: str, logits_fn: Any, x: Any, y: Any, *, key: Any, eps: Any,
     x: clean images ``[B, H, W, C]``, float32 or float64.
     y: integer labels ``[B]``.
     key: PRNG key or ``None``.
-    eps: radius (scalar or ``[B]``) or ``None`` (no ball: no radius checks and no
-      projection).
+    eps: radius (scalar or ``[B]``) or ``None`` (no ball: no radius checks).
     norm: ``"linf"`` (default) or ``"l2"``.
     target: optional target labels ``[B]``.
     loss: ``"ce"``, ``"margin"``, ``"dlr"``, a callable ``loss(logits, y, target)``, or
-      ``None`` (default) for an attack that builds its own objective (no ``loss_fn``).
+      ``None`` (default) for an attack that builds its own objective.
     key_required: the attack needs a key even for a deterministic model.  Default
       ``False`` (an :class:`EOT` model always needs one).
     counts: static counts by name (e.g. ``{"steps": 20}``), each checked ``>= 1``;
@@ -231,7 +224,4 @@ def setup(attack: str, logits_fn: Any, x: Any, y: Any, *, key: Any, eps: Any,
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   target = None if target is None else jnp.asarray(target)
-  loss_fn = None if loss is None else make_loss(loss, y, target)
-  project = None if eps is None else make_projection(norm, x, eps)
-  return AttackSetup(x, y, target, eps, batch, num_classes, counts, params, loss_fn,
-                     project)
+  return AttackSetup(x, y, target, eps, batch, num_classes, counts, params)

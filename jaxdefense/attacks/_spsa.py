@@ -9,11 +9,13 @@ import jax.numpy as jnp
 
 from jaxdefense import _checks
 from jaxdefense.attacks._ascent import adam_ascent
+from jaxdefense.attacks._compiled import run_attack
 from jaxdefense.attacks._eot import EOT, logit_draws
 from jaxdefense.attacks._loop import ascent_loop, fold_in, model_key
-from jaxdefense.attacks._losses import LOSS_DTYPE
+from jaxdefense.attacks._losses import LOSS_DTYPE, make_loss
 from jaxdefense.attacks._objective import loss_values
-from jaxdefense.attacks._projection import per_example, random_start as random_point
+from jaxdefense.attacks._projection import make_projection, per_example
+from jaxdefense.attacks._projection import random_start as random_point
 from jaxdefense.attacks._setup import setup
 
 Array = jax.Array
@@ -117,6 +119,10 @@ def spsa(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
 
   Raises:
     ValueError / TypeError: bad images, labels, eps, steps, delta or sample counts.
+    ValueError: an untraced call where the model produced non-finite (NaN / inf)
+      logits, loss or gradient for some examples (the message gives how many and
+      which).  Traced (``jit`` / ``vmap``), nothing is raised and those examples stop
+      at the iterate where it happened, inside the ball and [0, 1].
   """
   if samples_per_call is None:
     samples_per_call = num_samples
@@ -135,7 +141,22 @@ def spsa(logits_fn: Callable, x: Array, y: Array, *, key: Array, eps: Any,
   delta_np = _checks.as_concrete_numpy(delta)
   if delta_np is not None and (delta_np <= 0).any():
     raise ValueError(f"spsa: delta must be > 0; got {delta!r}.")
-  vg = spsa_gradient(logits_fn, s.loss_fn, delta, num_samples, samples_per_call)
-  rule = adam_ascent(s.params["lr"], s.project)
-  x0 = random_point(fold_in(key, 0), s.x, s.eps, "linf") if random_start else s.x
-  return ascent_loop(vg, rule, x0, steps, fold_in(key, 1))[0]
+  return run_attack(
+      "spsa", _spsa_core, logits_fn,
+      {"x": s.x, "y": s.y, "target": s.target, "key": key, "eps": s.eps,
+       "lr": s.params["lr"], "delta": delta},
+      {"steps": steps, "num_samples": num_samples, "samples_per_call": samples_per_call,
+       "random_start": bool(random_start), "loss": loss})
+
+
+def _spsa_core(logits_fn, *, x, y, target, key, eps, lr, delta, steps: int,
+               num_samples: int, samples_per_call: int, random_start: bool,
+               loss) -> tuple[Array, Array]:
+  """The compiled part of :func:`spsa`; returns ``(x_adv, nonfinite [B])``."""
+  vg = spsa_gradient(logits_fn, make_loss(loss, y, target), delta, num_samples,
+                     samples_per_call)
+  project = make_projection("linf", x, eps)
+  rule = adam_ascent(lr, project)
+  x0 = random_point(fold_in(key, 0), x, eps, "linf") if random_start else x
+  z, _, bad = ascent_loop(vg, rule, x0, steps, fold_in(key, 1), with_nonfinite=True)
+  return z, bad

@@ -47,7 +47,8 @@ def transfer(attack: Callable, oracle_fn: Callable, target_fn: Callable, x: Arra
     A :class:`TransferResult` ``(x_adv, oracle_logits, target_logits)``.
 
   Raises:
-    TypeError: ``attack`` or ``target_fn`` is not callable; errors of ``attack``.
+    TypeError: ``attack`` or ``target_fn`` is not callable; errors of ``attack``
+      (including its ``ValueError`` for a model with non-finite logits or gradients).
   """
   if not callable(attack):
     raise TypeError(f"transfer: attack must be an attack function; got {attack!r}.")

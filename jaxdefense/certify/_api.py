@@ -70,7 +70,29 @@ def input_set(x: Array, eps: Any, domain: str = "box", *, relu: str | None = Non
                                     relu_budget=relu_budget)
 
 
-def _check_args(model: Any, x: Any, eps: Any, y: Any = None) -> None:
+def _num_classes(model: nn.Module, variables: Any, x: Any, train: bool,
+                 rngs: Any) -> int | None:
+  """The number of logits ``K`` of ``model``, for the label check.
+
+  A zoo model says it in its ``num_classes`` field; another module is traced once on an
+  example of ``x``'s shape (``jax.eval_shape``, nothing is computed).  ``None`` when
+  that trace fails: the certification itself then reports why the model cannot run.
+  """
+  k = getattr(model, "num_classes", None)
+  if isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1:
+    return int(k)
+  kwargs = {"train": train} if rngs is None else {"train": train, "rngs": rngs}
+  example = jax.ShapeDtypeStruct((1,) + tuple(np.shape(x))[1:], jnp.float32)
+  try:
+    out = jax.eval_shape(lambda v, a: model.apply(v, a, **kwargs), variables, example)
+  except Exception:  # noqa: BLE001 - reported by the certification run itself
+    return None
+  shape = getattr(out, "shape", ())
+  return int(shape[-1]) if len(shape) >= 2 else None
+
+
+def _check_args(model: Any, x: Any, eps: Any, y: Any = None, variables: Any = None,
+                train: bool = False, rngs: Any = None) -> None:
   if not isinstance(model, nn.Module):
     raise TypeError(f"model must be a flax.linen Module (e.g. jaxdefense.models.create(...)); "
                     f"got {type(model).__name__}.")
@@ -82,7 +104,9 @@ def _check_args(model: Any, x: Any, eps: Any, y: Any = None) -> None:
   if e is not None and e.ndim == 1 and e.shape[0] != x.shape[0]:
     raise ValueError(f"eps has {e.shape[0]} entries for a batch of {x.shape[0]} images.")
   if y is not None:
-    _checks.check_labels(y, None, "y", batch=x.shape[0])
+    _checks.check_labels(y, None, "y", batch=x.shape[0])  # rank, dtype, length first
+    if _checks.as_concrete_numpy(y) is not None:
+      _checks.check_labels(y, _num_classes(model, variables, x, train, rngs), "y")
 
 
 def _apply(model: nn.Module, variables: Any, value: AbstractValue, train: bool,
@@ -183,9 +207,13 @@ def certified_margins(model: nn.Module, variables: Any, x: Array, y: Array, eps:
 
   The differences are computed inside the domain (an affine map of the abstract
   logits), which is tighter than subtracting interval bounds.  Positive means proved.
-  Arguments as in :func:`bounds`, plus integer labels ``y`` ``[B]``.
+  Arguments as in :func:`bounds`, plus integer labels ``y`` ``[B]`` in ``[0, K)``.
+
+  Raises:
+    ValueError, TypeError: as :func:`bounds`; labels that are not integers ``[B]`` or
+      lie outside ``[0, K)`` (``K`` the model's number of logits).
   """
-  _check_args(model, x, eps, y)
+  _check_args(model, x, eps, y, variables, bool(train), rngs)
   domain, relu = _resolve(domain, relu)
   fn = _jitted("verify", model, domain, relu, relu_budget, bool(correlate_input), bool(train))
   return fn(variables, jnp.asarray(x), jnp.asarray(eps, jnp.float32), jnp.asarray(y), rngs)
@@ -201,7 +229,7 @@ def verify(model: nn.Module, variables: Any, x: Array, y: Array, eps: Any,
 
   Args:
     model, variables, x, eps: as in :func:`bounds`.
-    y: integer labels ``[B]``.
+    y: integer labels ``[B]`` in ``[0, K)``, ``K`` the model's number of logits.
     domain: ``"zonotope"`` (default), ``"box"`` or ``"deepz"``.
     **kwargs: ``relu``, ``relu_budget``, ``correlate_input``, ``train``, ``rngs`` as in
       :func:`bounds`.
@@ -210,7 +238,8 @@ def verify(model: nn.Module, variables: Any, x: Array, y: Array, eps: Any,
     ``bool [B]``.
 
   Raises:
-    ValueError, TypeError: as :func:`bounds`, and bad labels.
+    ValueError, TypeError: as :func:`bounds`, and bad labels: not integers ``[B]``, or
+      outside ``[0, K)`` (checked on concrete labels before anything runs).
   """
   return certified_margins(model, variables, x, y, eps, domain, **kwargs) > 0
 
@@ -242,7 +271,7 @@ def verify_dataset(model: nn.Module, variables: Any, x: Any, y: Any, eps: float,
     ValueError, TypeError: as :func:`verify`, a non-scalar ``eps`` or a bad
       ``batch_size``.
   """
-  _check_args(model, x, eps, y)
+  _check_args(model, x, eps, y, variables, bool(train), rngs)
   if np.ndim(eps) != 0:
     raise ValueError(f"verify_dataset takes one eps for the whole data set; got shape "
                      f"{np.shape(eps)}.")
@@ -353,7 +382,8 @@ def report(model: nn.Module, variables: Any, x: Array, y: Array, eps: float, *,
   Raises:
     ValueError, TypeError: as :func:`verify_dataset`.
   """
-  _check_args(model, x, eps, y)
+  _check_args(model, x, eps, y, variables, bool(kwargs.get("train", False)),
+              kwargs.get("rngs"))
   x = np.asarray(x)
   y = np.asarray(y)
   key = jax.random.PRNGKey(0) if key is None else key

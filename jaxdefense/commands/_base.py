@@ -1,4 +1,6 @@
-"""What every subcommand is made of: the :class:`Command` record and shared flag types."""
+"""What every subcommand is made of: the :class:`Command` record, the :class:`UserError`
+of command-level checks, and shared flag types (``argparse`` ``type=`` helpers that
+reject bad values at parse time, naming the flag)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,19 @@ import argparse
 import dataclasses
 from typing import Callable
 
-__all__ = ["Command", "parse_eps"]
+__all__ = ["Command", "UserError", "int_at_least", "non_negative_int", "parse_eps",
+           "positive_int"]
+
+
+class UserError(ValueError):
+  """A bad input caught by a subcommand's own checks (not by the library).
+
+  The command line prints it as one line, ``jaxdefense NAME: error: MESSAGE``, and exits
+  with status 2, as it does for the library's ``ValueError``/``TypeError`` (see
+  :func:`jaxdefense.commands.main`).  A ``ValueError`` subclass, so that code calling a
+  subcommand in-process can catch it as one.  The message should name the flag, the
+  value and what was expected.
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +89,42 @@ def parse_eps(text: str) -> float:
   except (ValueError, ZeroDivisionError):
     raise argparse.ArgumentTypeError(
         f"expected a number or a fraction like 8/255; got {text!r}") from None
+
+
+def int_at_least(minimum: int, note: str = "") -> Callable[[str], int]:
+  """An integer flag type (``argparse`` ``type=``) that rejects values below ``minimum``.
+
+  Args:
+    minimum: the smallest accepted value (e.g. 1 for sizes and counts that must not be
+      zero, 0 for counts where 0 has a meaning).
+    note: optional words appended to the error, e.g. ``"0: all"``.
+
+  Returns:
+    ``parse(text) -> int``; it raises ``argparse.ArgumentTypeError`` for text that is
+    not an integer or is below ``minimum``, which argparse reports as a usage error
+    naming the flag: ``argument --batch_size: expected an integer >= 1; got '0'``.
+
+  Raises:
+    TypeError: ``minimum`` is not an int (or is a bool).
+  """
+  if isinstance(minimum, bool) or not isinstance(minimum, int):
+    raise TypeError(f"minimum must be an int; got {minimum!r}.")
+  expected = f"an integer >= {minimum}" + (f" ({note})" if note else "")
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except (TypeError, ValueError):
+      raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+    return value
+
+  parse.__name__ = f"int>={minimum}"
+  return parse
+
+
+#: ``type=`` for sizes and counts that must be at least 1 (batch sizes, epochs, devices).
+positive_int = int_at_least(1)
+#: ``type=`` for counts that may be 0 (steps that can be skipped, process ids).
+non_negative_int = int_at_least(0)

@@ -16,6 +16,15 @@ parallelism tests), ``--compile_cache DIR|none`` (persistent XLA cache), and
 ``--coordinator_address``, ``--num_processes``, ``--process_id`` (multi-host runs:
 ``jax.distributed.initialize`` is called only when one of them is given).
 
+Errors: a bad input (a usage error, a :class:`~jaxdefense.commands._base.UserError` of a
+subcommand's own checks, or a ``ValueError``, ``TypeError`` or missing / misplaced path
+raised by the library's argument checks) prints ONE line, ``jaxdefense NAME: error:
+MESSAGE``, on stderr and exits with status 2, as argparse does; a run that stops on a
+non-finite loss prints one line and exits with status 1; Ctrl-C prints one line and
+exits with status 130.  Any other exception is an internal error and shows its
+traceback.  ``--traceback`` (any subcommand) or ``JAXDEFENSE_TRACEBACK=1`` re-raises
+every error with its full traceback, for debugging.
+
 The subcommands are the modules listed in :data:`SUBCOMMAND_MODULES`, each defining
 ``COMMAND``; there is no registry.  This package (with ``python -m jaxdefense``) is the
 only place that touches environment variables and JAX flags; no library package
@@ -38,9 +47,10 @@ from jaxdefense.commands import demo
 from jaxdefense.commands import eval as eval_
 from jaxdefense.commands import report
 from jaxdefense.commands import train
-from jaxdefense.commands._base import Command
+from jaxdefense.commands._base import Command, UserError, non_negative_int, positive_int
 
-__all__ = ["SUBCOMMAND_MODULES", "COMMANDS", "build_parser", "install_xla_flags", "main"]
+__all__ = ["SUBCOMMAND_MODULES", "COMMANDS", "USER_ERRORS", "TRACEBACK_ENV", "build_parser",
+           "install_xla_flags", "main"]
 
 #: The modules that define the subcommands, in ``jaxdefense --help`` order.
 SUBCOMMAND_MODULES: tuple[ModuleType, ...] = (train, eval_, config, demo, attack, certify,
@@ -49,13 +59,58 @@ SUBCOMMAND_MODULES: tuple[ModuleType, ...] = (train, eval_, config, demo, attack
 #: The subcommands (each module's ``COMMAND``), in the same order.
 COMMANDS: tuple[Command, ...] = tuple(m.COMMAND for m in SUBCOMMAND_MODULES)
 
-_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError)
+#: Exceptions that mean "the input is wrong" (flags, config, paths, data, checkpoint):
+#: one line on stderr and exit status 2.  ``UserError`` is a ``ValueError``; the path
+#: errors are the ``OSError`` kinds a user's path causes (missing, a file where a folder
+#: is expected and the reverse, no permission).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+    IsADirectoryError, FileExistsError, PermissionError)
+
+#: Exceptions that mean "the run failed cleanly" (a non-finite loss stops training):
+#: one line on stderr and exit status 1.
+_RUN_FAILURES: tuple[type[BaseException], ...] = (FloatingPointError,)
+
+#: Environment variable that, set to a non-empty value other than 0/false/no/off, makes
+#: the command line re-raise errors with their full traceback (as ``--traceback`` does).
+TRACEBACK_ENV = "JAXDEFENSE_TRACEBACK"
+
+
+class _Parser(argparse.ArgumentParser):
+  """``argparse.ArgumentParser`` whose usage errors are one line (``PROG: error: ...``)
+  with a pointer to ``--help`` instead of the multi-line usage; exit status 2 as usual.
+  Sub-parsers inherit the class."""
+
+  def error(self, message: str):  # noqa: D102 (argparse API)
+    _fail(self.prog, f"{message} (see '{self.prog} --help')")
+
+
+def _one_line(text: str) -> str:
+  return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _fail(prog: str, message: str, code: int = 2):
+  """Print ``PROG: error: MESSAGE`` as one line on stderr and exit with ``code``."""
+  sys.stderr.write(f"{prog}: error: {_one_line(message)}\n")
+  sys.stderr.flush()
+  raise SystemExit(code)
+
+
+def _traceback_wanted(args: argparse.Namespace | None) -> bool:
+  if args is not None and getattr(args, "traceback", False):
+    return True
+  value = os.environ.get(TRACEBACK_ENV, "").strip().lower()
+  return value not in ("", "0", "false", "no", "off")
+
+
+def _message(error: BaseException) -> str:
+  return _one_line(str(error)) or type(error).__name__
 
 
 # ------------------------------------------------------------------- common flags
 def _add_common(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("runtime")
-  g.add_argument("--host_devices", type=int, default=None, metavar="N",
+  g.add_argument("--host_devices", type=positive_int, default=None, metavar="N",
                  help="split the CPU into N devices (XLA_FLAGS="
                       "--xla_force_host_platform_device_count=N)")
   g.add_argument("--compile_cache", default=None, metavar="DIR",
@@ -64,8 +119,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                       "or ~/.cache/jaxdefense/xla; 'none' disables it)")
   g.add_argument("--coordinator_address", default=None,
                  help="multi-host: address of process 0, host:port")
-  g.add_argument("--num_processes", type=int, default=None, help="multi-host: process count")
-  g.add_argument("--process_id", type=int, default=None, help="multi-host: this process")
+  g.add_argument("--num_processes", type=positive_int, default=None,
+                 help="multi-host: process count")
+  g.add_argument("--process_id", type=non_negative_int, default=None,
+                 help="multi-host: this process")
+  g.add_argument("--traceback", action="store_true",
+                 help=f"show the full Python traceback of an error instead of one line "
+                      f"(also {TRACEBACK_ENV}=1)")
 
 
 def install_xla_flags() -> bool:
@@ -127,10 +187,12 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
     ValueError: two subcommands share a name.
   """
   commands = COMMANDS if commands is None else tuple(commands)
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="jaxdefense", description="Robust deep learning as dynamics, in JAX/Flax.",
       epilog="Config fields are overridden with --config.key=value (nested keys with "
-             "dots, typed by the field), e.g. --config.model.name=resnet8.")
+             "dots, typed by the field), e.g. --config.model.name=resnet8. A bad input "
+             "prints one line, 'jaxdefense COMMAND: error: ...', and exits with status 2; "
+             f"--traceback or {TRACEBACK_ENV}=1 shows the full traceback instead.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
   seen = set()
@@ -167,41 +229,62 @@ def _split_overrides(rest: Sequence[str]) -> tuple[list[str], list[str]]:
 
 # ------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
-  """Run the command line; returns the exit status.
+  """Run the command line; returns the exit status of a successful run.
 
-  Sets up the runtime (XLA flags, host devices, compilation cache, ``jax.distributed``)
-  from the common flags before JAX starts, parses the subcommand and its
-  ``--config.key=value`` overrides, and runs it.
+  Parses the subcommand, its flags and its ``--config.key=value`` overrides, sets up
+  the runtime (XLA flags, host devices, compilation cache, ``jax.distributed``) from the
+  common flags before JAX starts, and runs the subcommand.
+
+  Every failure leaves through ``SystemExit`` (as argparse's own usage errors do), so an
+  in-process caller sees the same exit statuses as the shell:
+
+  * 2: a bad input: a usage error (unknown flag, a flag value rejected at parse time,
+    ``--config.*`` flags given to a subcommand that takes none), or one of
+    :data:`USER_ERRORS` raised while running (``ValueError``, ``TypeError``,
+    ``FileNotFoundError``... from the library's checks, ``UserError`` from the
+    subcommand's).  One line on stderr: ``jaxdefense NAME: error: MESSAGE``.
+  * 1: the run stopped cleanly on a non-finite loss (``FloatingPointError``); one line.
+  * 130: interrupted with Ctrl-C (``KeyboardInterrupt``); one line.
+  * 0: ``--help``.
+
+  With ``--traceback`` or ``JAXDEFENSE_TRACEBACK=1`` the exceptions of a run are
+  re-raised unchanged (full traceback).  Other exceptions (internal errors) always
+  propagate with their traceback.
 
   Args:
     argv: arguments without the program name (default ``sys.argv[1:]``).
 
   Returns:
-    0 on success (or the subcommand's own code), 1 on a clear error (a ``ValueError``,
-    ``TypeError``, ``FileNotFoundError`` or ``FloatingPointError``, printed as
-    ``jaxdefense NAME: error: ...`` on stderr), 130 on Ctrl-C.
+    0 on success, or the subcommand's own status.
 
   Raises:
-    SystemExit: from argparse on a usage error (code 2; also for ``--config.*`` flags
-      given to a subcommand that takes none) and for ``--help`` (code 0).
+    SystemExit: as listed above.
+    Exception: an internal error (anything not listed above), unchanged.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
-  pre = argparse.ArgumentParser(add_help=False)
-  _add_common(pre)
-  early, _ = pre.parse_known_args(argv)
-  _setup_runtime(early)
   commands = {cmd.name: cmd for cmd in COMMANDS}
   parser = build_parser(tuple(commands.values()))
   args, rest = parser.parse_known_args(argv)
   cmd = commands[args.command]
+  prog = f"{parser.prog} {cmd.name}"
   overrides, unknown = _split_overrides(rest)
   if unknown or (overrides and not cmd.config_overrides):
-    parser.error(f"unrecognized arguments for {cmd.name!r}: {' '.join(unknown or rest)}")
+    _fail(prog, f"unrecognized arguments for {cmd.name!r}: {' '.join(unknown or rest)} "
+                f"(see '{prog} --help')")
+  debug = _traceback_wanted(args)
   try:
+    _setup_runtime(args)
     return int(cmd.run(args, overrides) or 0)
-  except _ERRORS as e:
-    print(f"jaxdefense {cmd.name}: error: {e}", file=sys.stderr)
-    return 1
+  except USER_ERRORS as e:
+    if debug:
+      raise
+    _fail(prog, _message(e), 2)
+  except _RUN_FAILURES as e:
+    if debug:
+      raise
+    _fail(prog, _message(e), 1)
   except KeyboardInterrupt:
-    print(f"jaxdefense {cmd.name}: interrupted", file=sys.stderr)
-    return 130
+    if debug:
+      raise
+    sys.stderr.write(f"{prog}: interrupted\n")
+    raise SystemExit(130) from None

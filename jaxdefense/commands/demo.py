@@ -16,9 +16,9 @@ from typing import Any, Sequence
 
 import jax
 
-from jaxdefense import configs, evaluation, models, training
+from jaxdefense import _checks, configs, evaluation, models, training
 from jaxdefense._table import format_table
-from jaxdefense.commands._base import Command
+from jaxdefense.commands._base import Command, positive_int
 
 __all__ = ["run_demo", "DEMO_VARIANTS", "DEMO_EPS", "DEMO_SUITE", "COMMAND"]
 
@@ -49,8 +49,8 @@ def run_demo(workdir: str | os.PathLike | None = None, *, quick: bool = False,
     workdir: folder for the two runs (``euler/``, ``euler_maruyama/``); a temporary
       folder, deleted at the end, by default.  Existing runs there are resumed.
     quick: train for one epoch only (a smoke test; accuracies are low).  Default False.
-    epochs: override the number of epochs (default: the ``demo`` config's; wins over
-      ``quick``).
+    epochs: override the number of epochs, an int >= 1 (default None: the ``demo``
+      config's; wins over ``quick``).
     overrides: more ``key=value`` config overrides for both runs (default none).
     verbose: print each run's table and the comparison (default True).
 
@@ -59,9 +59,12 @@ def run_demo(workdir: str | os.PathLike | None = None, *, quick: bool = False,
     "pgd-10", "seconds"}`` (accuracies as fractions; attacks at ``DEMO_EPS``).
 
   Raises:
-    ValueError: a bad override or ``epochs`` (from the config validation), and the
+    TypeError: ``epochs`` not an integer.
+    ValueError: ``epochs < 1``, a bad override (from the config validation), and the
       errors of training and evaluation.
   """
+  if epochs is not None:
+    epochs = _checks.check_int(epochs, "epochs", minimum=1)
   rows = []
   with tempfile.TemporaryDirectory(prefix="jaxdefense_demo_") as tmp:
     root = pathlib.Path(workdir) if workdir is not None else pathlib.Path(tmp)
@@ -70,7 +73,7 @@ def run_demo(workdir: str | os.PathLike | None = None, *, quick: bool = False,
       if quick:
         extra["epochs"] = 1
       if epochs is not None:
-        extra["epochs"] = int(epochs)
+        extra["epochs"] = epochs
       config = configs.get("demo", [*overrides, *(f"{k}={v}" for k, v in extra.items())])
       if verbose:
         print(f"\n== {label}: {config.model.name}, {config.epochs} epochs on "
@@ -102,7 +105,8 @@ def run_demo(workdir: str | os.PathLike | None = None, *, quick: bool = False,
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--quick", action="store_true", help="one epoch only (smoke test)")
-  p.add_argument("--epochs", type=int, default=None, help="epochs per network")
+  p.add_argument("--epochs", type=positive_int, default=None,
+                 help="epochs per network, >= 1 (default: the demo config's)")
   p.add_argument("--workdir", default=None,
                  help="keep the runs here (default: a temporary folder)")
 

@@ -9,7 +9,7 @@ import argparse
 
 from jaxdefense import training
 from jaxdefense._table import format_table
-from jaxdefense.commands._base import Command
+from jaxdefense.commands._base import Command, positive_int
 
 __all__ = ["COMMAND"]
 
@@ -21,7 +21,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--split", action="append", choices=("train", "validation", "test"),
                  help="split(s) to evaluate (repeatable; default test)")
   p.add_argument("--data_dir", default=None, help="data folder (default: the run's)")
-  p.add_argument("--batch_size", type=int, default=None, help="evaluation batch size")
+  p.add_argument("--batch_size", type=positive_int, default=None,
+                 help="evaluation batch size, >= 1 (default: the run's eval_batch_size)")
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:

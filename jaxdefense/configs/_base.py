@@ -2,8 +2,9 @@
 
 Presets and user config files start from :func:`base_config` and change a few fields
 (practice 2 of STYLE.md).  :func:`validate` completes a partial config with these
-defaults and rejects unknown keys and wrong types, so the training loop can read every
-field without ``.get`` fallbacks.
+defaults and rejects unknown keys, wrong types and out-of-range values (each named by
+its dotted config key), so the training loop can read every field without ``.get``
+fallbacks or checks of its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, Iterator
 import ml_collections
 from ml_collections import config_dict
 
-__all__ = ["base_config", "validate", "flatten_keys", "FREE_GROUPS"]
+from jaxdefense import _checks
+
+__all__ = ["base_config", "validate", "flatten_keys", "FREE_GROUPS", "VALUE_RANGES"]
 
 #: Groups whose extra keys are passed through as keyword arguments (model overrides,
 #: objective hyper-parameters, step-rule fields) rather than rejected.
@@ -220,6 +223,56 @@ def _merge(base: ml_collections.ConfigDict, user: ml_collections.ConfigDict, pre
     base[key] = _tupled(value)
 
 
+#: ``(dotted key, minimum, maximum)`` of the numeric schema fields (``None``: no bound);
+#: :func:`validate` rejects values outside, naming the key.  Integer fields are counts and
+#: sizes, float fields rates and factors (also required finite).  ``epochs`` is checked
+#: apart: >= 1, or >= 0 when ``num_train_steps > 0`` sets the run length.
+VALUE_RANGES: tuple[tuple[str, float | None, float | None], ...] = (
+    ("seed", 0, None),
+    ("validation_size", 0, None),
+    ("train_size", 0, None),
+    ("batch_size", 1, None),
+    ("eval_batch_size", 1, None),
+    ("augment.pad", 0, None),
+    ("ensemble.size", 1, None),
+    ("optimizer.learning_rate", 0.0, None),
+    ("optimizer.momentum", 0.0, 1.0),
+    ("optimizer.weight_decay", 0.0, None),
+    ("optimizer.b1", 0.0, 1.0),
+    ("optimizer.b2", 0.0, 1.0),
+    ("optimizer.eps", 0.0, None),
+    ("optimizer.grad_clip_norm", 0.0, None),
+    ("schedule.factor", 0.0, None),
+    ("schedule.warmup_epochs", 0.0, None),
+    ("schedule.final_factor", 0.0, None),
+    ("checkpoint.every_steps", 0, None),
+    ("checkpoint.max_to_keep", 1, None),
+    ("log_every_steps", 0, None),
+    ("eval_every_epochs", 0, None),
+    ("test_every_epochs", 0, None),
+)
+
+
+def _check_values(config: ml_collections.ConfigDict) -> None:
+  """Range checks of a complete config (see :data:`VALUE_RANGES`)."""
+  for path, lo, hi in VALUE_RANGES:
+    node = config
+    *groups, last = path.split(".")
+    for g in groups:
+      node = node[g]
+    name = f"config key {path!r}"
+    if isinstance(node[last], float) or isinstance(lo, float):
+      _checks.check_float(node[last], name, minimum=lo, maximum=hi)
+    else:
+      _checks.check_int(node[last], name, minimum=lo, maximum=hi)
+  epochs = _checks.check_int(config.epochs, "config key 'epochs'")
+  if config.num_train_steps > 0 and epochs < 0:
+    raise ValueError(f"config key 'epochs' must be >= 0; got {epochs}.")
+  if config.num_train_steps <= 0 and epochs < 1:
+    raise ValueError(f"config key 'epochs' must be >= 1 (the run length in epochs; or set "
+                     f"num_train_steps > 0); got {epochs}.")
+
+
 def validate(config: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
   """Complete ``config`` with the defaults of :func:`base_config` and check it.
 
@@ -234,7 +287,10 @@ def validate(config: ml_collections.ConfigDict | dict) -> ml_collections.ConfigD
     A new, locked ``ConfigDict`` with every field of the schema.
 
   Raises:
-    ValueError: an unknown key (the message lists close matches).
+    ValueError: an unknown key (the message lists close matches); a numeric field out
+      of its range (:data:`VALUE_RANGES`: e.g. ``epochs < 1`` without
+      ``num_train_steps``, ``batch_size`` or ``eval_batch_size < 1``, a negative
+      ``train_size``, ``validation_size`` or ``seed``), named by its dotted key.
     TypeError: a value whose type does not match the field's default.
   """
   if isinstance(config, dict):
@@ -244,5 +300,6 @@ def validate(config: ml_collections.ConfigDict | dict) -> ml_collections.ConfigD
   out = base_config()
   known = list(flatten_keys(out))
   _merge(out, config, "", known)
+  _check_values(out)
   out.lock()
   return out

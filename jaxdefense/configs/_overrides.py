@@ -82,6 +82,15 @@ def parse_value(text: str, default: Any, field_type: type | None = None,
                      f"(current value {default!r}); {e}.") from None
 
 
+def _not_a_group_error(path: str, prefix: str, value: Any) -> ValueError:
+  """``path`` reaches through ``prefix``, which holds a value, not a group of fields."""
+  kind = type(value).__name__
+  what = (f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}, currently {value!r}"
+          if value is not None else "currently None")
+  return ValueError(f"cannot set config key {path!r}: {prefix!r} is a value ({what}), not "
+                    f"a group of fields; set it as {prefix}=VALUE.")
+
+
 def split_override(item: str) -> tuple[str, str]:
   """Split ``"a.b=value"`` (an optional leading ``--config.`` or ``config.`` is removed).
 
@@ -116,8 +125,9 @@ def override(config: ml_collections.ConfigDict,
     A new ``ConfigDict`` (locked if ``config`` was).
 
   Raises:
-    ValueError: an unknown key (the message lists close matches), a value that does
-      not parse as the field's type, or a malformed override string.
+    ValueError: an unknown key (the message lists close matches), a dotted key that
+      reaches into a value as if it were a group (``epochs.x``), a value that does not
+      parse as the field's type, or a malformed override string.
     TypeError: a mapping value of the wrong type.
   """
   out = ml_collections.ConfigDict(config.to_dict(preserve_field_references=True))
@@ -131,8 +141,10 @@ def override(config: ml_collections.ConfigDict,
     parts = path.split(".")
     node = out
     for i, part in enumerate(parts[:-1]):
-      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      if part not in node:
         raise unknown_key_error(".".join(parts[:i + 1]), known)
+      if not isinstance(node[part], ml_collections.ConfigDict):
+        raise _not_a_group_error(path, ".".join(parts[:i + 1]), node[part])
       node = node[part]
     last = parts[-1]
     group = ".".join(parts[:-1])

@@ -57,6 +57,47 @@ def _check_kind_severity(kind: Any, severity: Any) -> tuple[str, int]:
   return kind, severity
 
 
+def _check_key(key: Any) -> None:
+  """A single PRNG key: a typed key of shape ``()`` or a raw ``uint32`` key ``[2]``/``[4]``."""
+  hint = "pass e.g. key=jax.random.key(0)"
+  if key is None:
+    raise TypeError(f"key must be a JAX PRNG key (the corruption noise is drawn from it); "
+                    f"got None; {hint}.")
+  dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+  if dtype is None or shape is None:
+    raise TypeError(f"key must be a JAX PRNG key; got {_checks._summary(key)}; {hint}.")
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if tuple(shape) != ():
+      raise ValueError(f"key must be one PRNG key (shape ()); got a key array of shape "
+                       f"{tuple(shape)}; split it and pass one key per call.")
+    return
+  if np.dtype(dtype) != np.uint32 or len(shape) != 1 or shape[0] not in (2, 4):
+    raise TypeError(f"key must be a JAX PRNG key (jax.random.key(seed), or a raw uint32 "
+                    f"key from jax.random.PRNGKey); got {_checks._summary(key)}.")
+
+
+def _is_traced_severity(severity: Any) -> bool:
+  return isinstance(severity, jax.core.Tracer)
+
+
+def _traced_constants(kind: str, severity: Any) -> tuple[jax.Array, jax.Array]:
+  """``(c, 1 / c)`` of a traced integer ``severity`` (clamped to ``1..5``).
+
+  Both come from float32 tables computed on the host, so a severity ``s`` gives the
+  same float32 constants as the Python severity ``s``.
+  """
+  dtype = getattr(severity, "dtype", None)
+  if (dtype is None or not jnp.issubdtype(dtype, jnp.integer)
+      or tuple(getattr(severity, "shape", (1,))) != ()):
+    raise TypeError(f"severity must be an integer 1..5 (a Python int, or an integer "
+                    f"scalar inside jit); got {_checks._summary(severity)}.")
+  table = _CONSTANTS[kind]
+  index = jnp.clip(severity, 1, 5) - 1
+  c = jnp.asarray(np.asarray(table, np.float32))[index]
+  inv_c = jnp.asarray(np.asarray([1.0 / v for v in table], np.float32))[index]
+  return c, inv_c
+
+
 def corruption_constant(kind: str, severity: int) -> float:
   """The Hendrycks & Dietterich constant ``c`` of ``kind`` at ``severity``.
 
@@ -110,11 +151,15 @@ def _apply(images: jax.Array, key: jax.Array, kind: str, c: Any, inv_c: Any) -> 
 _apply_jit = jax.jit(_apply, static_argnames=("kind",))
 
 
-def corrupt(images: Any, kind: str, severity: int, key: jax.Array) -> jax.Array:
+def corrupt(images: Any, kind: str, severity: Any, key: jax.Array) -> jax.Array:
   """Apply a CIFAR-10-C noise corruption to a batch of images.
 
-  Deterministic for a given ``key`` and jittable with ``kind`` and ``severity`` static
-  (Python values): ``jax.jit(lambda x, k: corrupt(x, "shot_noise", 3, k))`` works.
+  Deterministic for a given ``key`` and jittable with ``kind`` static (a Python
+  string): ``jax.jit(lambda x, k: corrupt(x, "shot_noise", 3, k))`` works.  The
+  severity may be a Python int, or an integer scalar traced inside ``jit`` (then the
+  five severities share one compiled program: ``jax.jit(lambda x, s, k: corrupt(x,
+  "shot_noise", s, k))``); a traced severity cannot be range-checked and is clamped to
+  ``1..5``.  Severity ``s`` gives the same result whether it is traced or not.
 
   Args:
     images: float ``[B, H, W, C]`` (or one image ``[H, W, C]``) in ``[0, 1]``.  The
@@ -122,24 +167,33 @@ def corrupt(images: Any, kind: str, severity: int, key: jax.Array) -> jax.Array:
       host for a check.
     kind: one of `corruption_kinds()`: ``"gaussian_noise"``, ``"shot_noise"``,
       ``"impulse_noise"``, ``"speckle_noise"``.
-    severity: integer in ``1..5`` (see the module docstring for the constants).
-    key: a JAX PRNG key; noise is independent per entry.
+    severity: integer in ``1..5`` (see the module docstring for the constants), or a
+      traced integer scalar.
+    key: one JAX PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``);
+      noise is independent per entry.
 
   Returns:
     A ``jax.Array`` with the shape and dtype of ``images``, values in ``[0, 1]``.
 
   Raises:
     ValueError: unknown ``kind``, ``severity`` outside ``1..5``, images not of rank 3 or
-      4, NumPy
-      images outside ``[0, 1]`` or with NaNs.
-    TypeError: non-floating images or non-integer severity.
+      4, NumPy images outside ``[0, 1]`` or with NaNs, a key array holding several keys.
+    TypeError: non-floating images, a non-integer severity, or a ``key`` that is not a
+      PRNG key (``None`` included).
   """
-  kind, severity = _check_kind_severity(kind, severity)
+  if _is_traced_severity(severity):
+    _checks.check_choice(kind, "kind", tuple(_CONSTANTS))
+  else:
+    kind, severity = _check_kind_severity(kind, severity)
+  _check_key(key)
   if isinstance(images, np.ndarray):
     _checks.check_images(images, "images", ranks=(3, 4))
   else:
     _checks.check_rank(images, "images", (3, 4), "images [B, H, W, C] or [H, W, C]")
     _checks.check_floating(images, "images")
+  if _is_traced_severity(severity):
+    c, inv_c = _traced_constants(kind, severity)
+    return _apply_jit(jnp.asarray(images), key, kind, c, inv_c)
   c = _CONSTANTS[kind][severity - 1]
   return _apply_jit(jnp.asarray(images), key, kind, c, 1.0 / c)
 
@@ -157,7 +211,8 @@ def _find_c_dir(root: str, name: str) -> str:
 
 
 def load_corrupted(root: str | os.PathLike, corruption: str,
-                   severity: int | None = None, name: str = "cifar10") -> Dataset:
+                   severity: int | None = None, name: str = "cifar10",
+                   num_examples: int | None = None) -> Dataset:
   """Read one corruption of the official CIFAR-10-C / CIFAR-100-C release.
 
   The release holds ``<corruption>.npy`` (``uint8 [5 * M, 32, 32, 3]``, severities 1 to
@@ -172,21 +227,29 @@ def load_corrupted(root: str | os.PathLike, corruption: str,
     severity: ``1..5`` for one block of ``M`` images, or None (default) for all
       ``5 * M`` (example ``i`` then has severity ``i // M + 1``).
     name: ``"cifar10"`` (default) or ``"cifar100"``: the clean data set.
+    num_examples: read only the first ``num_examples`` images of each severity block
+      (the corrupted copies of the first ``num_examples`` test images; only those rows
+      are read from disk); default None: all ``M``.
 
   Returns:
-    A `Dataset` with images ``np.float32 [M or 5M, H, W, C]`` in ``[0, 1]``,
+    A `Dataset` with images ``np.float32 [n or 5n, H, W, C]`` (``n = M`` or
+    ``num_examples``) in ``[0, 1]``,
     labels ``np.int32``, ``name`` the clean data set's name (so `channel_stats`
     applies) and ``split`` ``"<corruption>/<severity>"`` or ``"<corruption>/all"``.
 
   Raises:
-    ValueError: unknown ``name`` / ``corruption``, severity outside ``1..5``, or
-      files whose shapes do not fit (count not divisible by 5, labels mismatch).
+    ValueError: unknown ``name`` / ``corruption``, severity outside ``1..5``,
+      ``num_examples`` outside ``1..M``, or files whose shapes do not fit (count not
+      divisible by 5, labels mismatch).
+    TypeError: a non-integer ``severity`` or ``num_examples``.
     FileNotFoundError: missing files (the message says where to download them).
   """
   _checks.check_choice(name, "name", ("cifar10", "cifar100"))
   _checks.check_choice(corruption, "corruption", CIFAR_C_CORRUPTIONS)
   if severity is not None:
     severity = _checks.check_int(severity, "severity", minimum=1, maximum=5)
+  if num_examples is not None:
+    num_examples = _checks.check_int(num_examples, "num_examples", minimum=1)
   folder = _find_c_dir(os.fspath(root), name)
   path = os.path.join(folder, f"{corruption}.npy")
   if not os.path.isfile(path):
@@ -202,7 +265,17 @@ def load_corrupted(root: str | os.PathLike, corruption: str,
     raise ValueError(f"{path!r} holds {images.shape[0]} images but labels.npy holds "
                      f"{labels.shape[0]} labels.")
   m = images.shape[0] // 5
-  rows = slice(None) if severity is None else slice((severity - 1) * m, severity * m)
+  if num_examples is not None and num_examples > m:
+    raise ValueError(f"num_examples must be <= {m}: {path!r} holds {m} images per "
+                     f"severity; got num_examples={num_examples}.")
+  n = m if num_examples is None else num_examples
+  blocks = range(5) if severity is None else (severity - 1,)
+  if n == m and severity is None:
+    rows: Any = slice(None)
+  elif len(blocks) == 1:
+    rows = slice(blocks[0] * m, blocks[0] * m + n)
+  else:
+    rows = np.concatenate([np.arange(b * m, b * m + n) for b in blocks])
   block = np.asarray(images[rows])
   if block.dtype == np.uint8:
     data = block.astype(np.float32) * np.float32(1 / 255)

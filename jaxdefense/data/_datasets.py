@@ -147,8 +147,11 @@ class Dataset:
       informational only.
 
   Raises (on construction):
-    ValueError: images not of rank 4, labels not of rank 1, or different lengths.
-    TypeError: non-floating images or non-integer labels.
+    ValueError: images not of rank 4, labels not of rank 1, or different lengths;
+      NaN or infinite pixels, pixels outside ``[0, 1]`` (e.g. a ``[0, 255]`` scale);
+      labels outside ``[0, num_classes)``; ``num_classes < 1``.
+    TypeError: non-floating images (divide integer images by 255), non-integer labels
+      or ``num_classes``.
   """
   images: np.ndarray
   labels: np.ndarray
@@ -161,14 +164,14 @@ class Dataset:
     images = np.asarray(self.images)
     labels = np.asarray(self.labels)
     _checks.check_rank(images, "images", (4,), "a batch of images [N, H, W, C]")
-    _checks.check_floating(images, "images")
     _checks.check_rank(labels, "labels", (1,), "integer labels [N]")
-    if not np.issubdtype(labels.dtype, np.integer):
-      raise TypeError(f"labels must hold integer class labels; got dtype {labels.dtype}.")
     if images.shape[0] != labels.shape[0]:
       raise ValueError(f"images and labels must have the same length; got "
                        f"{images.shape[0]} images and {labels.shape[0]} labels.")
-    _checks.check_int(self.num_classes, "num_classes", minimum=1)
+    num_classes = _checks.check_int(self.num_classes, "num_classes", minimum=1)
+    _checks.check_images(images, "images")
+    _checks.check_labels(labels, num_classes, "labels")
+    object.__setattr__(self, "num_classes", num_classes)
     object.__setattr__(self, "images", images.astype(np.float32, copy=False))
     object.__setattr__(self, "labels", labels.astype(np.int32, copy=False))
 

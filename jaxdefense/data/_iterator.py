@@ -114,11 +114,16 @@ def batches(data: Any, batch_size: int, *, seed: int = 0, epoch: int = 0,
   Raises:
     TypeError: ``data`` of the wrong kind, or non-integer sizes / seeds.
     ValueError: mismatched lengths, ``batch_size < 1``, negative ``seed`` / ``epoch``,
-      or ``start`` outside ``[0, num_batches]``.
+      ``start`` outside ``[0, num_batches]``, or ``batch_size`` larger than the data
+      with ``drop_remainder`` (the epoch would have no batch at all).
   """
   images, labels = _arrays(data)
   batch_size = _checks.check_int(batch_size, "batch_size", minimum=1)
   n = int(labels.shape[0])
+  if drop_remainder and batch_size > n:
+    raise ValueError(f"batch_size={batch_size} is larger than the data ({n} examples), and "
+                     "with drop_remainder=True the epoch would have no batch at all; use "
+                     f"batch_size <= {n} or drop_remainder=False.")
   total = num_batches(n, batch_size, drop_remainder)
   start = _checks.check_int(start, "start", minimum=0, maximum=total)
   order = epoch_order(n, seed=seed, epoch=epoch, shuffle=bool(shuffle))

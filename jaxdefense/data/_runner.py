@@ -66,9 +66,11 @@ def run_batches(fn: Callable[[tuple, Any], Any], arrays: Sequence[Any], *, batch
       is wrapped in ``jax.jit`` with batch-sharded inputs (``jit=False`` calls it as
       is, e.g. when it is already compiled); passing the same function object again
       reuses its compiled program.
-    arrays: equal-length arrays ``[N, ...]`` (NumPy or JAX); ``N >= 1``.
-    batch_size: examples per call; rounded up to a multiple of the device count (the
-      padding rows are dropped from the result).
+    arrays: equal-length arrays ``[N, ...]`` (NumPy or JAX); ``N >= 1``: an empty data
+      set raises (there is no result to return, and callers would average over nothing)
+      rather than returning empty arrays.
+    batch_size: examples per call, an integer ``>= 1``; rounded up to a multiple of the
+      device count (the padding rows are dropped from the result).
     key: root PRNG key, or ``None``.
     mesh: device mesh (default: a 1-D mesh over every device of every process).
     progress: show a tqdm progress bar.
@@ -83,9 +85,10 @@ def run_batches(fn: Callable[[tuple, Any], Any], arrays: Sequence[Any], *, batch
     the ``N`` real rows, as NumPy arrays ``[N, ...]``.
 
   Raises:
-    ValueError: no arrays, arrays of unequal length, an empty data set, a batch size
-      below 1, or outputs without the batch as leading axis.
-    TypeError: a non-callable ``fn``.
+    ValueError: no arrays, arrays of unequal length, an empty data set (0 rows), a
+      ``batch_size`` below 1 (the message names it and its value), or outputs without
+      the batch as leading axis.
+    TypeError: a non-callable ``fn``, a non-integer ``batch_size``.
   """
   if not callable(fn):
     raise TypeError(f"fn must be callable fn(batch, key); got {fn!r}.")
@@ -101,7 +104,9 @@ def run_batches(fn: Callable[[tuple, Any], Any], arrays: Sequence[Any], *, batch
       raise ValueError(f"arrays must all have the same leading length; arrays[0] has "
                        f"{n} rows, arrays[{i}] has shape {np.shape(a)}.")
   if n == 0:
-    raise ValueError("cannot run over an empty data set (0 examples).")
+    raise ValueError(f"arrays have 0 rows (shapes {[tuple(np.shape(a)) for a in arrays]}); "
+                     "run_batches needs at least one example (an empty data set has no "
+                     "per-example results, and a mean over it would be NaN).")
   mesh = _sharding.make_mesh() if mesh is None else mesh
   size = padded_batch_size(batch_size, n, mesh, fixed=bool(fixed_batch))
   sharding = _sharding.batch_sharding(mesh)

@@ -2,10 +2,14 @@
 
 ``x_{n+1} = step(x_n, f_n(x_n))`` with ``step`` one of :class:`Euler` (ResNet),
 :class:`EulerMaruyama` (EnResNet, noise from ``rngs={"noise": key}``) and
-:class:`Damped` (In-ResNet family).  Any model of :mod:`jaxdefense.models` takes any
-step rule through its ``step`` field.
+:class:`Damped` (In-ResNet family: stored as the authors' code by default, initial
+effective coefficients from :data:`DAMPED_INIT_RANGES`, each damped block's coefficient
+sown under :data:`DAMPING_INTERMEDIATE` when ``"intermediates"`` is mutable).  Any model
+of :mod:`jaxdefense.models` takes any step rule through its ``step`` field.
 """
 
+from jaxdefense.dynamics._steps import DAMPED_INIT_RANGES as DAMPED_INIT_RANGES
+from jaxdefense.dynamics._steps import DAMPING_INTERMEDIATE as DAMPING_INTERMEDIATE
 from jaxdefense.dynamics._steps import Damped as Damped
 from jaxdefense.dynamics._steps import Euler as Euler
 from jaxdefense.dynamics._steps import EulerMaruyama as EulerMaruyama
@@ -17,8 +21,9 @@ from jaxdefense.dynamics._encoding import step_from_dict as step_from_dict
 from jaxdefense.dynamics._encoding import step_name as step_name
 from jaxdefense.dynamics._encoding import step_to_dict as step_to_dict
 
-__all__ = ["Damped", "Euler", "EulerMaruyama", "StepContext", "apply_step", "is_stochastic",
-           "STEP_RULES", "step_from_dict", "step_name", "step_to_dict"]
+__all__ = ["DAMPED_INIT_RANGES", "DAMPING_INTERMEDIATE", "Damped", "Euler", "EulerMaruyama",
+           "StepContext", "apply_step", "is_stochastic", "STEP_RULES", "step_from_dict",
+           "step_name", "step_to_dict"]
 
 from jaxdefense.dynamics._continuous import ODEBlock as ODEBlock
 from jaxdefense.dynamics._continuous import SDEBlock as SDEBlock

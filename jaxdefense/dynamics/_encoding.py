@@ -24,6 +24,21 @@ STEP_RULES: dict[str, type] = {
 }
 
 
+#: Defaults a field had before (config name, field) -> former defaults.  An older,
+#: complete config that carries another rule's field at one of these values is accepted
+#: like one at the current default (``Damped.init_range`` was ``(0.2, 0.25)`` before it
+#: became ``None``, "the kind's default", which is the same range for every kind).
+_FORMER_DEFAULTS: dict[tuple[str, str], tuple[Any, ...]] = {
+    ("damped", "init_range"): ((0.2, 0.25),),
+}
+
+
+def _at_default(owner: str, key: str, value: Any) -> bool:
+  value = plain_value(value)
+  return (plain_value(_fields(STEP_RULES[owner])[key]) == value
+          or value in _FORMER_DEFAULTS.get((owner, key), ()))
+
+
 def _fields(cls: type) -> dict[str, Any]:
   return {f.name: f.default for f in dataclasses.fields(cls) if f.init}
 
@@ -44,7 +59,10 @@ def step_name(step: Any) -> str:
 def step_to_dict(step: Any) -> dict[str, Any]:
   """A step rule as a config dict ``{"name": ..., **every field}``.
 
-  ``step_from_dict(step_to_dict(s)) == s`` for every rule.
+  ``step_from_dict(step_to_dict(s)) == s`` for every rule.  For example
+  ``step_to_dict(Damped("sig"))`` is ``{"name": "damped", "kind": "sig", "init_range":
+  None, "skip_first": True, "skip_transitions": True, "storage": "authors"}``
+  (``init_range=None``: the kind's default, :data:`~jaxdefense.dynamics.DAMPED_INIT_RANGES`).
 
   Raises:
     TypeError: ``step`` is not a registered step rule.
@@ -62,8 +80,8 @@ def step_from_dict(spec: Mapping[str, Any] | Any, base: Any = None) -> Any:
   spec then completes ``base``.
 
   For configs written before this encoding (which carried every rule's fields), a field
-  of *another* rule is accepted when it holds that rule's default value; any other
-  field raises.
+  of *another* rule is accepted when it holds that rule's default value (current, or a
+  former default such as ``Damped.init_range = (0.2, 0.25)``); any other field raises.
 
   Args:
     spec: a mapping or ``ml_collections.ConfigDict``.
@@ -104,7 +122,7 @@ def step_from_dict(spec: Mapping[str, Any] | Any, base: Any = None) -> Any:
       values[key] = value
       continue
     owners = [n for n, c in STEP_RULES.items() if key in _fields(c)]
-    if owners and all(plain_value(_fields(STEP_RULES[o])[key]) == value for o in owners):
+    if owners and all(_at_default(o, key, value) for o in owners):
       continue  # another rule's field at its default (an older, complete config)
     where = f" (a field of {', '.join(owners)})" if owners else ""
     raise ValueError(f"model.step field {key!r}{where} does not apply to step {name!r}, "

@@ -10,7 +10,9 @@ reference to the network that calls it.  It declares what it needs from its bloc
   (the Brownian increment of EnResNet),
 
 and :func:`apply_step` (the only place that touches a block's scope) creates them and
-calls ``rule(x, fx, ctx, params=..., key=..., perturbation=...)``.  Every rule accepts
+calls ``rule(x, fx, ctx, params=..., key=..., perturbation=...)``; for a damped block it
+also sows the effective coefficient (``rule.coefficient``) into the ``"intermediates"``
+collection when that collection is mutable.  Every rule accepts
 an additive ``perturbation`` (LAD's layer-wise perturbation; ``None`` means zeros).
 
 Rules run on arrays and, when deterministic, on abstract values
@@ -21,11 +23,14 @@ affine in ``(x, f)``; a noisy or input-gated rule raises a clear error.
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
 from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdefense import _checks
 from jaxdefense.nn import _layers as L
@@ -158,50 +163,188 @@ class EulerMaruyama(_Rule):
 
 
 _DAMPED_KINDS = ("relu", "lambda", "sig", "gating", "gating_sig")
+_SIGMOID_KINDS = ("sig", "gating_sig")
+_DAMPED_STORAGES = ("authors", "lambda")
+
+#: Default initial range of the *effective* coefficient ``lambda = act(.)`` per kind of
+#: :class:`Damped`: the paper's tuned 110-layer range U(0.2, 0.25) for every kind (the
+#: paper tunes the variants' intervals but does not print them; 0.2 keeps the sigmoid
+#: kinds near the interpolation regime instead of ``sigmoid(0.2) ~ 0.55``).  The
+#: authors' 164-layer range is ``Damped(init_range=(0.1, 0.2))``.
+DAMPED_INIT_RANGES: Mapping[str, tuple[float, float]] = types.MappingProxyType(
+    {kind: (0.2, 0.25) for kind in _DAMPED_KINDS})
+
+#: Name under which :func:`apply_step` sows a damped block's effective coefficient
+#: (:meth:`Damped.coefficient`) into the ``"intermediates"`` collection.
+DAMPING_INTERMEDIATE = "damping"
+_INTERMEDIATES = "intermediates"
 
 
 @dataclasses.dataclass(frozen=True)
 class Damped(_Rule):
   """Damped residual step of ``dx/dt = -lambda x + rho(lambda) f`` (In-ResNet).
 
-  With ``a = act(lambda_n)``:
+  With ``a`` the effective coefficient of the block (:meth:`coefficient`):
 
-  * ``kind="relu"`` (In-ResNet, rho = 1):        ``x_{n+1} = (1 - a) x_n + f_n(x_n)``, act = relu
-  * ``kind="lambda"`` (lambda-In-ResNet):        ``x_{n+1} = (1 - a) x_n + (1 + a) f_n(x_n)``, act = relu
-  * ``kind="sig"`` (In-ResNet-sig):              as ``"relu"`` with act = sigmoid
-  * ``kind="gating"`` / ``"gating_sig"``:        ``lambda_n = W_d x_n + b_d`` with act relu /
-    sigmoid.  We read ``W_d`` as a 1x1 convolution (per position and channel), the
-    shortcut-only gating of He et al. (2016) that the paper cites; a dense map on
-    rank-2 features.  ``W_d`` starts at zero and ``b_d`` in ``init_range``.
+  * ``kind="relu"`` (In-ResNet, rho = 1):    ``x_{n+1} = (1 - a) x_n + f_n(x_n)``
+  * ``kind="lambda"`` (lambda-In-ResNet):    ``x_{n+1} = (1 - a) x_n + (1 + a) f_n(x_n)``
+  * ``kind="sig"`` (In-ResNet-sig):          as ``"relu"`` with ``a = sigmoid(lambda_n)``
+  * ``kind="gating"`` / ``"gating_sig"``:    as ``"relu"`` with ``a = act(W_d x_n + b_d)``,
+    act relu / sigmoid.  We read ``W_d`` as a 1x1 convolution (per position and
+    channel), the shortcut-only gating of He et al. (2016) that the paper cites; a
+    dense map on rank-2 features.  ``W_d`` starts at zero, so the initial gate is the
+    per-channel constant ``act(b_d)``.
 
-  ``lambda = 0`` recovers the ResNet step and ``lambda = 1`` (relu kinds) a plain
-  CNN.  One trainable scalar ``lambda`` per block, initialised uniformly in
-  ``init_range`` (the authors use U(0.2, 0.25) for 110 layers, U(0.1, 0.2) for 164).
+  ``a = 0`` recovers the ResNet step and ``a = 1`` the plain CNN step
+  (``x_{n+1} = f_n(x_n)``; ``2 f_n(x_n)`` for ``"lambda"``) for every kind; the sigmoid
+  kinds reach 0 and 1 only in the limit (stored parameter -> -inf / +inf).
+
+  **Stored parameter** (``storage``), and where weight decay (which shrinks every stored
+  parameter toward 0) pulls the effective coefficient:
+
+  * ``storage="authors"`` (default): the authors' code for ``"relu"`` and ``"lambda"``
+    (issue 11, NOTES.md section 2); for the other kinds, whose storage nothing public
+    pins down, our reading of the paper's eq. (21), ``act(d(x_n))``:
+
+    - ``"relu"``: a scalar ``k`` with ``a = relu(1 - k)`` (shortcut weight
+      ``1 - relu(1 - k)``); decay pulls In-ResNet toward the plain CNN (``a -> 1``).
+    - ``"lambda"``: the scalar ``lambda`` itself, ``a = relu(lambda)``; decay pulls
+      lambda-In-ResNet toward the ResNet (``a -> 0``).
+    - ``"sig"``: the scalar ``lambda`` (``lambda_n`` of the paper's eq. 21), ``a =
+      sigmoid(lambda)``; decay pulls ``a`` toward 1/2.
+    - ``"gating"`` / ``"gating_sig"``: ``gate_kernel`` (W_d) and ``gate_bias`` (b_d);
+      decay pulls ``a`` toward ``act(0)``: 0 (ResNet) / 1/2.
+
+  * ``storage="lambda"``: the paper's ``lambda_n`` under ``act`` for every kind, i.e.
+    ``"relu"`` stores a scalar ``lambda`` with ``a = relu(lambda)`` (decay toward the
+    ResNet).  This is how every kind was stored before the authors' storage became the
+    default: variables (checkpoints) of an older ``"relu"`` net load with
+    ``Damped("relu", storage="lambda")``.  The other kinds store the same parameters as
+    with ``"authors"``.
+
+  **Initialisation.**  ``init_range = (low, high)`` is a range of the *effective*
+  coefficient ``a``: ``a ~ U(low, high)``, converted to the stored parameter
+  (``k = 1 - a``; ``lambda = a``; ``lambda = logit(a)`` for ``"sig"``; ``b_d = a`` or
+  ``logit(a)`` for the gating kinds, with ``W_d = 0``).  ``None`` (default) takes the
+  kind's default from :data:`DAMPED_INIT_RANGES`, U(0.2, 0.25) as the authors'
+  110-layer nets: ``Damped("relu")`` stores ``k ~ U(0.75, 0.8)`` and ``Damped("lambda")``
+  ``lambda ~ U(0.2, 0.25)``, as the authors.  The authors' 164-layer nets use
+  ``Damped(init_range=(0.1, 0.2))``.  The range must be one the kind can represent:
+  ``a >= 0`` for the relu kinds (``relu``, ``lambda``, ``gating``; ``a > 1`` is allowed,
+  a negative shortcut weight), ``0 < a < 1`` for the sigmoid kinds.
+
   As in the authors' code, the first block and the stage-transition blocks stay
-  plain residual (``skip_first``, ``skip_transitions``).
+  plain residual (``skip_first``, ``skip_transitions``).  Inside a network,
+  :func:`apply_step` sows each damped block's :meth:`coefficient` into the
+  ``"intermediates"`` collection (name :data:`DAMPING_INTERMEDIATE`) when that
+  collection is mutable; :func:`jaxdefense.analysis.damping_coefficients` reads them.
 
   Attributes:
-    kind: one of relu, lambda, sig, gating, gating_sig.
-    init_range: ``(low, high)`` of the uniform initialisation of lambda (or b_d).
+    kind: one of ``relu``, ``lambda``, ``sig``, ``gating``, ``gating_sig``.
+    init_range: ``(low, high)`` of the uniform initialisation of the effective
+      coefficient, or ``None`` for the kind's default (:data:`DAMPED_INIT_RANGES`).
     skip_first: keep block 0 a plain ResNet step.
     skip_transitions: keep stage-transition blocks plain ResNet steps.
+    storage: ``"authors"`` (default) or ``"lambda"``, see above.
+
+  Raises:
+    ValueError: unknown ``kind`` or ``storage``; ``init_range`` not finite, with
+      ``low > high``, or outside what the kind can represent (the message names the
+      field, the value and the kind).
+    TypeError: ``init_range`` not a pair of real numbers.
   """
   kind: str = "relu"
-  init_range: tuple[float, float] = (0.2, 0.25)
+  init_range: tuple[float, float] | None = None
   skip_first: bool = True
   skip_transitions: bool = True
+  storage: str = "authors"
 
   def __post_init__(self):
     _checks.check_choice(self.kind, "Damped.kind", _DAMPED_KINDS)
-    lo, hi = self.init_range
+    _checks.check_choice(self.storage, "Damped.storage", _DAMPED_STORAGES)
+    if self.init_range is not None:
+      object.__setattr__(self, "init_range", self._checked_range(self.init_range))
+
+  # ------------------------------------------------------------------ parametrisation
+  @property
+  def gating(self) -> bool:
+    """True for the input-gated kinds (``gating``, ``gating_sig``)."""
+    return self.kind.startswith("gating")
+
+  @property
+  def lambda_init_range(self) -> tuple[float, float]:
+    """The initial range of the effective coefficient: ``init_range`` or the kind's
+    default from :data:`DAMPED_INIT_RANGES`."""
+    return self.init_range if self.init_range is not None else DAMPED_INIT_RANGES[self.kind]
+
+  def _checked_range(self, value: Any) -> tuple[float, float]:
+    where = f"Damped.init_range (kind={self.kind!r})"
+    if (isinstance(value, (str, bytes)) or not hasattr(value, "__len__")
+        or len(value) != 2):
+      raise TypeError(f"{where} must be a pair (low, high) of effective coefficients, or "
+                      f"None for the kind's default; got {value!r}.")
+    pair = []
+    for v in value:
+      if isinstance(v, bool) or not isinstance(v, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{where} must hold real numbers; got {value!r}.")
+      pair.append(float(v))
+    lo, hi = pair
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+      raise ValueError(f"{where} must be finite; got {value!r}.")
     if not lo <= hi:
-      raise ValueError(f"Damped.init_range must be (low, high) with low <= high; "
-                       f"got {self.init_range}.")
-    object.__setattr__(self, "init_range", (float(lo), float(hi)))
+      raise ValueError(f"{where} must be (low, high) with low <= high; got {value!r}.")
+    if self.kind in _SIGMOID_KINDS:
+      if not (0.0 < lo and hi < 1.0):
+        raise ValueError(
+            f"{where} must lie inside (0, 1): the coefficient sigmoid(.) of kind "
+            f"{self.kind!r} takes only values strictly between 0 and 1; got {value!r}.")
+    elif lo < 0.0:
+      raise ValueError(
+          f"{where} must lie in [0, inf): the coefficient relu(.) of kind {self.kind!r} "
+          f"cannot be negative; got {value!r}.")
+    return (lo, hi)
+
+  def param_names(self) -> tuple[str, ...]:
+    """Names of a damped block's rule parameters in its variable scope.
+
+    ``("k",)`` for ``kind="relu"`` with ``storage="authors"``, ``("gate_kernel",
+    "gate_bias")`` for the gating kinds, ``("lambda",)`` otherwise.
+    """
+    if self.gating:
+      return ("gate_kernel", "gate_bias")
+    if self.kind == "relu" and self.storage == "authors":
+      return ("k",)
+    return ("lambda",)
+
+  def _act(self, z: Any) -> Array:
+    return jax.nn.sigmoid(z) if self.kind in _SIGMOID_KINDS else jax.nn.relu(z)
+
+  def parameter_for(self, coefficient: Any) -> Array:
+    """The stored parameter whose effective coefficient is ``coefficient``.
+
+    ``1 - a`` (``"relu"``, ``storage="authors"``), ``logit(a)`` (sigmoid kinds; for the
+    gating kinds this is the bias ``b_d`` that gives ``a`` when ``W_d = 0``), ``a``
+    otherwise.  Elementwise on any shape; the sigmoid kinds map 0 and 1 to -inf and
+    +inf.  The inverse of :meth:`coefficient` on the representable range (the relu kinds
+    map every stored value at or below the kink to 0).
+
+    Args:
+      coefficient: an effective coefficient ``a`` (float or array), ``a >= 0`` for the
+        relu kinds, ``0 <= a <= 1`` for the sigmoid kinds (not checked).
+
+    Returns:
+      A float array of the shape of ``coefficient``.
+    """
+    a = jnp.asarray(coefficient, jnp.result_type(float, coefficient))
+    if self.kind in _SIGMOID_KINDS:
+      return jnp.log(a) - jnp.log1p(-a)
+    if self.kind == "relu" and self.storage == "authors":
+      return 1.0 - a
+    return a
 
   def _init(self, key, shape, dtype=jnp.float32):
-    lo, hi = self.init_range
-    return jax.random.uniform(key, shape, dtype, lo, hi)
+    lo, hi = self.lambda_init_range
+    return self.parameter_for(jax.random.uniform(key, shape, dtype, lo, hi)).astype(dtype)
 
   def damped(self, ctx: StepContext) -> bool:
     """Whether the block at ``ctx`` uses the damped rule (else plain Euler)."""
@@ -209,43 +352,83 @@ class Damped(_Rule):
                 or (self.skip_transitions and ctx.transition))
 
   def param_specs(self, ctx: StepContext, x: Any) -> ParamSpecs:
-    """``lambda`` (a scalar), or ``gate_kernel`` / ``gate_bias`` for the gating kinds."""
+    """``k`` or ``lambda`` (a scalar, see :meth:`param_names`), or ``gate_kernel``
+    (``[1, 1, C, C]`` on NHWC features, ``[C, C]`` on rank-2 ones, zeros) and
+    ``gate_bias`` (``[C]``) for the gating kinds; ``{}`` for a block that is not damped."""
     if not self.damped(ctx):
       return {}
-    if self.kind.startswith("gating"):
+    if self.gating:
       c = x.shape[-1]
       kernel = (1, 1, c, c) if len(x.shape) == 4 else (c, c)
       return {"gate_kernel": (nn.initializers.zeros_init(), kernel),
               "gate_bias": (self._init, (c,))}
-    return {"lambda": (self._init, ())}
+    return {self.param_names()[0]: (self._init, ())}
 
-  def __call__(self, x: Any, fx: Any, ctx: StepContext, *, params: Mapping[str, Any] = None,
-               key: Array | None = None, perturbation: Any = None) -> Any:
-    """The damped update with the parameters of :meth:`param_specs` in ``params``."""
-    del key
-    if not self.damped(ctx):
-      return _add_perturbation(L.add(x, fx), perturbation)
+  def coefficient(self, x: Any, ctx: StepContext | None,
+                  params: Mapping[str, Any] | None) -> Array:
+    """The effective damping coefficient ``a = act(lambda_n)`` of a damped block.
+
+    A pure function of the block's parameters (and, for the gating kinds, of its input);
+    :meth:`__call__` uses it, and :func:`apply_step` sows it.
+
+    Args:
+      x: the block's shortcut input ``x_n``, ``[B, H, W, C]`` or ``[B, C]``; used by the
+        gating kinds only (the scalar kinds accept ``None``).
+      ctx: the block's :class:`StepContext`, or ``None`` to skip the check that the block
+        is damped (reading stored variables).
+      params: the block's rule parameters (:meth:`param_names`).
+
+    Returns:
+      Scalar kinds: ``relu(1 - k)``, ``relu(lambda)`` or ``sigmoid(lambda)`` with the
+      stored parameter's shape (``()`` in one network).  Gating kinds: ``act(W_d x + b_d)``
+      with the shape of ``x``.
+
+    Raises:
+      ValueError: the block at ``ctx`` is not damped; a parameter is missing; a gating
+        kind without ``x``, or with an abstract ``x`` (not certifiable).
+    """
+    if ctx is not None and not self.damped(ctx):
+      raise ValueError(f"{self!r}: block {ctx.index} (transition={ctx.transition}) is a "
+                       "plain residual block (skip_first / skip_transitions); it has no "
+                       "damping coefficient.")
     params = {} if params is None else params
-    missing = sorted(set(self.param_specs(ctx, x)) - set(params))
+    missing = [name for name in self.param_names() if name not in params]
     if missing:
       raise ValueError(f"{self!r} needs the parameters {missing} (created by apply_step); "
                        f"got {sorted(params)}.")
-    act = jax.nn.sigmoid if self.kind in ("sig", "gating_sig") else jax.nn.relu
-    if self.kind.startswith("gating"):
-      if is_abstract(x):
-        raise _not_certifiable(self, "its coefficient lambda = W_d x + b_d depends on the input")
-      d = params["gate_kernel"]
-      if x.ndim == 4:
-        lam = jax.lax.conv_general_dilated(x, d, (1, 1), "VALID",
-                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      else:
-        lam = x @ d
-      lam = lam + params["gate_bias"]
+    if not self.gating:
+      p = jnp.asarray(params[self.param_names()[0]])
+      if self.kind == "relu" and self.storage == "authors":
+        return jax.nn.relu(1.0 - p)
+      return self._act(p)
+    if x is None:
+      raise ValueError(f"{self!r}: the coefficient act(W_d x_n + b_d) of kind "
+                       f"{self.kind!r} depends on the block input; got x=None.")
+    if is_abstract(x):
+      raise _not_certifiable(self, "its coefficient lambda = W_d x + b_d depends on the input")
+    d = params["gate_kernel"]
+    if x.ndim == 4:
+      lam = jax.lax.conv_general_dilated(x, d, (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     else:
-      lam = params["lambda"]
-    a = act(lam)
-    rho = 1.0 + a if self.kind == "lambda" else None
-    out = L.add(L.scale_shift(x, 1.0 - a), fx if rho is None else L.scale_shift(fx, rho))
+      lam = x @ d
+    return self._act(lam + params["gate_bias"])
+
+  def __call__(self, x: Any, fx: Any, ctx: StepContext, *, params: Mapping[str, Any] = None,
+               key: Array | None = None, perturbation: Any = None) -> Any:
+    """The damped update with the parameters of :meth:`param_specs` in ``params``:
+    ``(1 - a) x + fx`` (``(1 - a) x + (1 + a) fx`` for ``"lambda"``), ``a`` from
+    :meth:`coefficient`; plain ``x + fx`` for a block that is not damped.
+
+    Raises:
+      ValueError: a parameter missing; a gating kind on an abstract input.
+    """
+    del key
+    if not self.damped(ctx):
+      return _add_perturbation(L.add(x, fx), perturbation)
+    a = self.coefficient(x, ctx, params)
+    branch = L.scale_shift(fx, 1.0 + a) if self.kind == "lambda" else fx
+    out = L.add(L.scale_shift(x, 1.0 - a), branch)
     return _add_perturbation(out, perturbation)
 
 
@@ -274,6 +457,14 @@ def apply_step(block: nn.Module, step: Any, x: Any, fx: Any, ctx: StepContext,
   the rule :meth:`needs_noise`, draws a key from the block's ``"noise"`` RNG stream, then
   returns ``step(x, fx, ctx, params=..., key=..., perturbation=...)``.
 
+  For a rule with ``damped(ctx)`` and ``coefficient(x, ctx, params)`` (:class:`Damped`)
+  and a damped block, the block's effective coefficient is also sown into the
+  ``"intermediates"`` collection under :data:`DAMPING_INTERMEDIATE` (a tuple with one
+  entry per call: a scalar, or an array of the shape of ``x`` for the gating kinds).
+  ``flax`` sows only when that collection is mutable, e.g.
+  ``model.apply(variables, x, mutable=["intermediates"])``; otherwise nothing is computed
+  or stored.
+
   Args:
     block: the calling Flax module (inside its ``@nn.compact`` method).
     step: a step rule (:class:`Euler`, :class:`EulerMaruyama`, :class:`Damped`, or any
@@ -295,6 +486,10 @@ def apply_step(block: nn.Module, step: Any, x: Any, fx: Any, ctx: StepContext,
                     f"EulerMaruyama(...), Damped(...)); got {step!r}.")
   params = {name: block.param(name, init, shape)
             for name, (init, shape) in step.param_specs(ctx, x).items()}
+  coefficient, damped = getattr(step, "coefficient", None), getattr(step, "damped", None)
+  if (callable(coefficient) and callable(damped) and damped(ctx)
+      and block.is_mutable_collection(_INTERMEDIATES)):
+    block.sow(_INTERMEDIATES, DAMPING_INTERMEDIATE, coefficient(x, ctx, params))
   key = None
   if step.needs_noise(ctx) and not is_abstract(x):
     if not block.has_rng("noise"):

@@ -1,8 +1,9 @@
 """Evaluation: clean / robust / corruption / certified accuracy tables and diagnostics.
 
 >>> report = evaluate_robustness(logits_fn, x, y, key=key, eps=8/255, suite="quick",
-...                              corruptions=("gaussian_noise",))
+...                              corruptions="noise")   # the four noise corruptions
 >>> print(report.to_text())
+>>> ensemble = restore_ensemble(["runs/seed0", "runs/seed1"])  # logits averaged over runs
 >>> print(diagnose(logits_fn, x, y, key=key, eps=8/255).to_text())
 """
 
@@ -10,7 +11,10 @@ from jaxdefense.evaluation._certified import certified_accuracy as certified_acc
 from jaxdefense.evaluation._diagnose import Check as Check
 from jaxdefense.evaluation._diagnose import Diagnosis as Diagnosis
 from jaxdefense.evaluation._diagnose import diagnose as diagnose
+from jaxdefense.evaluation._ensemble import restore_ensemble as restore_ensemble
 from jaxdefense.evaluation._robustness import ATTACKS as ATTACKS
+from jaxdefense.evaluation._robustness import CORRUPTION_PRESETS as CORRUPTION_PRESETS
+from jaxdefense.evaluation._robustness import INRESNET_RADII as INRESNET_RADII
 from jaxdefense.evaluation._robustness import SUITES as SUITES
 from jaxdefense.evaluation._robustness import AttackSpec as AttackSpec
 from jaxdefense.evaluation._robustness import RobustnessReport as RobustnessReport
@@ -39,9 +43,10 @@ from jaxdefense.evaluation._study import run_study as run_study
 from jaxdefense.evaluation._study import main as study_main
 from jaxdefense.evaluation._study import write_report as write_report
 
-__all__ = ["ATTACKS", "SUITES", "AttackSpec", "Check", "Diagnosis", "RobustnessReport",
-           "accuracy_vs_eps", "certified_accuracy", "diagnose", "evaluate_robustness",
-           "evaluate_run", "run_logits_fn", "parse_attack", "parse_suite", "plot_accuracy_vs_eps",
+__all__ = ["ATTACKS", "CORRUPTION_PRESETS", "INRESNET_RADII", "SUITES", "AttackSpec", "Check",
+           "Diagnosis", "RobustnessReport", "accuracy_vs_eps", "certified_accuracy",
+           "diagnose", "evaluate_robustness", "evaluate_run", "restore_ensemble",
+           "run_logits_fn", "parse_attack", "parse_suite", "plot_accuracy_vs_eps",
            # the experiment runner and its statistics
            "Cell", "CellContext", "Comparison", "Estimate", "Results", "Study", "binomial_se",
            "compare", "estimate", "load_results", "markdown_table", "render_report",

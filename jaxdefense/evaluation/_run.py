@@ -37,7 +37,8 @@ def run_logits_fn(workdir: str | os.PathLike, *, which: str = "latest"
 def evaluate_run(workdir: str | os.PathLike, *, key: Any = None, which: str = "latest",
                  suite: Any = "quick", eps: float = 8 / 255, num_examples: int | None = 1000,
                  corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
-                 eot_samples: int = 5, batch_size: int = 128, data_dir: str | None = None,
+                 corruption_dir: str | os.PathLike | None = None, eot_samples: int = 5,
+                 batch_size: int = 128, data_dir: str | None = None,
                  progress: bool = True, save: bool = True,
                  with_diagnosis: bool = False) -> tuple[RobustnessReport, Diagnosis | None]:
   """Attack and corrupt the test set of a saved run; write the tables into its workdir.
@@ -46,8 +47,8 @@ def evaluate_run(workdir: str | os.PathLike, *, key: Any = None, which: str = "l
     workdir: a run's folder (``jaxdefense train --workdir``).
     key: PRNG key (default ``jax.random.key(0)``).
     which: ``"latest"`` or ``"best"`` checkpoint.
-    suite, eps, corruptions, severities, eot_samples, batch_size, progress: see
-      :func:`evaluate_robustness`.
+    suite, eps, corruptions, severities, corruption_dir, eot_samples, batch_size,
+      progress: see :func:`evaluate_robustness`.
     num_examples: evaluate the first ``num_examples`` test examples (``None``: all).
     data_dir: overrides the run's data folder.
     save: write ``robustness.md`` / ``robustness.json`` (and ``diagnosis.json``) into
@@ -67,7 +68,7 @@ def evaluate_run(workdir: str | os.PathLike, *, key: Any = None, which: str = "l
                    f"{which} checkpoint", "workdir": str(workdir), "dataset": config.dataset}
   report = evaluate_robustness(model, test.images, test.labels, key=key, eps=eps,
                                suite=suite, corruptions=corruptions, severities=severities,
-                               eot_samples=eot_samples,
+                               corruption_dir=corruption_dir, eot_samples=eot_samples,
                                batch_size=batch_size, progress=progress, meta=meta)
   diagnosis = None
   if with_diagnosis:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 from flax import struct
@@ -138,18 +139,32 @@ class ModelFn(struct.PyTreeNode):
     return self.apply(x, key, **kwargs)[0]
 
   def apply(self, x: Any, key: Array | None = None, **kwargs: Any) -> tuple[Any, dict]:
-    """``(logits, state)`` of the model on ``x`` (see the class docstring)."""
+    """``(logits, state)`` of the model on ``x`` (see the class docstring).
+
+    Raises:
+      ValueError: a stochastic model called without a key; ``x`` of another shape than
+        the variables were made for (e.g. 3-channel images for a model initialised on
+        1-channel ones: the message names the layer, the channels it expects and the
+        ones it got).
+    """
     self._check_key(key)
     if self.fn is not None:
       out = self.fn(x, key, **kwargs) if self.stochastic else self.fn(x, **kwargs)
       return out, {}
     rngs = self._rngs(key)
     extra = {} if rngs is None else {"rngs": rngs}
-    if self.train:
-      out, state = self.module.apply(self.variables, x, train=True,
-                                     mutable=list(self.mutable), **extra, **kwargs)
-      return out, dict(state)
-    out = self.module.apply(self.variables, x, train=False, **extra, **kwargs)
+    try:
+      if self.train:
+        out, state = self.module.apply(self.variables, x, train=True,
+                                       mutable=list(self.mutable), **extra, **kwargs)
+        return out, dict(state)
+      out = self.module.apply(self.variables, x, train=False, **extra, **kwargs)
+    except flax.errors.ScopeParamShapeError as e:
+      # The layers of jaxdefense.nn say this themselves; this covers other flax layers.
+      raise ValueError(
+          f"{type(self.module).__name__} cannot run on x of shape {tuple(x.shape)}: its "
+          f"variables were made for inputs of another shape (e.g. another channel count). "
+          f"flax says: {e}") from None
     return out, {k: v for k, v in self.variables.items() if k != "params"}
 
   # ------------------------------------------------------------------ variants

@@ -61,6 +61,7 @@ import flax.linen as nn
 import numpy as np
 
 from jaxdefense.dynamics import Euler
+from jaxdefense.models._fields import check_fields
 from jaxdefense.models._registry import register
 from jaxdefense.models._resnet import ResidualBlock
 from jaxdefense.nn import _abstract_layers as A
@@ -161,9 +162,10 @@ class DiffAINet(nn.Module):
       ``"block{i}"`` (after the block and its ``block_convs``), ``"dense{i}"``
       (0-based).  Identity on arrays.
     step: residual step rule of :mod:`jaxdefense.dynamics` for every block (default
-      ``Euler()``; ``Damped(...)`` with a scalar coefficient stays certifiable).  A
-      network without blocks accepts only ``Euler``.
-    num_classes: output logits ``K`` (default 10).
+      ``Euler()``; ``Damped(...)`` with a scalar coefficient stays certifiable), or its
+      name / config dict (converted at construction).  A network without blocks
+      accepts only ``Euler``.
+    num_classes: output logits ``K >= 1`` (default 10).
     normalize: ``(mean, std)`` per channel (a :class:`~jaxdefense.nn.Normalize` first
       layer, so attacks and certification work in ``[0, 1]`` pixel space), or ``None``.
     correlate_last: put ``CorrelateAll(only_train=False)`` before the last layer.
@@ -177,9 +179,13 @@ class DiffAINet(nn.Module):
   have no batch norm or dropout); a noisy step needs ``rngs={"noise": key}``.
 
   Raises:
-    ValueError: malformed ``convs`` / ``blocks`` / ``block_convs``, an unknown ``block``
-      or abstract point, a non-Euler ``step`` without blocks, a perturbation list of
-      the wrong length.
+    ValueError: at construction, ``num_classes`` or a ``dense`` width below 1, a
+      ``normalize`` std that is not finite and positive, an unknown step rule name; at
+      the call, malformed ``convs`` / ``blocks`` / ``block_convs``, an unknown
+      ``block`` or abstract point, a non-Euler ``step`` without blocks, a perturbation
+      list of the wrong length, an input whose channels differ from those the
+      variables were initialised with.
+    TypeError: a non-integer ``num_classes`` or ``dense`` width.
   """
   convs: Sequence[Sequence[int]] = ()
   blocks: Sequence[Sequence[int]] = ()
@@ -191,6 +197,10 @@ class DiffAINet(nn.Module):
   num_classes: int = 10
   normalize: tuple[Sequence[float], Sequence[float]] | None = None
   correlate_last: bool = True
+
+  def __post_init__(self):
+    check_fields(self, positive=("num_classes",), positive_seqs=("dense",))
+    super().__post_init__()
 
   @property
   def num_blocks(self) -> int:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdefense import _checks
+from jaxdefense.models._fields import check_fields
 from jaxdefense.nn._abstract import is_abstract
 
 
@@ -52,12 +53,18 @@ class Ensemble(nn.Module):
   a loop miss XLA:CPU's fast path), against 0.26 s unrolled.
 
   Raises:
-    ValueError: ``size < 1``; an abstract input (certify one member at a time).
+    ValueError: ``size < 1`` (at construction); an abstract input (certify one member
+      at a time).
+    TypeError: a non-integer ``size``.
   """
   member: nn.Module
   size: int = 2
   shared: bool = False
   vectorize: bool | None = None
+
+  def __post_init__(self):
+    check_fields(self, positive=("size",))
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Any, *args: Any, capture_states: bool = False, **kwargs: Any) -> Any:

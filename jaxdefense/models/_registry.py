@@ -80,14 +80,21 @@ def create(name: str, **overrides: Any) -> nn.Module:
     name: a name from :func:`names`, e.g. ``"resnet20"``, ``"preact_resnet20"``,
       ``"wrn34_10"``, ``"conv_small"``.
     **overrides: module fields, e.g. ``num_classes=100``,
-      ``step=jaxdefense.dynamics.EulerMaruyama(coef=0.1)``, ``normalize=(mean, std)``.
+      ``step=jaxdefense.dynamics.EulerMaruyama(coef=0.1)`` (or a rule name,
+      ``step="euler_maruyama"``, or a config dict ``{"name": ..., **fields}``),
+      ``normalize=(mean, std)``.  The zoo's modules check their fields when they are
+      constructed, i.e. here.
 
   Returns:
     An unbound Flax module: ``variables = model.init(key, x)``, then
     ``model.apply(variables, x, train=False, rngs={"noise": key})``.
 
   Raises:
-    ValueError: unknown ``name``, or an override that the model does not have.
+    ValueError: unknown ``name``, an override that the model does not have, or a bad
+      field value (``num_classes`` or a width below 1, a ``normalize`` std that is not
+      finite and positive, an unknown step rule name...; the message names the field
+      and the value).
+    TypeError: a non-integer size field.
   """
   _check_name(name)
   factory = _REGISTRY[name]

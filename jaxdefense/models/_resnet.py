@@ -21,6 +21,7 @@ from jaxdefense import _checks
 from jaxdefense.dynamics import Euler, StepContext, apply_step
 from jaxdefense.nn import _layers as L
 from jaxdefense.nn._abstract import is_abstract
+from jaxdefense.models._fields import check_fields
 from jaxdefense.models._registry import register
 
 _KINDS = ("basic", "preact", "bottleneck", "preact_bottleneck", "resnext")
@@ -42,7 +43,9 @@ class ResidualBlock(nn.Module):
     kind: ``basic`` (post-activation, He et al. 2016a), ``preact`` (He et al. 2016b),
       ``bottleneck`` / ``preact_bottleneck`` (1x1-3x3-1x1 with ``inner`` channels) or
       ``resnext`` (post-activation bottleneck with a grouped 3x3 conv).
-    step: the residual step rule (default ``Euler()``).
+    step: the residual step rule (default ``Euler()``), or its name in
+      :data:`jaxdefense.dynamics.STEP_RULES` (``"euler_maruyama"``...) or a config dict
+      ``{"name": ..., **fields}``, converted at construction.
     index: block index in the network (for the step's context).
     shortcut: ``"pad"`` (parameter-free option A) or ``"conv"`` (1x1 projection) for
       transition blocks (stride or width change; identity otherwise), or
@@ -60,7 +63,11 @@ class ResidualBlock(nn.Module):
   or abstract value) returns ``[B, H / stride, W / stride, features]``.
 
   Raises:
-    ValueError: an unknown ``kind`` or ``shortcut``; ``"pad"`` that would reduce channels.
+    ValueError: at construction, ``features``, ``stride`` or ``groups`` below 1, a
+      negative ``index`` or ``inner``, ``dropout`` outside ``[0, 1)``, an unknown step
+      rule name; at the call, an unknown ``kind`` or ``shortcut``, ``"pad"`` that would
+      reduce channels.
+    TypeError: a non-integer size field.
   """
   features: int
   stride: int = 1
@@ -74,6 +81,11 @@ class ResidualBlock(nn.Module):
   batch_norm: bool = True
   use_bias: bool = False
   kernel_init: Any = L.he_normal
+
+  def __post_init__(self):
+    check_fields(self, positive=("features", "stride", "groups"),
+                 nonnegative=("index", "inner"), rates=("dropout",))
+    super().__post_init__()
 
   def _conv(self, features: int, kernel: int, stride: int, **kw: Any) -> L.Conv:
     return L.Conv(features, kernel, stride, use_bias=self.use_bias,
@@ -135,8 +147,11 @@ class ResNet(nn.Module):
     stage_sizes: number of blocks in each stage.
     widths: output channels of each stage.
     kind: block kind (see :class:`ResidualBlock`).
-    step: residual step rule from :mod:`jaxdefense.dynamics` (default ``Euler()``).
-    num_classes: number of logits.
+    step: residual step rule from :mod:`jaxdefense.dynamics` (default ``Euler()``), or
+      its name (``"euler"``, ``"euler_maruyama"``, ``"damped"``: the rule with its
+      default fields) or a config dict ``{"name": ..., **fields}``, converted at
+      construction.
+    num_classes: number of logits, ``>= 1``.
     stem_width: channels of the stem conv.
     strides: stride of the first block of each stage.
     shortcut: ``"pad"`` or ``"conv"`` transition shortcuts.
@@ -151,8 +166,14 @@ class ResNet(nn.Module):
   (LAD); ``capture_states=True`` returns ``(logits, states)`` with every block's output.
 
   Raises:
-    ValueError: images of the wrong rank or outside [0, 1] (checked on concrete
-      inputs), a perturbation list of the wrong length.
+    ValueError: at construction (so at ``models.create``), ``num_classes``,
+      ``stem_width``, ``groups``, a width, stride or inner width below 1, a negative
+      stage size, ``dropout`` outside ``[0, 1)``, a ``normalize`` std that is not
+      finite and positive, an unknown step rule name; at the call, images of the wrong
+      rank or outside [0, 1] (checked on concrete inputs), a perturbation list of the
+      wrong length, images whose channels differ from those the variables were
+      initialised with.
+    TypeError: a non-integer size field.
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -166,6 +187,12 @@ class ResNet(nn.Module):
   groups: int = 1
   dropout: float = 0.0
   normalize: tuple[Sequence[float], Sequence[float]] | None = None
+
+  def __post_init__(self):
+    check_fields(self, positive=("num_classes", "stem_width", "groups"),
+                 positive_seqs=("widths", "strides", "inner"),
+                 nonnegative_seqs=("stage_sizes",), rates=("dropout",))
+    super().__post_init__()
 
   @property
   def num_blocks(self) -> int:
@@ -213,8 +240,8 @@ class MLP(nn.Module):
   """A multilayer perceptron on flattened images: [Normalize] -> (Dense, ReLU)* -> Dense.
 
   Attributes:
-    hidden: widths of the hidden layers (default ``(256, 256)``).
-    num_classes: number of logits.
+    hidden: widths of the hidden layers, each ``>= 1`` (default ``(256, 256)``).
+    num_classes: number of logits, ``>= 1``.
     normalize: ``(mean, std)`` per channel, applied first, or ``None``.
 
   Call: ``model.apply(variables, x, train=False)`` with ``x`` ``[B, H, W, C]`` images
@@ -222,11 +249,19 @@ class MLP(nn.Module):
   ``[B, num_classes]``.
 
   Raises:
-    ValueError: a concrete input that is not of rank 2 or 4.
+    ValueError: at construction, ``num_classes`` or a hidden width below 1, a
+      ``normalize`` std that is not finite and positive; at the call, a concrete input
+      that is not of rank 2 or 4, or of another size than the one the variables were
+      initialised with.
+    TypeError: a non-integer size field.
   """
   hidden: Sequence[int] = (256, 256)
   num_classes: int = 10
   normalize: tuple[Sequence[float], Sequence[float]] | None = None
+
+  def __post_init__(self):
+    check_fields(self, positive=("num_classes",), positive_seqs=("hidden",))
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Any, train: bool = False) -> Any:

@@ -22,6 +22,7 @@ from jaxdefense.nn._layers import Sequential as Sequential
 from jaxdefense.nn._layers import Sigmoid as Sigmoid
 from jaxdefense.nn._layers import Tanh as Tanh
 from jaxdefense.nn._layers import add as add
+from jaxdefense.nn._layers import check_mean_std as check_mean_std
 from jaxdefense.nn._layers import avg_pool as avg_pool
 from jaxdefense.nn._layers import concatenate as concatenate
 from jaxdefense.nn._layers import flatten as flatten
@@ -50,7 +51,8 @@ __all__ = [
     "AvgPool", "BatchNorm", "Conv", "Dense", "Flatten", "GlobalAvgPool", "Normalize",
     "PadShortcut", "ReLU", "Sequential", "Sigmoid", "Tanh",
     # functions behind the layers, for custom layers that stay certifiable
-    "add", "avg_pool", "concatenate", "flatten", "global_avg_pool", "linear_map", "relu",
+    "add", "avg_pool", "check_mean_std", "concatenate", "flatten", "global_avg_pool",
+    "linear_map", "relu",
     "scale_shift", "sigmoid", "tanh",
     # initialisers
     "he_normal", "torch_default",

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -292,12 +293,37 @@ _conv.defjvp(_conv_jvp, symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------------ modules
+def _layer_path(module: nn.Module) -> str:
+  path = "/".join(str(p) for p in module.path)
+  return f"{type(module).__name__} layer {path!r}" if path else f"{type(module).__name__} layer"
+
+
+def _checked_param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...],
+                   mismatch: Callable[[tuple[int, ...]], str]) -> Array:
+  """``module.param(name, init, shape)``, with a clear error when given variables disagree.
+
+  Flax raises ``ScopeParamShapeError`` when a stored parameter's shape differs from the
+  one the input implies; here the layer first compares the shapes and raises a
+  ``ValueError`` whose text (``mismatch(stored_shape)``) says which layer expected what.
+  """
+  if module.has_variable("params", name):
+    stored = tuple(module.get_variable("params", name).shape)
+    if stored != tuple(shape):
+      raise ValueError(mismatch(stored))
+  return module.param(name, init, shape)
+
+
 class Dense(nn.Module):
   """Fully connected layer ``y = x W + b`` on ``[..., in] -> [..., features]``.
 
   Parameters: ``kernel`` ``[in, features]`` (``in`` taken from the last axis of the first
   input) and, when ``use_bias``, ``bias`` ``[features]``.  An abstract input is mapped
   soundly through the same affine function.
+
+  Raises:
+    ValueError: variables whose kernel does not fit the input (e.g. a model initialised
+      on 8x8x1 images called on 8x8x3 ones): the message names the layer, the input
+      size it expects and the one it got.
 
   Attributes:
     features: output size.
@@ -314,7 +340,18 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Any) -> Any:
     in_features = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, (in_features, self.features))
+
+    def mismatch(stored: tuple[int, ...]) -> str:
+      if stored[:1] != (in_features,):
+        return (f"{_layer_path(self)} expects inputs with {stored[0]} features (its kernel "
+                f"is {stored}); got an input of shape {tuple(x.shape)} with {in_features} "
+                "features: "
+                "the input does not have the shape the model was initialised with (e.g. "
+                "3-channel images for a 1-channel model, or another image size).")
+      return (f"{_layer_path(self)} has a kernel of shape {stored} in the variables but is "
+              f"built with {self.features} features: the variables belong to another model.")
+    kernel = _checked_param(self, "kernel", self.kernel_init, (in_features, self.features),
+                            mismatch)
     bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
     if is_abstract(x):
       return x.affine(lambda a: a @ kernel, lambda a: a @ jnp.abs(kernel), bias)
@@ -334,6 +371,12 @@ class Conv(nn.Module):
       every side, which matches PyTorch's usual ``padding=k // 2``.
     feature_group_count: grouped convolution (ResNeXt); ``in_channels`` and
       ``features`` must both be divisible by it.
+
+  Raises:
+    ValueError: an input that is not of rank 4; channels or features not divisible by
+      ``feature_group_count``; variables whose kernel does not fit the input (e.g. a
+      model initialised on 1-channel images called on 3-channel ones): the message
+      names the layer, the channel count it expects and the one it got.
   """
   features: int
   kernel_size: int | Sequence[int] = 3
@@ -362,7 +405,17 @@ class Conv(nn.Module):
     if in_ch % g or self.features % g:
       raise ValueError(f"Conv: in_channels {in_ch} and features {self.features} must be "
                        f"divisible by feature_group_count {g}.")
-    kernel = self.param("kernel", self.kernel_init, k + (in_ch // g, self.features))
+    shape = k + (in_ch // g, self.features)
+
+    def mismatch(stored: tuple[int, ...]) -> str:
+      if stored[:2] + stored[3:] == shape[:2] + shape[3:]:
+        return (f"{_layer_path(self)} expects inputs with {stored[2] * g} channels (its "
+                f"kernel is {stored}); got an input of shape {tuple(x.shape)} with {in_ch} "
+                "channels: the model and the data do not match (e.g. 3-channel RGB images "
+                "for a model initialised on 1-channel grey-scale ones).")
+      return (f"{_layer_path(self)} has a kernel of shape {stored} in the variables but is "
+              f"built as {shape}: the variables belong to another model.")
+    kernel = _checked_param(self, "kernel", self.kernel_init, shape, mismatch)
     bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
     strides, padding = _pair(self.strides), self._padding(k)
     if not isinstance(padding, str):
@@ -423,14 +476,68 @@ class BatchNorm(nn.Module):
     return scale_shift(x, scale, shift)
 
 
+def check_mean_std(mean: Any, std: Any, name: str = "Normalize") -> None:
+  """Check normalisation constants: finite ``mean``, finite ``std > 0``, equal shapes.
+
+  Used by :class:`Normalize` at construction and by the models' ``normalize`` field, so
+  a zero standard deviation (which would give NaN or infinite logits everywhere) is
+  rejected before anything runs.
+
+  Args:
+    mean: a float or a sequence of ``C`` floats (one per channel).
+    std: a float or a sequence of ``C`` floats; every entry must be finite and ``> 0``.
+    name: what the constants belong to, used in the messages.
+
+  Raises:
+    ValueError: non-numeric, non-finite or non-positive ``std`` entries, non-finite or
+      non-numeric ``mean`` entries, or ``mean`` and ``std`` of different lengths; the
+      message names the argument and shows its value.
+  """
+  arrays = {}
+  for arg, value in (("mean", mean), ("std", std)):
+    try:
+      arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+      raise ValueError(f"{name}: {arg} must be a number or a sequence of numbers (one per "
+                       f"channel); got {arg}={value!r}.") from None
+    if arr.ndim > 1:
+      raise ValueError(f"{name}: {arg} must be a number or a 1-D sequence (one per "
+                       f"channel); got {arg}={value!r}.")
+    if not np.all(np.isfinite(arr)):
+      raise ValueError(f"{name}: {arg} must be finite; got {arg}={value!r}.")
+    arrays[arg] = arr
+  if np.any(arrays["std"] <= 0):
+    raise ValueError(f"{name}: std must be > 0 in every channel (inputs are divided by it); "
+                     f"got std={std!r}.")
+  if arrays["mean"].shape != arrays["std"].shape:
+    raise ValueError(f"{name}: mean and std must have the same length (one entry per "
+                     f"channel); got mean={mean!r} and std={std!r}.")
+
+
 class Normalize(nn.Module):
   """Per-channel input normalisation ``(x - mean) / std`` with fixed constants.
 
   Models keep this layer first, so attacks and certification work in [0, 1] pixel
   space while the network sees normalised inputs.
+
+  Attributes:
+    mean: ``C`` floats (or one for every channel), finite.
+    std: ``C`` floats (or one), finite and ``> 0``.
+
+  Call: ``Normalize(mean, std)(x)`` with ``x`` ``[..., C]`` (array or abstract value);
+  returns the same shape.
+
+  Raises:
+    ValueError: at construction, constants rejected by :func:`check_mean_std` (a zero,
+      negative or non-finite ``std``...); at the call, constants whose length is
+      neither 1 nor the input's channel count.
   """
   mean: Sequence[float]
   std: Sequence[float]
+
+  def __post_init__(self):
+    check_mean_std(self.mean, self.std)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Any) -> Any:

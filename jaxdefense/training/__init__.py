@@ -4,8 +4,10 @@
 >>> state = jaxdefense.training.train_and_evaluate(config, "/tmp/run")  # resumes if possible
 >>> state, config = jaxdefense.training.restore("/tmp/run")
 
-A run writes ``checkpoints/`` (periodic, orbax), ``best/`` (best on validation),
-``metrics.jsonl`` and ``config.json`` in its workdir.  Steps are compiled once
+A run writes ``checkpoints/`` (periodic, orbax, each with the SHA-256 checksums of its
+arrays, verified on every restore), ``best/`` (best on validation), ``metrics.jsonl`` and
+``config.json`` in its workdir, and holds ``run.lock`` (an OS file lock: one training run
+per workdir) while it trains.  Steps are compiled once
 (``_steps.CompiledStep.traces``), the batch is sharded over every device of a 1-D mesh
 (``jaxdefense.data.make_mesh``, ``shard_batch``), and a
 run killed at any moment resumes to the same final parameters.  The config is validated
@@ -31,6 +33,9 @@ from jaxdefense.training._build import build_schedule as build_schedule
 from jaxdefense.training._build import build_step as build_step
 from jaxdefense.training._checkpoint import CheckpointError as CheckpointError
 from jaxdefense.training._checkpoint import Checkpoints as Checkpoints
+from jaxdefense.training._checkpoint import LOCK_FILE as LOCK_FILE
+from jaxdefense.training._checkpoint import WorkdirLock as WorkdirLock
+from jaxdefense.training._checkpoint import WorkdirLockedError as WorkdirLockedError
 from jaxdefense.training._experiment import Experiment as Experiment
 from jaxdefense.training._experiment import build_experiment as build_experiment
 from jaxdefense.training._restore import evaluate_checkpoint as evaluate_checkpoint
@@ -49,8 +54,9 @@ from jaxdefense.training._steps import make_eval_step as make_eval_step
 from jaxdefense.training._steps import make_train_step as make_train_step
 
 __all__ = [
-    "CONFIG_FILE", "CheckpointError", "Checkpoints", "Experiment", "METRICS_FILE",
-    "MetricsWriter", "NonFiniteLossError", "TrainState", "bound_model", "build_experiment",
+    "CONFIG_FILE", "CheckpointError", "Checkpoints", "Experiment", "LOCK_FILE", "METRICS_FILE",
+    "MetricsWriter", "NonFiniteLossError", "TrainState", "WorkdirLock", "WorkdirLockedError",
+    "bound_model", "build_experiment",
     "build_model", "build_objective", "build_optimizer", "build_schedule", "build_step",
     "create_train_state", "evaluate", "evaluate_checkpoint", "make_eval_step",
     "make_train_step", "read_metrics", "restore", "train_and_evaluate",

@@ -28,7 +28,7 @@ from jaxdefense._table import format_table
 from jaxdefense.data import _sharding
 from jaxdefense.training import _build
 from jaxdefense.training import _experiment
-from jaxdefense.training._checkpoint import Checkpoints
+from jaxdefense.training._checkpoint import Checkpoints, WorkdirLock, check_workdir
 from jaxdefense.training._experiment import Experiment
 from jaxdefense.training._metrics import MetricsWriter
 from jaxdefense.training._state import TrainState
@@ -116,7 +116,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     config: a ``ConfigDict`` (see ``jaxdefense.configs.base_config`` for the schema;
       missing fields take their defaults); validated here, once, with
       ``jaxdefense.configs.validate``.
-    workdir: folder for checkpoints, ``metrics.jsonl`` and ``config.json``.
+    workdir: folder for checkpoints, ``metrics.jsonl`` and ``config.json`` (created
+      if missing).  The run holds an exclusive lock on it from start to end
+      (``workdir/run.lock``, an OS file lock released when the process ends in any
+      way), so a second run on the same workdir fails at once.
     mesh: device mesh (default ``make_mesh()`` over ``jax.devices()``).
     verbose: print resume notes and the final table (process 0 only).
 
@@ -124,26 +127,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     The final :class:`TrainState`.
 
   Raises:
+    TypeError: ``workdir`` not a str or path.
     ValueError: unknown data set, model, config key or value; ``batch_size`` or
       ``eval_batch_size`` not divisible by the device count; a batch larger than the
-      training set.
-    CheckpointError: (a ``ValueError``) a checkpoint in ``workdir`` that is corrupt or
-      does not match the config.
+      training set; ``workdir`` a file, under a file, or not creatable.
+    WorkdirLockedError: (a ``ValueError``) another run holds ``workdir``; the message
+      names its process id.
+    CheckpointError: (a ``ValueError``) a checkpoint in ``workdir`` that is corrupt
+      (checksum mismatch, unreadable files) or does not match the config.
     NonFiniteLossError: (a ``FloatingPointError``) the loss became NaN or infinite.
     jaxdefense.data.DatasetNotFoundError: data not available locally.
   """
   t_start = time.time()
   config = _configs.validate(config)  # the one validation of a training run
-  workdir = pathlib.Path(workdir)
+  workdir = check_workdir(workdir)
   log = _Printer(verbose)
   mesh = _experiment.training_mesh(config, mesh)
+  is_main = jax.process_index() == 0
+  # Process 0 creates and locks the workdir before anything else touches it (a second
+  # run must fail before it loads data or cleans the first run's temporary folders).
+  lock = _lock_workdir(workdir) if is_main else None
+  try:
+    state, summary = _train(config, workdir, mesh, log, is_main, t_start)
+  finally:
+    if lock is not None:
+      lock.release()
+  if verbose and is_main:
+    print(summary, flush=True)
+  return state
+
+
+def _lock_workdir(workdir: pathlib.Path) -> WorkdirLock:
+  """Create ``workdir`` (and its parents) and take its lock.
+
+  Raises:
+    ValueError: the folder or its lock file cannot be created (the message names the
+      path and the reason).
+    WorkdirLockedError: another run holds the lock.
+  """
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return WorkdirLock(workdir).acquire()
+  except OSError as e:  # no permission, read-only file system, a file in the way...
+    raise ValueError(f"workdir={str(workdir)!r} cannot be used as a run folder: "
+                     f"{e.strerror} ({e.filename}).") from None
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: Mesh,
+           log: _Printer, is_main: bool, t_start: float) -> tuple[TrainState, str]:
+  """The run of :func:`train_and_evaluate` in a created (and locked) ``workdir``:
+  ``(final state, end-of-run table)``."""
   splits = _experiment.load_splits(config)
   exp = _experiment.experiment_for_data(config, splits["train"])
-  is_main = jax.process_index() == 0
   config_json = _experiment.config_json(config)
-
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
   ckpt = Checkpoints(workdir, max_to_keep=config.checkpoint.max_to_keep,
                      keep_best=config.checkpoint.keep_best and "validation" in splits,
                      best_metric=config.checkpoint.best_metric)
@@ -162,9 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     summary = loop.finish(state, time.time() - t_start)
   finally:
     ckpt.close()
-  if verbose and is_main:
-    print(summary, flush=True)
-  return state
+  return state, summary
 
 
 def _start_state(exp: Experiment, ckpt: Checkpoints, mesh: Mesh, workdir: pathlib.Path,
