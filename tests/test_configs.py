@@ -131,8 +131,8 @@ _BUILT = {
                         (10, 15)),
     "enresnet_paper": ("cifar10", 200, 5000, "preact_resnet20", "noisy", 2, "pgd", 0.1, 5e-4,
                        (80, 120, 160)),
-    "in_resnet110_cifar10": ("cifar10", 200, 5000, "preact_resnet110", "damped", 1, "natural",
-                             0.1, 1e-4, (80, 120, 160)),
+    "in_resnet_cifar10": ("cifar10", 160, 5000, "preact_resnet110", "damped", 1, "natural",
+                          0.1, 1e-4, (80, 120)),
 }
 
 
