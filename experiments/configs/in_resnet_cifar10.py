@@ -14,6 +14,14 @@ The argument is ``DEPTH:KIND`` (default ``110:relu``): DEPTH 110 or 164, KIND ``
 ``sig``, ``gating``, ``gating_sig``)::
 
   jaxdefense train --config experiments/configs/in_resnet_cifar10.py:164:lambda --workdir W
+
+The authors' "pretrain" option (a ResNet first, then the damping switched on) is a warm
+start from the ResNet's run: the damping coefficients keep their initial values, every
+other array is copied::
+
+  jaxdefense train --config experiments/configs/in_resnet_cifar10.py:110:resnet --workdir R
+  jaxdefense train --config experiments/configs/in_resnet_cifar10.py:110:relu --workdir W \
+      --config.init.from_workdir=R
 """
 
 from __future__ import annotations

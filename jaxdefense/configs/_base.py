@@ -73,6 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint.max_to_keep [2]
       checkpoint.keep_best [True]   also keep the best checkpoint on validation
       checkpoint.best_metric ["accuracy"]  accuracy (max) or loss (min)
+      init.from_workdir [None] start from the weights of another run's checkpoint: every
+                               array whose path it also has is copied, the rest (e.g.
+                               the damping of an In-ResNet warm-started from a ResNet,
+                               the authors' "pretrain") keeps its initial value; step,
+                               optimizer state and data order start fresh
+      init.which ["best"]      the source checkpoint: best | latest
       log_every_steps [50]     train metrics to metrics.jsonl (and NaN check) cadence
       eval_every_epochs [1]    validation cadence
       test_every_epochs [0]    0: test only at the end of the run
@@ -131,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.max_to_keep = 2
   c.checkpoint.keep_best = True
   c.checkpoint.best_metric = "accuracy"
+
+  c.init = ml_collections.ConfigDict()
+  c.init.from_workdir = config_dict.placeholder(str)
+  c.init.which = "best"
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1

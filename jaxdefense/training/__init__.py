@@ -15,8 +15,9 @@ once, by the entry points (``train_and_evaluate``, ``restore``, ``build_experime
 
 Modules: ``_experiment`` (what a validated config builds: data, mesh, model, objective,
 optimizer, schedule, initial state), ``_run`` (the training loop), ``_restore`` (reading
-a run back), ``_steps`` (compiled steps), ``_build`` (builders), ``_checkpoint``,
-``_metrics``, ``_state``.
+a run back), ``_warm`` (a run that starts from another run's weights,
+``init.from_workdir``), ``_steps`` (compiled steps), ``_build`` (builders),
+``_checkpoint``, ``_metrics``, ``_state``.
 
 Objectives follow one contract: ``objective(model, x, y, key) -> (loss, aux)`` where
 ``model`` is a training-mode ``jaxdefense.models.ModelFn`` (``model.apply(x) -> (logits,
@@ -52,12 +53,15 @@ from jaxdefense.training._steps import bound_model as bound_model
 from jaxdefense.training._steps import evaluate as evaluate
 from jaxdefense.training._steps import make_eval_step as make_eval_step
 from jaxdefense.training._steps import make_train_step as make_train_step
+from jaxdefense.training._warm import WarmStart as WarmStart
+from jaxdefense.training._warm import warm_start as warm_start
 
 __all__ = [
     "CONFIG_FILE", "CheckpointError", "Checkpoints", "Experiment", "LOCK_FILE", "METRICS_FILE",
-    "MetricsWriter", "NonFiniteLossError", "TrainState", "WorkdirLock", "WorkdirLockedError",
+    "MetricsWriter", "NonFiniteLossError", "TrainState", "WarmStart", "WorkdirLock",
+    "WorkdirLockedError",
     "bound_model", "build_experiment",
     "build_model", "build_objective", "build_optimizer", "build_schedule", "build_step",
     "create_train_state", "evaluate", "evaluate_checkpoint", "make_eval_step",
-    "make_train_step", "read_metrics", "restore", "train_and_evaluate",
+    "make_train_step", "read_metrics", "restore", "train_and_evaluate", "warm_start",
 ]

@@ -28,6 +28,7 @@ from jaxdefense._table import format_table
 from jaxdefense.data import _sharding
 from jaxdefense.training import _build
 from jaxdefense.training import _experiment
+from jaxdefense.training import _warm
 from jaxdefense.training._checkpoint import Checkpoints, WorkdirLock, check_workdir
 from jaxdefense.training._experiment import Experiment
 from jaxdefense.training._metrics import MetricsWriter
@@ -203,10 +204,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: Mesh,
 
 def _start_state(exp: Experiment, ckpt: Checkpoints, mesh: Mesh, workdir: pathlib.Path,
                  config_json: dict, log: _Printer) -> TrainState:
-  """A fresh state, or the newest periodic checkpoint's when ``ckpt`` has one."""
+  """A fresh state (warm-started when ``init.from_workdir`` is set), or the newest
+  periodic checkpoint's when ``ckpt`` has one."""
   start = ckpt.latest_step()
   if start is None:
-    return exp.init_state(mesh)
+    state = exp.init_state(mesh)
+    if exp.config.init.from_workdir:
+      state, _ = _warm.warm_start(state, exp.config.init.from_workdir, exp.config.init.which,
+                                  log)
+    return state
   _, old_config, _ = ckpt.restore_config(start)
   abstract = exp.abstract_state(mesh)
   tree, _ = ckpt.restore(abstract.to_tree(), start)
