@@ -99,3 +99,10 @@ def test_bad_sources_are_clear_errors(resnet_run, tmp_path):
     jd.training.warm_start(other, str(resnet_run))
   with pytest.raises(FileNotFoundError):
     jd.training.warm_start(fresh, str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("key, value", [("init.which", "worst"),
+                                        ("checkpoint.best_metric", "acc")])
+def test_choice_fields_are_checked_when_the_config_is_validated(key, value):
+  with pytest.raises(ValueError, match=f"config key '{key}' must be one of .* got '{value}'"):
+    _config(**{key: value})

@@ -17,7 +17,8 @@ from ml_collections import config_dict
 
 from jaxdefense import _checks
 
-__all__ = ["base_config", "validate", "flatten_keys", "FREE_GROUPS", "VALUE_RANGES"]
+__all__ = ["base_config", "validate", "flatten_keys", "FREE_GROUPS", "VALUE_CHOICES",
+           "VALUE_RANGES"]
 
 #: Groups whose extra keys are passed through as keyword arguments (model overrides,
 #: objective hyper-parameters, step-rule fields) rather than rejected.
@@ -263,6 +264,14 @@ VALUE_RANGES: tuple[tuple[str, float | None, float | None], ...] = (
 )
 
 
+#: ``(dotted key, allowed values)`` of the string fields with a fixed set of values that
+#: no builder checks first.
+VALUE_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("init.which", ("best", "latest")),
+    ("checkpoint.best_metric", ("accuracy", "loss")),
+)
+
+
 def _check_values(config: ml_collections.ConfigDict) -> None:
   """Range checks of a complete config (see :data:`VALUE_RANGES`)."""
   for path, lo, hi in VALUE_RANGES:
@@ -275,6 +284,11 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
       _checks.check_float(node[last], name, minimum=lo, maximum=hi)
     else:
       _checks.check_int(node[last], name, minimum=lo, maximum=hi)
+  for path, choices in VALUE_CHOICES:
+    group, last = path.split(".")
+    if config[group][last] not in choices:
+      raise ValueError(f"config key {path!r} must be one of {choices}; "
+                       f"got {config[group][last]!r}.")
   epochs = _checks.check_int(config.epochs, "config key 'epochs'")
   if config.num_train_steps > 0 and epochs < 0:
     raise ValueError(f"config key 'epochs' must be >= 0; got {epochs}.")
