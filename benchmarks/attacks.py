@@ -23,8 +23,8 @@ Run from the repository root::
    robust accuracies should agree within one point.
 
 XLA flags: the recommended XLA:CPU flags of ``jaxdefense._xla_flags`` are installed
-before JAX starts, as the command line does (``--xla-flags none`` keeps ``XLA_FLAGS``
-as given).  The speed section also prints both frameworks' arithmetic rate against
+before JAX starts by ``import jaxdefense``, as in any plain script (``--xla-flags none``
+keeps ``XLA_FLAGS`` as given).  The speed section also prints both frameworks' arithmetic rate against
 this machine's matrix-multiply peak, which bounds the speed-up any framework can have.
 The reference is ``pip install --no-deps torchattacks==3.5.1`` when present (its
 declared dependencies would downgrade ``requests``; it needs only torch).
@@ -42,12 +42,16 @@ import sys
 import time
 import zlib
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# XLA_FLAGS as given, before `import jaxdefense` below adds the recommended flags
+# (``--xla-flags none`` restores it; JAX's backend starts only later, in main).
+_GIVEN_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 
-import jaxdefense as jd
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jaxdefense as jd  # noqa: E402
 
 
 # ----------------------------------------------------------------- PyTorch side
@@ -376,11 +380,15 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.pin_core is not None:
     os.sched_setaffinity(0, {args.pin_core})  # before JAX and PyTorch size their pools
-  # Importing jaxdefense does not start JAX's backend, so XLA_FLAGS still takes effect.
-  from jaxdefense import _xla_flags  # pylint: disable=import-outside-toplevel
-  if args.xla_flags == "recommended":
-    os.environ["XLA_FLAGS"] = _xla_flags.with_recommended_cpu_flags(
-        os.environ.get("XLA_FLAGS"))
+  # `import jaxdefense` (top of this file) installed the recommended XLA:CPU flags, as in
+  # any plain script; "none" puts XLA_FLAGS back as given (the backend has not started).
+  if args.xla_flags == "none":
+    from jaxdefense import _xla_flags  # pylint: disable=import-outside-toplevel
+    assert not _xla_flags.backend_started()
+    if _GIVEN_XLA_FLAGS is None:
+      os.environ.pop("XLA_FLAGS", None)
+    else:
+      os.environ["XLA_FLAGS"] = _GIVEN_XLA_FLAGS
   args.repeats = args.repeats or (2 if args.quick else 5)
   args.batch = args.batch or (16 if args.quick else 128)
   args.steps = args.steps or (3 if args.quick else 20)

@@ -38,7 +38,9 @@ input gradient, which neither framework computes, is included by this convention
 XLA's own count for the compiled step (``cost_analysis``) is printed next to it.
 
 XLA flags.  By default the script installs ``jaxdefense._xla_flags``'s recommended
-CPU flags before JAX starts (``--xla-flags none`` keeps ``XLA_FLAGS`` as given).
+CPU flags before JAX starts, by importing it first, as any plain script that imports
+the library gets them (``--xla-flags none`` sets ``JAXDEFENSE_NO_XLA_FLAGS=1`` and keeps
+``XLA_FLAGS`` as given).
 ``--plain-conv`` also times our model with the library's plain convolution (the code
 path before the training-speed change in ``jaxdefense/nn/_layers.py``) as a third
 column, for an A/B of that change in one process.
@@ -67,7 +69,8 @@ def _parse(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
   p.add_argument("--json", default=None, metavar="PATH", help="write all timings here")
   p.add_argument("--xla-flags", choices=("recommended", "none"), default="recommended",
-                 help="install jaxdefense's recommended XLA:CPU flags (default) or not")
+                 help="recommended (default): what `import jaxdefense` installs, as in a plain "
+                      "script; none: JAXDEFENSE_NO_XLA_FLAGS=1, XLA_FLAGS as given")
   p.add_argument("--pin-core", type=int, default=None, metavar="CPU",
                  help="run on this one CPU only (both frameworks single-threaded)")
   p.add_argument("--plain-conv", action="store_true",
@@ -205,11 +208,11 @@ def main(argv=None) -> int:
   args = _parse(argv)
   if args.pin_core is not None:
     os.sched_setaffinity(0, {args.pin_core})  # before JAX and PyTorch size their pools
-  # jaxdefense's import does not start JAX's backend, so XLA_FLAGS can still be set.
-  from jaxdefense import _xla_flags  # pylint: disable=import-outside-toplevel
-  if args.xla_flags == "recommended":
-    os.environ["XLA_FLAGS"] = _xla_flags.with_recommended_cpu_flags(
-        os.environ.get("XLA_FLAGS"))
+  # A plain script: `import jaxdefense` installs the recommended XLA:CPU flags before JAX
+  # starts (jaxdefense/_xla_flags.py); "none" opts out and keeps XLA_FLAGS as given.
+  if args.xla_flags == "none":
+    os.environ["JAXDEFENSE_NO_XLA_FLAGS"] = "1"
+  import jaxdefense  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp

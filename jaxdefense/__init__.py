@@ -15,16 +15,20 @@ Subpackages (imports flow downward only)::
   configs     ml_collections configs by name or path
 """
 
-from jaxdefense import data
-from jaxdefense import dynamics
-from jaxdefense import nn
-from jaxdefense import models
-from jaxdefense import attacks
-from jaxdefense import certify
-from jaxdefense import objectives
-from jaxdefense import training
-from jaxdefense import analysis
-from jaxdefense import evaluation
-from jaxdefense import configs
+from jaxdefense import _xla_flags
+
+_xla_flags.install_on_import()  # before any module below can start JAX's backend
+
+from jaxdefense import data  # noqa: E402
+from jaxdefense import dynamics  # noqa: E402
+from jaxdefense import nn  # noqa: E402
+from jaxdefense import models  # noqa: E402
+from jaxdefense import attacks  # noqa: E402
+from jaxdefense import certify  # noqa: E402
+from jaxdefense import objectives  # noqa: E402
+from jaxdefense import training  # noqa: E402
+from jaxdefense import analysis  # noqa: E402
+from jaxdefense import evaluation  # noqa: E402
+from jaxdefense import configs  # noqa: E402
 
 __version__ = "0.1.0"

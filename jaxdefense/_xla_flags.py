@@ -1,16 +1,16 @@
-"""XLA:CPU flags recommended for speed, for entry points to install before JAX starts.
+"""XLA:CPU flags recommended for speed, installed when ``jaxdefense`` is imported.
 
-Library code reads no environment variables and sets no global state.  Entry points
-(the command line, benchmarks, experiment drivers) call::
-
-  import os
-  from jaxdefense import _xla_flags
-  os.environ["XLA_FLAGS"] = _xla_flags.with_recommended_cpu_flags(os.environ.get("XLA_FLAGS"))
-
-before JAX creates its CPU backend (the first array, ``jit`` call or ``jax.devices()``;
-``import jax`` and ``import jaxdefense`` alone do not create it).  XLA reads
-``XLA_FLAGS`` once, when the backend starts; later changes have no effect
-(:func:`backend_started` tells).  A flag the user already set keeps the user's value.
+``import jaxdefense`` calls :func:`install_on_import`: when JAX has not yet created its
+backend (the first array, ``jit`` call or ``jax.devices()``; ``import jax`` alone does
+not create it), the recommended flags are added to ``XLA_FLAGS``, so a notebook or
+script that only imports the library gets the speed the command line gets.  XLA reads
+``XLA_FLAGS`` once, when the backend starts: when it has already started (an array was
+made before ``import jaxdefense``) and runs on the CPU without the flags, a warning
+gives the one line that fixes it.  A flag the user already set in ``XLA_FLAGS`` keeps the
+user's value.  Opt out with the environment variable ``JAXDEFENSE_NO_XLA_FLAGS=1`` (set
+before the import); the module reads no other variable.  Entry points that start before
+the import (the command line, experiment drivers) may call
+:func:`with_recommended_cpu_flags` themselves; installing twice changes nothing.
 
 The flags (measured with ``benchmarks/train_step.py``; see ``benchmarks/TRAIN_STEP.md``):
 
@@ -39,7 +39,12 @@ YNNPACK entirely (``--xla_cpu_experimental_ynn_fusion_type=``), the legacy runti
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Sequence
+
+#: Set to a non-empty value other than ``0`` to keep ``XLA_FLAGS`` as it is on import.
+OPT_OUT_ENV = "JAXDEFENSE_NO_XLA_FLAGS"
 
 # (flag name, value, (min jaxlib version, first jaxlib version without it known))
 _CPU_FLAGS: tuple[tuple[str, str, tuple[tuple[int, ...], tuple[int, ...]]], ...] = (
@@ -96,3 +101,35 @@ def backend_started() -> bool:
     return bool(xla_bridge.backends_are_initialized())
   except Exception:  # pragma: no cover - private API moved
     return False
+
+
+def install_on_import() -> str:
+  """Add the recommended flags to ``XLA_FLAGS`` if JAX's backend has not started yet.
+
+  Called by ``import jaxdefense``.  Returns what happened: ``"installed"``,
+  ``"present"`` (every recommended flag name already in ``XLA_FLAGS``), ``"none"`` (no
+  flag applies to this jaxlib), ``"opted out"`` (:data:`OPT_OUT_ENV` set), or
+  ``"too late"`` (the backend had started; a ``UserWarning`` says how to fix it when it
+  runs on the CPU).
+  """
+  if os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):
+    return "opted out"
+  wanted = recommended_cpu_flags()
+  if not wanted:
+    return "none"
+  current = os.environ.get("XLA_FLAGS")
+  merged = with_recommended_cpu_flags(current)
+  if merged == " ".join((current or "").split()):
+    return "present"
+  if not backend_started():
+    os.environ["XLA_FLAGS"] = merged
+    return "installed"
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "cpu":
+    warnings.warn(
+        "jaxdefense was imported after JAX started its CPU backend, so the recommended "
+        f"XLA:CPU flags ({' '.join(wanted)}) are not active and training and attacks run "
+        "up to 3x slower. Import jaxdefense before creating any JAX array, or start "
+        f"Python with XLA_FLAGS='{merged}'. Set {OPT_OUT_ENV}=1 to silence this.",
+        UserWarning, stacklevel=2)
+  return "too late"

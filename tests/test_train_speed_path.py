@@ -83,3 +83,58 @@ def test_cli_installs_the_flags_only_before_jax_starts(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--mine")
   assert not cli.install_xla_flags()
   assert os.environ["XLA_FLAGS"] == "--mine"
+
+
+_PROBE = """
+import os, sys, warnings
+warnings.simplefilter("always")
+if sys.argv[1] == "late":
+    import jax
+    jax.numpy.zeros(1).block_until_ready()     # the backend starts before the import
+import jaxdefense
+from jaxdefense import _xla_flags
+import jax
+jax.numpy.zeros(1).block_until_ready()
+print("FLAGS=" + os.environ.get("XLA_FLAGS", ""))
+"""
+
+
+def _probe(mode, **env):
+  import subprocess
+  import sys
+  from conftest import subprocess_env
+  e = subprocess_env()
+  e.pop("JAXDEFENSE_NO_XLA_FLAGS", None)
+  e.update(env)
+  out = subprocess.run([sys.executable, "-c", _PROBE, mode], env=e, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  flags = next(l for l in out.stdout.splitlines() if l.startswith("FLAGS="))[6:]
+  return flags.split(), out.stderr
+
+
+@pytest.mark.skipif(not _xla_flags.recommended_cpu_flags(),
+                    reason="no recommended flag for this jaxlib")
+def test_importing_jaxdefense_installs_the_flags_before_jax_starts():
+  wanted = list(_xla_flags.recommended_cpu_flags())
+  flags, err = _probe("early", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  assert flags == ["--xla_force_host_platform_device_count=1", *wanted]
+  assert "not active" not in err
+  # A user's own value of the flag wins.
+  mine = "--xla_cpu_experimental_ynn_fusion_type="
+  flags, _ = _probe("early", XLA_FLAGS=mine)
+  assert flags == [mine]
+  # Opt-out: XLA_FLAGS untouched.
+  flags, _ = _probe("early", XLA_FLAGS="", JAXDEFENSE_NO_XLA_FLAGS="1")
+  assert flags == []
+
+
+@pytest.mark.skipif(not _xla_flags.recommended_cpu_flags(),
+                    reason="no recommended flag for this jaxlib")
+def test_importing_after_jax_started_warns_with_the_fix():
+  flags, err = _probe("late", XLA_FLAGS="")
+  assert flags == []                                  # too late: left alone
+  assert "not active" in err and "XLA_FLAGS='--xla_cpu_experimental_ynn" in err
+  assert "JAXDEFENSE_NO_XLA_FLAGS=1" in err
+  _, err = _probe("late", XLA_FLAGS="", JAXDEFENSE_NO_XLA_FLAGS="1")
+  assert "not active" not in err
