@@ -290,3 +290,27 @@ def test_model_variables_are_traced_not_baked_in(compile_log):
     expected = jax.jit(lambda v: A.pgd(make(v), x, y, key=key(0), eps=0.1, steps=2))(v2)
     np.testing.assert_allclose(np.asarray(out2), np.asarray(expected), atol=1e-7)
     assert not np.allclose(np.asarray(out1), np.asarray(out2)), name
+
+
+def test_an_evaluation_over_radii_compiles_each_attack_once(compile_log):
+  """evaluate_robustness at a second radius (and with other variables of the same model)
+  reuses every compiled attack and the compiled prediction: nothing is compiled again."""
+  from jaxdefense import evaluation
+  module = _Tiny()
+  x, y = images(11, (6, 4, 4, 1))
+  v1, v2 = module.init(jax.random.key(1), x), module.init(jax.random.key(2), x)
+  suite = ["fgsm", "ifgsm:steps=3,step_size=0.01", "pgd:steps=3,step_size=0.01"]
+  run = lambda v, eps: evaluation.evaluate_robustness(
+      models.bind(module, v), x, y, key=key(3), eps=eps, suite=suite, batch_size=4)
+  first = run(v1, 0.05)
+  assert {"fgsm", "ifgsm", "pgd", "_correct"} <= set(compile_log.names)
+  compile_log.names.clear()
+  second = run(v1, 0.2)
+  third = run(v2, 0.2)
+  assert not {"fgsm", "ifgsm", "pgd", "_correct"} & set(compile_log.names), compile_log.names
+  # The cached programs follow the variables they are given, not the first ones.
+  for v, rep in ((v1, second), (v2, third)):
+    x_adv = A.fgsm(models.bind(module, v), x, y, eps=0.2)
+    want = np.mean(np.argmax(np.asarray(module.apply(v, x_adv)), -1) == np.asarray(y))
+    assert rep.attacks["fgsm"] == pytest.approx(want)
+  assert first.eps == 0.05 and second.eps == 0.2

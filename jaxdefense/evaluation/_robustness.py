@@ -373,11 +373,32 @@ def _attacked(model: _models.ModelFn, eot_samples: int) -> Any:
 
 
 def _accuracy(fn: Callable[[tuple, Array], Array], arrays: Sequence[np.ndarray],
-              key: Array, batch_size: int, desc: str, progress: bool) -> float:
+              key: Array, batch_size: int, desc: str, progress: bool,
+              jit: bool = True) -> float:
   """Mean of ``fn(batch, key_b) -> correct [B]`` over the data (the batch runner)."""
   correct = _data.run_batches(fn, tuple(arrays), batch_size=batch_size, key=key,
-                              progress=progress, desc=desc)
+                              progress=progress, desc=desc, jit=jit)
   return float(np.mean(correct))
+
+
+@jax.jit
+def _correct(model: _models.ModelFn, x: Array, key: Array, y: Array) -> Array:
+  """``argmax model(x, key) == y`` per example; ``model`` is a pytree argument (its
+  variables traced), so one program serves every call with the same model structure."""
+  return jnp.argmax(model(x, key), -1) == y
+
+
+def _predictor(model: Any) -> Callable[[Any, Array, Array, Array], Array]:
+  """:func:`_correct` when ``model`` is a pytree JAX can pass to ``jit`` (a
+  :class:`~jaxdefense.models.ModelFn`), else a plain per-call function."""
+  leaves, treedef = jax.tree_util.tree_flatten(model)
+  try:
+    hash(treedef)
+  except TypeError:
+    leaves = [None]
+  if all(isinstance(a, (jax.Array, np.ndarray, np.generic)) for a in leaves):
+    return _correct
+  return jax.jit(lambda m, x, k, y: jnp.argmax(m(x, k), -1) == y, static_argnums=0)
 
 
 def _num_classes(model: _models.ModelFn, image_shape: tuple[int, ...], dtype: Any) -> int:
@@ -592,15 +613,18 @@ def _evaluate(model: _models.ModelFn, x: np.ndarray, y: np.ndarray, *, key: Arra
                             clean=_accuracy(clean_correct, (x, y), k_clean, batch_size,
                                             "clean", progress),
                             meta={**info, **dict(meta or {})})
+  predict = _predictor(model)
   for i, spec in enumerate(specs):
+    # Not wrapped in one jit per call: each attack runs through its own compile cache
+    # (jaxdefense.attacks: keyed on the model's structure, eps and step sizes traced), so
+    # every radius, batch and later call with the same model reuses one program.
     def attacked_correct(batch, kb, spec=spec):
       xb, yb = batch
       ka, kp = jax.random.split(kb)
-      x_adv = spec.run(attacked, xb, yb, ka, eps)
-      return jnp.argmax(model(x_adv, kp), -1) == yb
+      return predict(model, spec.run(attacked, xb, yb, ka, eps), kp, yb)
     report.attacks[spec.name] = _accuracy(attacked_correct, (x, y),
                                           jax.random.fold_in(k_attack, i), batch_size,
-                                          spec.name, progress)
+                                          spec.name, progress, jit=False)
   for i, kind in enumerate(corruptions):
     per: dict[int, float] = {}
 
