@@ -11,7 +11,7 @@ initial coefficients: U(0.2, 0.25) at 110 layers, U(0.1, 0.2) at 164)::
   python -m jaxdefense report experiments/inresnet/results/paper110
 
 Depth 110 runs the ResNet and all five damped variants (Tables 1-4); depth 164 the ResNet,
-In-ResNet and lambda-In-ResNet (Tables 1-3).  Evaluation on the 10,000 CIFAR-10 test
+In-ResNet and lambda-In-ResNet (Tables 1-3); 5 seeds each, as the paper's 5 runs.  Evaluation on the 10,000 CIFAR-10 test
 images: the noise corruptions from the official CIFAR-10-C files when the environment
 variable ``CIFAR10C_DIR`` names their folder (else generated with the CIFAR-10-C
 constants, said in the results), FGSM / IFGSM-20 / PGD-20 at 1, 2 and 4 / 255 with step
@@ -34,6 +34,7 @@ from jaxdefense.evaluation import Cell, Study  # noqa: E402
 
 CONFIG = os.path.join(small.ROOT, "experiments", "configs", "in_resnet_cifar10.py")
 INIT = {110: (0.2, 0.25), 164: (0.1, 0.2)}
+SEEDS = (0, 1, 2, 3, 4)   # the paper's 5 runs per model (Tables 1-4, the 5-run ensembles)
 KINDS = {"inresnet": "relu", "lambda_inresnet": "lambda", "inresnet_sig": "sig",
          "gating": "gating", "gating_sig": "gating_sig"}
 
@@ -86,8 +87,7 @@ def make_study(depth: int) -> Study:
     raise ValueError(f"depth must be 110 or 164; got {depth!r}.")
   runs = cells_of(depth)
   info = {"scale": "paper", "corruption_dir": os.environ.get("CIFAR10C_DIR")}
-  cells = [Cell(n, o, description=label, info=info,
-                seeds=small.HEADLINE_SEEDS if n in small.ENSEMBLES else small.VARIANT_SEEDS)
+  cells = [Cell(n, o, description=label, info=info, seeds=SEEDS)
            for n, (label, o) in runs.items()]
   cells += [Cell(f"ensemble_{m}", needs=(m,), needs_all_seeds=True, run=small.ensemble,
                  description=f"{runs[m][0]}, logit average of every seed", seeds=(0,),
@@ -100,7 +100,7 @@ def make_study(depth: int) -> Study:
   base.__qualname__ = (f"experiments/configs/in_resnet_cifar10.py:{depth}:resnet + overrides "
                        "(a dict value replaces a group)")
   return Study(
-      tag, base, cells, seeds=small.HEADLINE_SEEDS, run=small.train_and_eval,
+      tag, base, cells, seeds=SEEDS, run=small.train_and_eval,
       report=lambda res, out: small.report(res, out, labels={n: r[0] for n, r in runs.items()},
                                            setup=paper_setup(depth)),
       title=f"In-ResNet at the paper's scale: CIFAR-10, depth {depth}",

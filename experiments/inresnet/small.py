@@ -298,8 +298,9 @@ def claims(res: Results) -> list[tuple[str, str, str]]:
       for k in ("clean", "noise_pooled", "attacks.fgsm@2", "attacks.ifgsm@2", "attacks.pgd@2"):
         parts.append((m, k, res.compare((f"ensemble_{m}", k), (m, k), ">", n="n",
                                         common_seeds=False)))
+    runs = "/".join(sorted({str(len(res.seeds(m))) for m in ens}))
     out.append(("\"all of the ensemble models are more robust and more accurate than the "
-                "corresponding single models\" (Table 6; the paper's 5 runs, here 3; "
+                f"corresponding single models\" (Table 6; the paper's 5 runs, here {runs}; "
                 "attacks at 2/255)",
                 _verdict([p for _, _, p in parts]),
                 "; ".join(f"{m} {k.replace('attacks.', '')}: {ev(p)}" for m, k, p in parts)))
