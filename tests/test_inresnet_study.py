@@ -141,3 +141,12 @@ def test_in_resnet_report_has_tables_claims_and_plots(small, tmp_path):
   for png in ("accuracy_curves.png", "damping_hist.png", "loss_landscapes.png",
               "jacobian_spectra.png"):
     assert os.path.getsize(tmp_path / png) > 1000, png
+
+
+def test_margin_evidence_gives_the_raw_difference_and_the_claimed_bound(small, tmp_path):
+  cells = {"resnet": (0.90, 0.40, 0.30, None), "inresnet": (0.905, 0.41, 0.31, None),
+           "lambda_inresnet": (0.88, 0.41, 0.31, None)}
+  res = _results(small, tmp_path / "results.json", cells)
+  text = next(e for c, _, e in small.claims(res) if "accuracy drop" in c)
+  assert "In-ResNet: difference +0.5 pt (claimed > -3.0 pt: +3.5 pt beyond it)" in text
+  assert "λ-In-ResNet: difference -2.0 pt (claimed > -3.0 pt: +1.0 pt beyond it)" in text

@@ -231,9 +231,14 @@ class Comparison:
   def evidence(self, scale: float = 100.0, unit: str = "pt") -> str:
     """A short text: the difference, the test statistic and the p-value."""
     name = "z" if "z-test" in self.test else "t"
-    m = f" beyond a margin of {scale * self.margin:+.1f} {unit}" if self.margin else ""
-    return (f"difference {scale * self.diff:+.1f} {unit}{m}, {name} = {self.statistic:.2f}, "
-            f"p = {self.p_value:.3g}")
+    if self.margin:
+      # e.g. "difference +0.5 pt (claimed > -3.0 pt: +3.5 pt beyond it)"
+      raw = self.diff + self.margin
+      m = (f"difference {scale * raw:+.1f} {unit} (claimed {self.relation} "
+           f"{scale * self.margin:+.1f} {unit}: {scale * self.diff:+.1f} {unit} beyond it)")
+    else:
+      m = f"difference {scale * self.diff:+.1f} {unit}"
+    return f"{m}, {name} = {self.statistic:.2f}, p = {self.p_value:.3g}"
 
 
 def compare(a: Sequence[float] | float, b: Sequence[float] | float, relation: str = ">", *,
