@@ -51,14 +51,7 @@ def cells_of(depth: int) -> dict[str, tuple[str, dict]]:
 def config_for(depth: int, overrides: dict) -> object:
   """``in_resnet_cifar10.py:DEPTH:resnet`` with ``overrides`` applied (a dotted key sets
   one field; a dict value replaces the whole group)."""
-  c = jd.configs.load_file(CONFIG, f"{depth}:resnet")
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return jd.configs.validate(c)
+  return small.apply_overrides(jd.configs.load_file(CONFIG, f"{depth}:resnet"), overrides)
 
 
 def paper_setup(depth: int) -> list[str]:

@@ -84,7 +84,12 @@ EVAL = {"full": (2000, 500, 4, 64), "quick": (200, 200, 2, 8), "paper": (10000, 
 def config_for(overrides: dict, quick: bool = False) -> Any:
   """The resolved config: ``small_config.py`` (``:quick``) with ``overrides`` applied
   (a dotted key sets one field; a dict value replaces the whole group)."""
-  c = jd.configs.load_file(BASE, "quick" if quick else None)
+  return apply_overrides(jd.configs.load_file(BASE, "quick" if quick else None), overrides)
+
+
+def apply_overrides(c: Any, overrides: dict) -> Any:
+  """``c`` with ``overrides`` applied (a dotted key sets one field; a dict value
+  replaces the whole group), validated."""
   for key, value in overrides.items():
     node = c
     *path, last = key.split(".")
@@ -220,10 +225,6 @@ def _jsonable(obj: Any) -> Any:
 
 
 # ----------------------------------------------------------------- report
-def _pct(v: float | None) -> str:
-  return "–" if v is None else f"{100 * v:.1f}"
-
-
 def _verdict(comparisons: list) -> str:
   """All parts held: held; any part significantly against: did not hold; else
   inconclusive."""
