@@ -25,7 +25,11 @@ __all__ = ["DAMPED_INIT_RANGES", "DAMPING_INTERMEDIATE", "Damped", "Euler", "Eul
            "StepContext", "apply_step", "is_stochastic", "STEP_RULES", "step_from_dict",
            "step_name", "step_to_dict"]
 
+from jaxdefense.dynamics._continuous import ADJOINTS as ADJOINTS
+from jaxdefense.dynamics._continuous import ODE_STATS as ODE_STATS
 from jaxdefense.dynamics._continuous import ODEBlock as ODEBlock
+from jaxdefense.dynamics._continuous import RK4 as RK4
+from jaxdefense.dynamics._continuous import ode_stats as ode_stats
 from jaxdefense.dynamics._continuous import SDEBlock as SDEBlock
 from jaxdefense.dynamics._continuous import SOLVERS as SOLVERS
 from jaxdefense.dynamics._continuous import feynman_kac as feynman_kac
@@ -36,5 +40,5 @@ from jaxdefense.dynamics._spectral import grid as grid
 from jaxdefense.dynamics._spectral import solve_convection_diffusion as solve_convection_diffusion
 from jaxdefense.dynamics._spectral import wavenumbers as wavenumbers
 
-__all__ += ["ODEBlock", "SDEBlock", "SOLVERS", "feynman_kac", "solve_ode", "solve_sde",
+__all__ += ["ADJOINTS", "ODE_STATS", "ODEBlock", "RK4", "ode_stats", "SDEBlock", "SOLVERS", "feynman_kac", "solve_ode", "solve_sde",
             "dealias_mask", "grid", "solve_convection_diffusion", "wavenumbers"]

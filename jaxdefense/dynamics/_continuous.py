@@ -15,9 +15,12 @@ EnResNet is the Euler–Maruyama discretisation of ``dx = F(x, t) dt + sigma dB`
   ``u_t + F . grad u + (sigma^2 / 2) Laplace u = 0``, ``u(., T) = f``, i.e. of what an
   ensemble of noisy ResNets approximates.
 
-Solvers: ``"euler"``, ``"heun"``, ``"midpoint"``, ``"ralston"`` (fixed steps) and
-``"bosh3"``, ``"tsit5"``, ``"dopri5"``, ``"dopri8"`` (adaptive with a
-``PIDController`` by default; fixed steps with ``adaptive=False``).  The SDE solver is
+Solvers: ``"euler"``, ``"heun"``, ``"midpoint"``, ``"ralston"``, ``"rk4"`` (fixed steps)
+and ``"bosh3"``, ``"tsit5"``, ``"dopri5"``, ``"dopri8"`` (adaptive with a
+``PIDController`` by default; fixed steps with ``adaptive=False``; ``"heun"`` may also
+take adaptive steps with its embedded Euler estimate).  :func:`ode_stats` turns a
+solution into the numbers of steps (accepted, rejected) and of function evaluations,
+and :class:`ODEBlock` sows them under :data:`ODE_STATS` on every call.  The SDE solver is
 Euler–Maruyama (``diffrax.Euler`` on ``MultiTerm(ODETerm, ControlTerm)``, Itô) on a
 ``VirtualBrownianTree``.
 """
@@ -26,24 +29,47 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import diffrax
+import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 
 from jaxdefense import _checks
 
 Array = jax.Array
 VectorField = Callable[[Array, Array, Any], Array]
 
+class RK4(diffrax.AbstractERK):
+  """The classical fourth-order Runge–Kutta method (4 stages, fixed steps only).
+
+  diffrax has no classical RK4; this is its Butcher tableau on diffrax's explicit RK
+  machinery.  It has no embedded error estimate (``b_error`` is zero), so it only takes
+  fixed steps.
+  """
+  tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
+      c=np.array([0.5, 0.5, 1.0]),
+      b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+      b_error=np.zeros(4),
+      a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])))
+  interpolation_cls: ClassVar[Callable[..., Any]] = (
+      diffrax.ThirdOrderHermitePolynomialInterpolation.from_k)
+
+  def order(self, terms):
+    del terms
+    return 4
+
+
 _FIXED_SOLVERS = {
     "euler": diffrax.Euler,
     "heun": diffrax.Heun,
     "midpoint": diffrax.Midpoint,
     "ralston": diffrax.Ralston,
+    "rk4": RK4,
 }
 _ADAPTIVE_SOLVERS = {
     "bosh3": diffrax.Bosh3,
@@ -55,6 +81,11 @@ _EMBEDDED = ("heun", "bosh3", "tsit5", "dopri5", "dopri8")  # have an error esti
 _ADJOINTS = ("recursive", "backsolve", "direct")
 
 SOLVERS = tuple(sorted(_FIXED_SOLVERS)) + tuple(sorted(_ADAPTIVE_SOLVERS))
+ADJOINTS = _ADJOINTS
+
+ODE_STATS = "ode_stats"
+"""Flax collection where :class:`ODEBlock` sows its solver statistics
+(``model.apply(..., mutable=[ODE_STATS])``): see :func:`ode_stats`."""
 
 
 # ------------------------------------------------------------------------ checks
@@ -166,6 +197,91 @@ class _TimeDrift:
     return self.fn(t, y)
 
 
+# -------------------------------------------------------------------- statistics
+def _evaluations_per_step(solver: Any) -> tuple[int, int]:
+  """``(new evaluations per attempted step, extra evaluations at the start)``.
+
+  An explicit RK method with ``s`` stages evaluates the field ``s`` times per step; when
+  its last stage is the next step's first (FSAL: Bosh3, Tsit5, Dopri5, Dopri8), diffrax
+  reuses it, so each step costs ``s - 1`` and the first one more (after a rejected step
+  the first stage at the same point is reused too).  Euler costs one per step.
+  """
+  tableau = getattr(solver, "tableau", None)
+  if tableau is None:
+    return 1, 0
+  if tableau.fsal:
+    return tableau.num_stages - 1, 1
+  return tableau.num_stages, 0
+
+
+def ode_stats(solution: diffrax.Solution, solver: str, adjoint: str = "recursive",
+              adaptive: bool | None = None) -> dict[str, Array]:
+  """Step and function-evaluation counts of a :func:`solve_ode` solution.
+
+  Args:
+    solution: ``solve_ode(..., full_output=True)``'s ``diffrax.Solution``.
+    solver: the solver name it was solved with.
+    adjoint: the gradient mode it was solved with.
+    adaptive: as given to :func:`solve_ode`.
+
+  Returns:
+    A dict of int32 scalars (arrays, so it can be returned from ``jit`` and logged):
+    ``num_steps`` (attempted steps), ``num_accepted``, ``num_rejected``, ``nfe`` (field
+    evaluations of the forward solve: exact for every fixed-step solve and every solve
+    whose first attempted step is accepted; an FSAL solver (Bosh3, Tsit5, Dopri5,
+    Dopri8) evaluates its first stage again after each rejection that comes before the
+    first accepted step, which ``nfe`` does not count, so it is then low by at most
+    ``num_rejected``) and, for the ``"recursive"`` and ``"direct"``
+    adjoints, ``nfe_backward``: the vector-Jacobian products of the field that a
+    gradient through this solve evaluates (one per forward evaluation; the forward
+    evaluations that recursive checkpointing recomputes are not counted).  Under
+    ``"backsolve"`` the backward solve is a second adaptive solve whose statistics
+    diffrax does not return, so there is no ``nfe_backward``.
+
+  Raises:
+    ValueError: an unknown solver or adjoint.
+  """
+  slv, _ = _solver(solver, adaptive)
+  _checks.check_choice(adjoint, "adjoint", _ADJOINTS)
+  per_step, start = _evaluations_per_step(slv)
+  stats = solution.stats
+  steps = jnp.asarray(stats["num_steps"], jnp.int32)
+  accepted = jnp.asarray(stats["num_accepted_steps"], jnp.int32)
+  rejected = jnp.asarray(stats["num_rejected_steps"], jnp.int32)
+  nfe = per_step * steps + start
+  out = {"num_steps": steps, "num_accepted": accepted, "num_rejected": rejected, "nfe": nfe}
+  if adjoint != "backsolve":
+    out["nfe_backward"] = nfe
+  return out
+
+
+def _check_field_output(vector_field: VectorField, t0: float, x0: Array, args: Any) -> None:
+  """The field must return an array of the state's shape (checked by tracing once)."""
+  out = jax.eval_shape(vector_field, jnp.asarray(t0, x0.dtype), x0, args)
+  shape = getattr(out, "shape", None)
+  if shape != x0.shape:
+    raise ValueError(f"the vector field must return dx/dt of the state's shape "
+                     f"{tuple(x0.shape)}; it returned "
+                     f"{tuple(shape) if shape is not None else type(out).__name__}.")
+
+
+_MAX_STEPS_MESSAGE = (
+    "The ODE solve ({solver}, rtol={rtol}, atol={atol}) used its whole step budget "
+    "max_steps={max_steps} before reaching t1={t1}. Raise max_steps (solve_ode(..., "
+    "max_steps=N), ODEBlock(max_steps=N) or a model's max_steps field), loosen rtol/atol, "
+    "or check the field: a stiff field (large weights) or NaN states need many steps.")
+
+
+def _raise_on_failure(ys: Array, sol: diffrax.Solution, message: str) -> Array:
+  """Attach runtime checks to ``ys``: the step budget and any other solver failure."""
+  ys = eqx.error_if(ys, sol.result == diffrax.RESULTS.max_steps_reached, message)
+  failed = jnp.logical_and(sol.result != diffrax.RESULTS.successful,
+                           sol.result != diffrax.RESULTS.max_steps_reached)
+  return eqx.error_if(ys, failed, "The ODE solve failed (a non-finite state, or the step "
+                      "size underflowed); the inputs or the field's weights may hold "
+                      "NaN or inf.")
+
+
 # ------------------------------------------------------------------------ solvers
 def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
               t0: float = 0.0, t1: float = 1.0, solver: str = "euler",
@@ -188,7 +304,8 @@ def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
       get gradients under every ``adjoint``).
     t0: initial time.
     t1: final time (> ``t0``).
-    solver: one of ``euler, heun, midpoint, ralston, bosh3, tsit5, dopri5, dopri8``.
+    solver: one of ``euler, heun, midpoint, ralston, rk4, bosh3, tsit5, dopri5,
+      dopri8``.
     n_steps: number of fixed steps (initial step ``(t1 - t0) / n_steps`` if adaptive).
     dt: step size; if given, overrides ``n_steps`` with ``ceil((t1 - t0) / dt)``.
     adaptive: adaptive step size control; default (``None``) True for
@@ -200,16 +317,20 @@ def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
       (continuous adjoint, O(1) memory) or ``"direct"``.
     ts: optional increasing times in ``[t0, t1]`` at which to return the state; the
       result then has a leading axis ``len(ts)``.
-    full_output: return the ``diffrax.Solution`` (``.ys``, ``.stats["num_steps"]``...)
-      instead of the state.
+    full_output: return the ``diffrax.Solution`` (``.ys``, ``.stats``; see
+      :func:`ode_stats`) instead of the state.
 
   Returns:
     ``x(t1)`` with the shape of ``x0`` (or ``[len(ts), *x0.shape]``), or the
     ``diffrax.Solution`` when ``full_output``.
 
   Raises:
-    ValueError: ``t1 <= t0``, ``n_steps < 1``, ``dt <= 0``, an unknown solver or
-      adjoint, ``adaptive=True`` with a solver that has no error estimate.
+    ValueError: ``t1 <= t0``, ``n_steps < 1``, ``dt <= 0``, ``rtol`` or ``atol <= 0``,
+      an unknown solver or adjoint, ``adaptive=True`` with a solver that has no error
+      estimate, a field whose output shape differs from the state's.
+    equinox.EquinoxRuntimeError: (when the solve runs) an adaptive solve that uses up
+      ``max_steps`` (the message names ``max_steps`` and how to raise it), or a solve
+      that fails on non-finite values, instead of returning NaN.
     TypeError: a non-floating ``x0``; a non-callable ``vector_field``.
   """
   if not callable(vector_field):
@@ -228,10 +349,14 @@ def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
     controller = diffrax.ConstantStepSize()
     dt0 = (t1 - t0) / n
     budget = n + 1
+  _check_field_output(vector_field, t0, x0, args)
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(vector_field), slv, t0, t1, dt0, x0, args=args,
       saveat=_saveat(ts), stepsize_controller=controller, max_steps=budget,
-      adjoint=_adjoint(adjoint))
+      adjoint=_adjoint(adjoint), throw=False)
+  message = _MAX_STEPS_MESSAGE.format(solver=solver, rtol=rtol, atol=atol,
+                                      max_steps=budget, t1=t1)
+  sol = eqx.tree_at(lambda s: s.ys, sol, _raise_on_failure(sol.ys, sol, message))
   if full_output:
     return sol
   return sol.ys if ts is not None else sol.ys[0]
@@ -325,11 +450,18 @@ class ODEBlock(nn.Module):
     adjoint: ``"recursive"``, ``"backsolve"`` or ``"direct"``.
     time_dependent: call ``field(t, x)`` (True) or ``field(x)``.
 
+  Statistics: every call sows :func:`ode_stats` (``num_steps``, ``num_accepted``,
+  ``num_rejected``, ``nfe`` and, unless ``adjoint="backsolve"``, ``nfe_backward``) into
+  the :data:`ODE_STATS` collection: ``logits, state = model.apply(variables, x,
+  mutable=[ODE_STATS])`` gives them as ``state["ode_stats"][...]["nfe"]`` (a tuple with
+  one entry per call), ready to log.  Without ``mutable`` nothing is stored.
+
   Call: ``block.apply(variables, x, train=False)`` (``train`` is accepted for a
   uniform model interface and ignored by the ODE).
 
   Raises:
-    ValueError / TypeError: as :func:`solve_ode`.
+    ValueError / TypeError: as :func:`solve_ode` (at construction for bad solver
+      settings); a field whose output shape differs from its input.
   """
   field: nn.Module
   t1: float = 1.0
@@ -343,6 +475,16 @@ class ODEBlock(nn.Module):
   adjoint: str = "recursive"
   time_dependent: bool = True
 
+  def __post_init__(self):
+    _check_interval(0.0, self.t1)
+    _resolve_steps(0.0, self.t1, self.n_steps, self.dt)
+    _solver(self.solver, self.adaptive)
+    _checks.check_choice(self.adjoint, "adjoint", _ADJOINTS)
+    _checks.check_float(self.rtol, "rtol", minimum=0.0, strict_min=True)
+    _checks.check_float(self.atol, "atol", minimum=0.0, strict_min=True)
+    _checks.check_int(self.max_steps, "max_steps", minimum=1)
+    super().__post_init__()
+
   def _vector_field(self, x: Array) -> tuple[VectorField, Any]:
     """The field as a pure function ``f(t, x, variables)`` plus its variables."""
     field = self.field
@@ -353,10 +495,14 @@ class ODEBlock(nn.Module):
     return _ModuleField(module, bool(self.time_dependent)), variables
 
   def _ode(self, x: Array, f: VectorField, variables: Any) -> Array:
-    return solve_ode(f, x, variables, t0=0.0, t1=self.t1, solver=self.solver,
-                     n_steps=self.n_steps, dt=self.dt, adaptive=self.adaptive,
-                     rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
-                     adjoint=self.adjoint)
+    sol = solve_ode(f, x, variables, t0=0.0, t1=self.t1, solver=self.solver,
+                    n_steps=self.n_steps, dt=self.dt, adaptive=self.adaptive,
+                    rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
+                    adjoint=self.adjoint, full_output=True)
+    if not self.is_initializing():  # statistics are not variables of the model
+      for name, value in ode_stats(sol, self.solver, self.adjoint, self.adaptive).items():
+        self.sow(ODE_STATS, name, value)
+    return sol.ys[0]
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:

@@ -22,6 +22,10 @@ from jaxdefense.models._ensemble import Ensemble as Ensemble
 from jaxdefense.models._ensemble import member_variables as member_variables
 from jaxdefense.models._enresnet import average_logits as average_logits
 from jaxdefense.models._enresnet import enresnet as enresnet
+from jaxdefense.models._sonet import ODE_FIELDS as ODE_FIELDS
+from jaxdefense.models._sonet import SONet as SONet  # also registers the sonet presets
+from jaxdefense.models._sonet import fixed_step_twin as fixed_step_twin
+from jaxdefense.models._sonet import with_solver as with_solver
 from jaxdefense.models._diffai import DiffAINet as DiffAINet  # also registers the DiffAI zoo
 from jaxdefense.models._bound import ModelFn as ModelFn
 from jaxdefense.models._bound import bind as bind
@@ -30,7 +34,8 @@ from jaxdefense.models._stepped import step_of as step_of
 from jaxdefense.models._stepped import with_step as with_step
 
 __all__ = [
-    "DiffAINet", "Ensemble", "MLP", "ModelFn", "ResNet", "ResidualBlock", "average_logits",
-    "bind", "count_params", "create", "describe", "enresnet", "is_stochastic",
-    "member_variables", "names", "register", "step_of", "with_step",
+    "DiffAINet", "Ensemble", "MLP", "ModelFn", "ODE_FIELDS", "ResNet", "ResidualBlock",
+    "SONet", "average_logits", "bind", "count_params", "create", "describe", "enresnet",
+    "fixed_step_twin", "is_stochastic", "member_variables", "names", "register", "step_of",
+    "with_solver", "with_step",
 ]

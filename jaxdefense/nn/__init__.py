@@ -34,6 +34,9 @@ from jaxdefense.nn._layers import scale_shift as scale_shift
 from jaxdefense.nn._layers import sigmoid as sigmoid
 from jaxdefense.nn._layers import tanh as tanh
 from jaxdefense.nn._layers import torch_default as torch_default
+from jaxdefense.nn._skew import SkewSymmetricConv as SkewSymmetricConv
+from jaxdefense.nn._skew import SkewSymmetricDense as SkewSymmetricDense
+from jaxdefense.nn._skew import skew_kernel as skew_kernel
 from jaxdefense.nn._abstract_layers import Concretize as Concretize
 from jaxdefense.nn._abstract_layers import CorrelateAll as CorrelateAll
 from jaxdefense.nn._abstract_layers import CorrelateFixed as CorrelateFixed
@@ -56,6 +59,8 @@ __all__ = [
     "scale_shift", "sigmoid", "tanh",
     # initialisers
     "he_normal", "torch_default",
+    # skew-symmetric (stable) vector fields of ODE blocks (SONet)
+    "SkewSymmetricConv", "SkewSymmetricDense", "skew_kernel",
     # abstract-only layers of DiffAI (identity on arrays) and the deep loss
     "Concretize", "CorrelateAll", "CorrelateFixed", "CorrelateMaxK", "CorrelateMaxPool",
     "DecorrelateAll", "DecorrelateMinK", "DeepLoss", "deep_loss",

@@ -1,0 +1,172 @@
+"""Skew-symmetric vector fields: the stable ODE blocks of SONet.
+
+A neural ODE ``dx/dt = act(A x + b)`` is input-output stable when the linear part ``A``
+has eigenvalues with non-positive real parts.  A skew-symmetric ``A = W - W^T`` has purely
+imaginary eigenvalues (its flow is a rotation: it keeps ``||x||``); subtracting
+``gamma I`` moves every real part to ``-gamma`` (a contraction at rate ``gamma``).  This
+is the AntisymmetricRNN / Haber–Ruthotto parametrisation we use for SONet (the paper is
+known to us by its abstract only; see ``shared/papers/NOTES.md`` section 3):
+
+* dense: ``dx/dt = act((W - W^T - gamma I) x + b)``  (:class:`SkewSymmetricDense`);
+* convolutional: ``dx/dt = act(K x - K^T x - gamma x + b)`` (:class:`SkewSymmetricConv`),
+  with ``K`` a same-channel convolution and ``K^T`` its adjoint: the transposed
+  convolution with the same kernel (not a second kernel).
+
+For an odd kernel, stride 1 and symmetric zero padding, ``K^T`` is the convolution with
+the kernel flipped in space and with its input and output channels swapped, so
+``K - K^T`` is one convolution with the kernel ``K - flip(K)^T``: a skew-symmetric
+field costs one convolution per evaluation, like an ordinary one.
+
+Both modules are vector fields for :class:`jaxdefense.dynamics.ODEBlock`: they take
+``field(x)`` or ``field(t, x)`` (the time is ignored: autonomous fields) and return an
+array of the shape of ``x``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdefense import _checks
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "identity": lambda x: x,
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "softplus": jax.nn.softplus,
+}
+
+
+def _check_common(module: nn.Module) -> None:
+  _checks.check_float(module.gamma, "gamma", minimum=0.0)
+  _checks.check_choice(module.act, "act", tuple(ACTIVATIONS))
+
+
+def _state(args: tuple[Any, ...], name: str) -> Array:
+  """``field(x)`` or ``field(t, x)`` -> ``x``."""
+  if len(args) not in (1, 2):
+    raise TypeError(f"{name} is called as field(x) or field(t, x); got {len(args)} "
+                    "positional arguments.")
+  return args[-1]
+
+
+def skew_kernel(kernel: Array) -> Array:
+  """The kernel of ``K - K^T`` for a same-channel HWIO kernel ``K`` of odd size.
+
+  ``K^T`` (the adjoint of the convolution with zero padding ``k // 2``) is the
+  convolution whose kernel is ``K`` flipped in both spatial axes with its input and
+  output channels swapped.
+
+  Args:
+    kernel: ``[kh, kw, C, C]`` with odd ``kh``, ``kw``.
+
+  Returns:
+    ``[kh, kw, C, C]``, the kernel of the skew-adjoint operator ``K - K^T``.
+
+  Raises:
+    ValueError: a kernel that is not ``[kh, kw, C, C]`` with odd sizes.
+  """
+  kh, kw, ci, co = kernel.shape
+  if ci != co or kh % 2 == 0 or kw % 2 == 0:
+    raise ValueError(f"skew_kernel needs a same-channel kernel of odd size [kh, kw, C, C]; "
+                     f"got shape {tuple(kernel.shape)}.")
+  return kernel - jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+
+
+class SkewSymmetricDense(nn.Module):
+  """``dx/dt = act((W - W^T - gamma I) x + b)`` on ``[..., D]`` states.
+
+  ``W`` is a ``D x D`` parameter (``D`` the input's last axis); only its skew part
+  ``W - W^T`` acts, so the linear part has eigenvalues ``-gamma + i omega``.  With the
+  identity activation, zero bias and ``gamma = 0`` the flow keeps ``||x||``; with
+  ``gamma > 0`` it contracts at rate ``gamma``.
+
+  Attributes:
+    gamma: damping ``>= 0`` (default 0.1).
+    act: ``"tanh"`` (default), ``"relu"``, ``"softplus"`` or ``"identity"``.
+    use_bias: add the bias ``b`` (zero-initialised).
+    kernel_init: initialiser of ``W`` (default LeCun normal: variance ``1 / D``).
+
+  Call: ``field(x)`` or ``field(t, x)`` (``t`` ignored) -> array of ``x``'s shape.
+
+  Raises:
+    ValueError: at construction, ``gamma < 0`` or an unknown ``act``.
+  """
+  gamma: float = 0.1
+  act: str = "tanh"
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  def __post_init__(self):
+    _check_common(self)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, *args: Any) -> Array:
+    x = _state(args, "SkewSymmetricDense")
+    d = x.shape[-1]
+    w = self.param("kernel", self.kernel_init, (d, d), x.dtype)
+    # row vectors: x (W - W^T - gamma I)^T = x (W^T - W) - gamma x
+    y = x @ (w.T - w) - self.gamma * x
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros_init(), (d,), x.dtype)
+    return ACTIVATIONS[self.act](y)
+
+
+class SkewSymmetricConv(nn.Module):
+  """``dx/dt = act(K x - K^T x - gamma x + b)`` on NHWC states with ``C`` channels.
+
+  ``K`` is a ``kernel_size x kernel_size`` convolution from ``C`` to ``C`` channels
+  (stride 1, zero padding ``kernel_size // 2``) and ``K^T`` its adjoint, the transposed
+  convolution with the same kernel; ``K - K^T`` is skew-adjoint
+  (``<u, (K - K^T) v> = -<(K - K^T) u, v>``) and is applied as one convolution with the
+  kernel :func:`skew_kernel` ``(K)``.
+
+  Attributes:
+    gamma: damping ``>= 0`` (default 0.1).
+    act: ``"tanh"`` (default), ``"relu"``, ``"softplus"`` or ``"identity"``.
+    kernel_size: odd spatial size of ``K`` (default 3).
+    use_bias: add a per-channel bias ``b`` (zero-initialised).
+    kernel_init: initialiser of ``K`` (default LeCun normal: variance
+      ``1 / (kernel_size^2 C)``).
+
+  Call: ``field(x)`` or ``field(t, x)`` (``t`` ignored) with ``x`` ``[B, H, W, C]``.
+
+  Raises:
+    ValueError: at construction, ``gamma < 0``, an unknown ``act``, an even or
+      non-positive ``kernel_size``; at the call, an input that is not of rank 4.
+  """
+  gamma: float = 0.1
+  act: str = "tanh"
+  kernel_size: int = 3
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  def __post_init__(self):
+    _check_common(self)
+    k = _checks.check_int(self.kernel_size, "kernel_size", minimum=1)
+    if k % 2 == 0:
+      raise ValueError(f"kernel_size must be odd (the adjoint of a zero-padded convolution "
+                       f"is a convolution only for symmetric padding); got {k}.")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, *args: Any) -> Array:
+    x = _state(args, "SkewSymmetricConv")
+    if x.ndim != 4:
+      raise ValueError(f"SkewSymmetricConv expects an NHWC state of rank 4; got shape "
+                       f"{tuple(x.shape)}.")
+    c, k = x.shape[-1], self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, c, c), x.dtype)
+    pad = ((k // 2, k // 2), (k // 2, k // 2))
+    y = jax.lax.conv_general_dilated(x, skew_kernel(kernel), (1, 1), pad,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = y - self.gamma * x
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros_init(), (c,), x.dtype)
+    return ACTIVATIONS[self.act](y)

@@ -1,0 +1,247 @@
+"""SONet: skew-symmetric fields (stability), solvers and their statistics, the zoo presets."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdefense import models
+from jaxdefense.dynamics import ODE_STATS, ODEBlock, ode_stats, solve_ode
+from jaxdefense.nn import SkewSymmetricConv, SkewSymmetricDense, skew_kernel
+
+KEY = jax.random.key(0)
+
+
+def _field_fn(field, variables):
+  return lambda t, x, args: field.apply(args, x)
+
+
+def _conv_setup(gamma=0.0, act="identity", use_bias=False, c=4, k=3):
+  field = SkewSymmetricConv(gamma=gamma, act=act, use_bias=use_bias, kernel_size=k)
+  x = jax.random.normal(KEY, (2, 6, 5, c))
+  return field, field.init(jax.random.key(1), x), x
+
+
+# ------------------------------------------------------------------ the operators
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_conv_field_is_skew_adjoint(k):
+  field, v, _ = _conv_setup(k=k)
+  u = jax.random.normal(jax.random.key(2), (2, 6, 5, 4))
+  w = jax.random.normal(jax.random.key(3), (2, 6, 5, 4))
+  su, sw = field.apply(v, u), field.apply(v, w)
+  lhs, rhs = float(jnp.vdot(u, sw)), float(-jnp.vdot(su, w))
+  assert abs(lhs - rhs) < 1e-4 * (1 + abs(lhs))
+  assert abs(float(jnp.vdot(u, su))) < 1e-4 * float(jnp.vdot(u, u))  # <u, S u> = 0
+
+
+def test_conv_transpose_is_the_adjoint_of_the_same_kernel():
+  """K^T is the adjoint of K (by autodiff), not a second kernel."""
+  kernel = jax.random.normal(KEY, (3, 3, 4, 4))
+  x = jax.random.normal(jax.random.key(1), (1, 7, 6, 4))
+  conv = lambda z, w: jax.lax.conv_general_dilated(z, w, (1, 1), ((1, 1), (1, 1)),
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  kx = conv(x, kernel)
+  _, vjp = jax.vjp(lambda z: conv(z, kernel), x)
+  ktx = vjp(x)[0]
+  np.testing.assert_allclose(conv(x, skew_kernel(kernel)), kx - ktx, atol=1e-4)
+
+
+def test_dense_field_is_skew_minus_gamma():
+  field = SkewSymmetricDense(gamma=0.3, act="identity", use_bias=False)
+  x = jax.random.normal(KEY, (5, 6))
+  v = field.init(KEY, x)
+  w = v["params"]["kernel"]
+  a = w - w.T - 0.3 * jnp.eye(6)
+  np.testing.assert_allclose(field.apply(v, x), x @ a.T, atol=1e-5)
+  np.testing.assert_allclose(field.apply(v, 0.7, x), field.apply(v, x))  # t is ignored
+
+
+@pytest.mark.parametrize("make", ["dense", "conv"])
+def test_flow_keeps_the_norm_without_damping(make):
+  if make == "dense":
+    field = SkewSymmetricDense(gamma=0.0, act="identity", use_bias=False)
+    x0 = jax.random.normal(KEY, (3, 8))
+  else:
+    field = SkewSymmetricConv(gamma=0.0, act="identity", use_bias=False)
+    x0 = jax.random.normal(KEY, (2, 5, 5, 3))
+  v = field.init(jax.random.key(4), x0)
+  v = jax.tree_util.tree_map(lambda p: 2.0 * p, v)  # a field that rotates noticeably
+  xt = solve_ode(_field_fn(field, v), x0, v, t1=2.0, solver="dopri5", rtol=1e-7,
+                 atol=1e-9, max_steps=20000)
+  assert float(jnp.linalg.norm(xt - x0)) > 0.1  # it moved...
+  np.testing.assert_allclose(float(jnp.linalg.norm(xt)), float(jnp.linalg.norm(x0)),
+                             rtol=1e-5)  # ...on a sphere
+
+
+@pytest.mark.parametrize("gamma", [0.2, 1.0])
+def test_flow_contracts_at_rate_gamma(gamma):
+  field = SkewSymmetricDense(gamma=gamma, act="identity", use_bias=False)
+  x0 = jax.random.normal(KEY, (4, 10))
+  v = field.init(jax.random.key(5), x0)
+  T = 1.5
+  xt = solve_ode(_field_fn(field, v), x0, v, t1=T, solver="dopri5", rtol=1e-7, atol=1e-9,
+                 max_steps=20000)
+  # (W - W^T) is normal and commutes with I: every row shrinks by exactly e^{-gamma T}
+  np.testing.assert_allclose(jnp.linalg.norm(xt, axis=-1),
+                             math.exp(-gamma * T) * jnp.linalg.norm(x0, axis=-1), rtol=1e-5)
+
+
+def test_tanh_field_with_damping_is_stable():
+  """Nonlinear fields with gamma > 0 do not blow up (input-output stability)."""
+  field, v, x0 = _conv_setup(gamma=0.5, act="tanh", use_bias=True)
+  v = jax.tree_util.tree_map(lambda p: 5.0 * p + 0.0, v)
+  xt = solve_ode(_field_fn(field, v), x0, v, t1=5.0, solver="dopri5", rtol=1e-5, atol=1e-6)
+  assert bool(jnp.all(jnp.isfinite(xt)))
+  # |dx/dt| <= 1 (tanh), so the state moves at most T per entry
+  assert float(jnp.max(jnp.abs(xt - x0))) <= 5.0 + 1e-4
+
+
+# ---------------------------------------------------------------------- solvers
+def _linear(t, x, a):
+  return x @ a.T
+
+
+def test_rk4_is_fourth_order():
+  a = jnp.array([[0.0, -1.0], [1.0, -0.1]])
+  x0 = jnp.array([[1.0, 0.5]])
+  exact = x0 @ jax.scipy.linalg.expm(2.0 * a).T
+  errs = [float(jnp.linalg.norm(solve_ode(_linear, x0, a, t1=2.0, solver="rk4", n_steps=n)
+                                - exact)) for n in (4, 8, 16)]
+  orders = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+  assert all(3.5 < o < 4.5 for o in orders), (errs, orders)
+
+
+@pytest.mark.parametrize("solver,adaptive", [("euler", False), ("heun", True), ("rk4", False),
+                                             ("bosh3", True), ("dopri5", True),
+                                             ("tsit5", True), ("heun", False)])
+def test_nfe_counts_every_evaluation(solver, adaptive):
+  """ode_stats' nfe equals the evaluations counted on the host, steps add up."""
+  calls = []
+  a = jnp.array([[0.0, -3.0], [3.0, -0.5]])
+
+  def field(t, x, args):
+    jax.debug.callback(lambda: calls.append(1))
+    return jnp.tanh(x @ args.T)
+
+  sol = solve_ode(field, jnp.array([[1.0, -0.4]]), a, t1=2.0, solver=solver,
+                  adaptive=adaptive, n_steps=3, rtol=1e-5, atol=1e-6, full_output=True)
+  jax.block_until_ready(sol.ys)
+  stats = ode_stats(sol, solver, adaptive=adaptive)
+  nfe, rejected = int(stats["nfe"]), int(stats["num_rejected"])
+  if rejected == 0 or solver not in ("bosh3", "dopri5", "tsit5"):
+    assert nfe == len(calls)
+  else:  # FSAL: rejections before the first accepted step re-evaluate the first stage
+    assert nfe <= len(calls) <= nfe + rejected
+  assert int(stats["num_accepted"]) + int(stats["num_rejected"]) == int(stats["num_steps"])
+  assert int(stats["nfe_backward"]) == int(stats["nfe"])
+  if not adaptive:
+    assert int(stats["num_steps"]) == 3 and int(stats["num_rejected"]) == 0
+  if solver == "dopri5":
+    assert int(stats["num_steps"]) > 3  # the tolerance needs more than the initial steps
+  assert "nfe_backward" not in ode_stats(sol, solver, "backsolve", adaptive)
+
+
+def test_step_budget_exceeded_is_a_clear_error():
+  a = 200.0 * jnp.array([[0.0, -1.0], [1.0, 0.0]])  # fast rotation: many steps
+  with pytest.raises(Exception, match=r"max_steps=5 .*Raise max_steps"):
+    jax.block_until_ready(solve_ode(_linear, jnp.ones((1, 2)), a, solver="dopri5",
+                                    rtol=1e-6, atol=1e-6, max_steps=5))
+
+
+def test_bad_inputs_are_named():
+  with pytest.raises(ValueError, match="gamma"):
+    SkewSymmetricConv(gamma=-0.1)
+  with pytest.raises(ValueError, match="gamma"):
+    SkewSymmetricDense(gamma=-1.0)
+  with pytest.raises(ValueError, match="kernel_size must be odd"):
+    SkewSymmetricConv(kernel_size=2)
+  with pytest.raises(ValueError, match="act"):
+    SkewSymmetricConv(act="swish")
+  f = SkewSymmetricDense()
+  with pytest.raises(ValueError, match="rtol"):
+    ODEBlock(f, solver="dopri5", rtol=0.0)
+  with pytest.raises(ValueError, match="atol"):
+    ODEBlock(f, solver="dopri5", atol=-1e-3)
+  with pytest.raises(ValueError, match="n_steps"):
+    ODEBlock(f, n_steps=0)
+  with pytest.raises(ValueError, match="solver"):
+    ODEBlock(f, solver="rk45")
+  with pytest.raises(ValueError, match="adjoint"):
+    ODEBlock(f, adjoint="adjoint")
+  with pytest.raises(ValueError, match="adaptive"):
+    ODEBlock(f, solver="rk4", adaptive=True)
+  with pytest.raises(ValueError, match="solver"):
+    models.create("sonet_small", solver="dopri4")
+  with pytest.raises(ValueError, match="gamma"):
+    models.create("sonet_resnet8", gamma=-0.5)
+
+  class Shrink(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(x.shape[-1] - 1)(x)
+
+  with pytest.raises(ValueError, match=r"state's shape \(2, 4\).*returned \(2, 3\)"):
+    ODEBlock(Shrink(), time_dependent=False).init(KEY, jnp.ones((2, 4)))
+
+
+# ----------------------------------------------------------------------- models
+X = jax.random.uniform(KEY, (4, 12, 12, 1))
+
+
+@pytest.mark.parametrize("name", ["sonet_small", "sonet_resnet8", "sonet_resnet20"])
+def test_presets_run_and_sow_their_statistics(name):
+  model = models.create(name, num_classes=7)
+  v = model.init(jax.random.key(1), X)
+  assert ODE_STATS not in v  # statistics are not variables
+  logits, state = model.apply(v, X, mutable=[ODE_STATS])
+  assert logits.shape == (4, 7) and bool(jnp.all(jnp.isfinite(logits)))
+  stats = state[ODE_STATS]
+  assert sorted(stats) == [f"ode{i}" for i in range(len(model.ode_widths))]
+  for block in stats.values():
+    assert int(block["nfe"][0]) == 6 * int(block["num_steps"][0]) + 1  # Dopri5, FSAL
+
+
+def test_fixed_step_twin_shares_the_weights_and_converges():
+  model = models.create("sonet_small")
+  v = model.init(jax.random.key(2), X)
+  tight = models.with_solver(model, rtol=1e-6, atol=1e-6).apply(v, X)
+  twin = models.fixed_step_twin(model, "rk4", n_steps=16)
+  assert twin.solver == "rk4" and twin.adaptive is False
+  np.testing.assert_allclose(twin.apply(v, X), tight, atol=1e-4)
+  coarse = models.fixed_step_twin(model, "euler", n_steps=1).apply(v, X)
+  assert float(jnp.max(jnp.abs(coarse - tight))) > 1e-4  # it is another discretisation
+  with pytest.raises(ValueError, match="solver settings"):
+    models.with_solver(model, gamma=0.3)
+  with pytest.raises(ValueError, match="SONet"):
+    models.fixed_step_twin(models.create("resnet8"))
+
+
+def test_gradient_modes_agree():
+  """Discretise-then-optimise and the continuous adjoint give the same input gradient
+  (to the solver's tolerance) on a smooth field."""
+  base = models.create("sonet_small", rtol=1e-6, atol=1e-6)
+  v = base.init(jax.random.key(3), X)
+
+  def grad(adjoint):
+    m = models.with_solver(base, adjoint=adjoint)
+    return jax.grad(lambda x: jnp.sum(m.apply(v, x) ** 2))(X)
+
+  g_rec, g_back = grad("recursive"), grad("backsolve")
+  assert float(jnp.linalg.norm(g_rec)) > 0
+  np.testing.assert_allclose(g_back, g_rec, rtol=1e-3, atol=1e-3 * float(jnp.max(
+      jnp.abs(g_rec))))
+
+
+def test_sonet_is_deterministic_and_jits_once():
+  model = models.create("sonet_small")
+  v = model.init(jax.random.key(4), X)
+  f = jax.jit(lambda vv, x: model.apply(vv, x))
+  a = f(v, X)
+  b = f(v, X + 0.0)
+  np.testing.assert_array_equal(a, b)
+  assert f._cache_size() == 1
+  f(jax.tree_util.tree_map(lambda p: p * 1.01, v), X)
+  assert f._cache_size() == 1
