@@ -200,6 +200,46 @@ def test_zero_branch_gives_one_and_one_minus_lambda(zero_branch):
   np.testing.assert_allclose(s.lyapunov, np.log(1.0 - LAMBDA) / 2, rtol=1e-4)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_spectrum_program_holds_no_lapack_call(variables, k):
+  """Regression: batched LAPACK custom calls (``jnp.linalg.qr`` / ``eigvalsh`` under
+  ``vmap``) in the spectrum program deadlocked XLA:CPU's intra-op thread pool (both
+  threads of a 2-core machine parked in ``jax::ParallelBatchMap``; the In-ResNet study's
+  analysis cell hung with 32 examples per batch).  The compiled program must hold no
+  custom call at all: Gram-Schmidt in XLA ops, the k x k eigenproblems on the host."""
+  bound = jd.models.bind(MODEL, variables)
+  key = jax.random.key(0)
+  key_data = jax.random.key_data(jax.random.split(key, X.shape[0]))
+  text = _spectrum._spectrum_batch.lower(bound, X, key_data, k=k, iters=2,
+                                         impl=jax.random.key_impl(key)).as_text()
+  assert "custom_call" not in text, sorted(set(
+      line.split("custom_call @")[1].split("(")[0] for line in text.splitlines()
+      if "custom_call @" in line))
+
+
+def test_orthonormal_rows_and_standalone_top_singular_values():
+  v = jax.random.normal(jax.random.key(4), (3, 50))
+  q = np.asarray(_spectrum._orthonormal_rows(v))
+  np.testing.assert_allclose(q @ q.T, np.eye(3), atol=1e-5)
+  # the same span, built row by row (row j of q mixes rows 0..j of v only)
+  coef = np.linalg.lstsq(np.asarray(v).T, q.T, rcond=None)[0]
+  np.testing.assert_allclose(np.asarray(v).T @ coef, q.T, atol=1e-4)
+  np.testing.assert_allclose(np.tril(coef, -1), 0.0, atol=1e-4)
+  # a dependent row: a unit (rounding) vector orthogonal to the first, or 0, never NaN
+  dep = np.asarray(_spectrum._orthonormal_rows(jnp.stack([v[0], 2.0 * v[0]])))
+  assert np.all(np.isfinite(dep)) and abs(dep[0] @ dep[1]) < 1e-3
+  assert np.isclose(np.linalg.norm(dep[1]), 1.0, atol=1e-4) or not np.any(dep[1])
+  np.testing.assert_array_equal(_spectrum._orthonormal_rows(jnp.zeros((1, 5))), 0.0)
+  # top_singular_values on a linear map: the dense singular values, from below
+  a = np.asarray(jax.random.normal(jax.random.key(5), (30, 20)))
+  sv = np.linalg.svd(a, compute_uv=False)
+  got = np.asarray(_spectrum.top_singular_values(lambda t: jnp.asarray(a) @ t, jnp.zeros(20),
+                                                 jax.random.normal(jax.random.key(6), (3, 20)),
+                                                 300))
+  np.testing.assert_allclose(got, sv[:3], rtol=1e-3)
+  np.testing.assert_allclose(_spectrum._ritz_values(np.diag([4.0, 9.0, 0.0])), [3, 2, 0])
+
+
 def test_spectrum_resolves_ensembles_and_noise():
   noisy = jd.models.create("preact_resnet8", step=EulerMaruyama(coef=0.1))
   module, _ = _spectrum._resolve(noisy, {"params": {}}, 0)

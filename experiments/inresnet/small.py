@@ -202,10 +202,12 @@ def analyse(ctx: CellContext) -> dict:
   out: dict[str, Any] = {"landscape": {}, "spectrum": {}}
   for name in ctx.cell.needs:
     model, _, _ = jd.evaluation.run_logits_fn(ctx.workdir_of(name), which="best")
-    land = jd.analysis.loss_landscape(model, noisy, y[:n_land], key=jax.random.key(8))
+    land = jd.analysis.loss_landscape(model, noisy, y[:n_land], key=jax.random.key(8),
+                                      progress=True)
     out["landscape"][name] = _jsonable(land)
+    # about 2 min per model at the full scale (64 images) on 2 shared CPU cores
     spec = jd.analysis.jacobian_spectrum(model.module, model.variables, x[:n_spec],
-                                         key=jax.random.key(9))
+                                         key=jax.random.key(9), progress=True)
     out["spectrum"][name] = _jsonable(spec)
   return out
 

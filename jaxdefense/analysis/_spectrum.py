@@ -83,15 +83,92 @@ class JacobianSpectrum:
 
 
 # ----------------------------------------------------------------------- matrix-free SVD
+#
+# The compiled spectrum program holds no LAPACK call.  ``jnp.linalg.qr`` / ``eigvalsh``
+# lower on the CPU to LAPACK custom calls (``lapack_sgeqrf_ffi``, ``lapack_ssyevd_ffi``);
+# batched by ``vmap`` they run their batch through ``ParallelBatchMap`` on XLA's intra-op
+# thread pool and block on it from a thread of that same pool.  With the many
+# independent power iterations of one program (two per block, one for the feature map)
+# running side by side, every pool thread can end up waiting inside such a call for
+# work that no free thread is left to run: the program deadlocks (seen with 32 examples
+# per batch on a 2-core machine: both ``tf_XLAEigen`` threads parked in
+# ``jax::ParallelBatchMap`` under ``QrFactorization``, no CPU used, never returning).
+# So the re-orthonormalisation is a Gram-Schmidt in plain XLA ops and the small final
+# eigenproblem is solved on the host (:func:`_ritz_values`).
+def _orthonormal_rows(v: Array) -> Array:
+  """Orthonormal rows spanning those of ``v [k, d]`` (classical Gram-Schmidt, applied
+  twice per row for float32 stability), in plain XLA ops (no LAPACK call).
+
+  A row in the span of the rows before it gives, as a Householder QR would, some unit
+  vector orthogonal to them (its rounding residual, normalised), or 0 when that residual
+  is exactly 0 (e.g. a zero row).
+  """
+  k = v.shape[0]
+
+  def unit(w):
+    norm = jnp.sqrt(jnp.sum(w * w))
+    return w / jnp.where(norm > 0, norm, jnp.ones_like(norm))
+
+  if k == 1:
+    return unit(v)
+  rows = jnp.arange(k)
+
+  def body(i, q):
+    w = jax.lax.dynamic_index_in_dim(v, i, keepdims=False)
+    before = (rows < i).astype(v.dtype)
+    for _ in range(2):          # "twice is enough" (Kahan / Parlett)
+      w = w - ((q @ w) * before) @ q
+    return jax.lax.dynamic_update_index_in_dim(q, unit(w), i, 0)
+
+  return jax.lax.fori_loop(0, k, body, jnp.zeros_like(v))
+
+
+def _top_gram(fn: Callable[[Array], Array], z: Array, v0: Array, iters: int) -> Array:
+  """The ``[k, k]`` Gram matrix ``(J V)(J V)^T`` of subspace iteration on ``J^T J``.
+
+  Its eigenvalues are the squared Ritz values (see :func:`top_singular_values`); the
+  program holds no LAPACK call, so it can be ``vmap``-ed and compiled into large
+  programs safely on the CPU.
+  """
+  _, jvp = jax.linearize(fn, z)
+  vjp = jax.linear_transpose(jvp, z)
+  k = v0.shape[0]
+
+  def orthonormal(v):
+    return _orthonormal_rows(v.reshape(k, -1)).reshape(v.shape)
+
+  def step(_, v):
+    w = jax.vmap(lambda t: vjp(jvp(t))[0])(v)
+    # a zero Jacobian (a zero residual branch) leaves v as it is
+    return jnp.where(jnp.sum(w * w) > 0, orthonormal(w), v)
+
+  v = jax.lax.fori_loop(0, iters, step, orthonormal(v0))
+  jv = jax.vmap(jvp)(v).reshape(k, -1)
+  return jv @ jv.T
+
+
+def _ritz_values(gram: Any) -> np.ndarray:
+  """Singular values ``[..., k]``, descending, from Gram matrices ``[..., k, k]`` (NumPy,
+  on the host, in float64; returned in the Gram matrices' dtype)."""
+  g = np.asarray(gram)
+  ev = np.linalg.eigvalsh(g.astype(np.float64))[..., ::-1]
+  return np.sqrt(np.maximum(ev, 0.0)).astype(g.dtype)
+
+
 def top_singular_values(fn: Callable[[Array], Array], z: Array, v0: Array,
                         iters: int) -> Array:
   """The ``k`` largest singular values of the Jacobian of ``fn`` at ``z``, matrix-free.
 
   Subspace (block power) iteration on ``J^T J`` with ``jax.linearize`` (``J v``) and its
-  transpose (``J^T u``), re-orthonormalised by QR every step, then Rayleigh–Ritz:
-  the singular values of ``J V`` for the final orthonormal ``V``.  Each estimate is at
-  most the true singular value and converges to it at the rate
+  transpose (``J^T u``), re-orthonormalised (Gram-Schmidt) every step, then
+  Rayleigh–Ritz: the singular values of ``J V`` for the final orthonormal ``V``.  Each
+  estimate is at most the true singular value and converges to it at the rate
   ``(sigma_{k+1} / sigma_i)^(2 iters)``.
+
+  The iteration runs in plain XLA ops; the final ``k x k`` eigenproblem uses
+  ``jnp.linalg.eigvalsh`` (a LAPACK call on the CPU).  :func:`jacobian_spectrum` does
+  not call this function inside its compiled program: it compiles the iteration alone
+  and solves the small eigenproblems on the host (see the note above ``_orthonormal_rows``).
 
   Args:
     fn: a function of one array.
@@ -102,22 +179,7 @@ def top_singular_values(fn: Callable[[Array], Array], z: Array, v0: Array,
   Returns:
     ``[k]`` singular values, descending (float32 or the dtype of ``fn``'s output).
   """
-  _, jvp = jax.linearize(fn, z)
-  vjp = jax.linear_transpose(jvp, z)
-  k = v0.shape[0]
-
-  def orthonormal(v):
-    q, _ = jnp.linalg.qr(v.reshape(k, -1).T)
-    return q.T.reshape(v.shape)
-
-  def step(_, v):
-    w = jax.vmap(lambda t: vjp(jvp(t))[0])(v)
-    # a zero Jacobian (a zero residual branch) leaves v as it is
-    return jnp.where(jnp.sum(w * w) > 0, orthonormal(w), v)
-
-  v = jax.lax.fori_loop(0, iters, step, orthonormal(v0))
-  jv = jax.vmap(jvp)(v).reshape(k, -1)
-  gram = jv @ jv.T
+  gram = _top_gram(fn, z, v0, iters)
   ev = jnp.linalg.eigvalsh(gram)[::-1]
   return jnp.sqrt(jnp.maximum(ev, 0.0))
 
@@ -200,7 +262,11 @@ def _feature_map(module: nn.Module, variables: Any, x: Array, num_blocks: int,
 @functools.partial(jax.jit, static_argnames=("k", "iters", "impl"))
 def _spectrum_batch(model: _models.ModelFn, x: Array, key_data: Array, *, k: int,
                     iters: int, impl: Any) -> tuple[Array, Array, Array]:
-  """``block [B, L, k]``, ``residual [B, L, k]`` and ``feature [B, k]`` singular values."""
+  """The Gram matrices of the power iterations: ``block [B, L, k, k]``, ``residual
+  [B, L, k, k]`` and ``feature [B, k, k]`` (singular values: :func:`_ritz_values`).
+
+  The program holds no LAPACK custom call (see the note above ``_orthonormal_rows``).
+  """
   module, variables = model.module, model.variables
 
   def per_example(xi, kd):
@@ -213,18 +279,18 @@ def _spectrum_batch(model: _models.ModelFn, x: Array, key_data: Array, *, k: int
       z = xin[0]
       v0 = jax.random.normal(jax.random.fold_in(key, n), (k,) + z.shape, z.dtype)
       whole = lambda t, block=block, sub=sub: block.apply(sub, t[None], False)[0]
-      block_s.append(top_singular_values(whole, z, v0, iters))
+      block_s.append(_top_gram(whole, z, v0, iters))
 
       def branch(t, block=block, sub=sub):
         sink = []
         block.clone(step=_BranchProbe(block.step, sink)).apply(sub, t[None], False)
         return sink[0][0]
 
-      resid_s.append(top_singular_values(branch, z, v0, iters))
+      resid_s.append(_top_gram(branch, z, v0, iters))
     z0 = blocks[0][2][0]
     v0 = jax.random.normal(jax.random.fold_in(key, len(blocks)), (k,) + z0.shape, z0.dtype)
     phi = lambda t: _feature_map(module, variables, img, len(blocks), t[None])[0]
-    feature = top_singular_values(phi, z0, v0, iters)
+    feature = _top_gram(phi, z0, v0, iters)
     return jnp.stack(block_s), jnp.stack(resid_s), feature
 
   return jax.vmap(per_example)(x, key_data)
@@ -287,7 +353,9 @@ def jacobian_spectrum(model: Any, variables: Any, x: Any, *, key: Array | None =
   Everything is matrix-free: ``jax.linearize`` and its transpose with subspace power
   iteration on ``J^T J`` (:func:`top_singular_values`), ``vmap``-ed over examples, one
   ``jit``-compiled program per batch shape, examples fed by
-  :func:`jaxdefense.data.run_batches`.  Power iteration approaches each singular value
+  :func:`jaxdefense.data.run_batches`; the program holds no LAPACK call (batched LAPACK
+  calls can deadlock XLA:CPU's thread pool), the small ``k x k`` Rayleigh–Ritz
+  eigenproblems are solved on the host.  Power iteration approaches each singular value
   from below; raise ``iters`` when the top two are close.
 
   The model is analysed in evaluation mode (batch norm with its running statistics, so
@@ -360,9 +428,9 @@ def jacobian_spectrum(model: Any, variables: Any, x: Any, *, key: Array | None =
   def fn(batch, _):
     return _spectrum_batch(bound, batch[0], batch[1], k=k, iters=iters, impl=impl)
 
-  block, resid, feature = _data.run_batches(fn, (x, key_data), batch_size=batch_size,
-                                            jit=False, progress=progress,
-                                            desc="jacobian spectrum")
+  grams = _data.run_batches(fn, (x, key_data), batch_size=batch_size, jit=False,
+                            progress=progress, desc="jacobian spectrum")
+  block, resid, feature = (_ritz_values(g) for g in grams)
   num = len(paths)
   product = np.prod(block[:, :, 0].astype(np.float64), axis=1)
   with np.errstate(divide="ignore"):   # a zero Jacobian has exponent -inf
