@@ -245,3 +245,18 @@ def test_sonet_is_deterministic_and_jits_once():
   assert f._cache_size() == 1
   f(jax.tree_util.tree_map(lambda p: p * 1.01, v), X)
   assert f._cache_size() == 1
+
+
+def test_same_conv_derivatives_match_the_plain_convolution():
+  from jaxdefense.nn._skew import same_conv
+  x = jax.random.normal(KEY, (2, 7, 6, 3))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+  plain = lambda a, b: jax.lax.conv_general_dilated(
+      a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(same_conv(x, k), plain(x, k), atol=1e-5)
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))
+  for g, h in zip(jax.grad(loss(same_conv), (0, 1))(x, k), jax.grad(loss(plain), (0, 1))(x, k)):
+    np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
+  tx, tk = jax.random.normal(jax.random.key(2), x.shape), jax.random.normal(KEY, k.shape)
+  np.testing.assert_allclose(jax.jvp(same_conv, (x, k), (tx, tk))[1],
+                             jax.jvp(plain, (x, k), (tx, tk))[1], rtol=1e-4, atol=1e-4)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdefense import _checks
+from jaxdefense.nn import _layers as L
 
 Array = jax.Array
 
@@ -76,6 +77,51 @@ def skew_kernel(kernel: Array) -> Array:
     raise ValueError(f"skew_kernel needs a same-channel kernel of odd size [kh, kw, C, C]; "
                      f"got shape {tuple(kernel.shape)}.")
   return kernel - jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+
+
+def _shifted_matmuls(x: Array, kernel: Array) -> Array:
+  """The same-padded stride-1 convolution as a sum of ``kh * kw`` shifted matmuls."""
+  kh, kw = kernel.shape[:2]
+  h, w = x.shape[1], x.shape[2]
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  out = jnp.zeros(x.shape[:3] + kernel.shape[-1:], jnp.result_type(x, kernel))
+  for i in range(kh):
+    for j in range(kw):
+      out = out + xp[:, i:i + h, j:j + w, :] @ kernel[i, j]
+  return out
+
+
+def _padding(kernel: Array) -> tuple[tuple[int, int], tuple[int, int]]:
+  kh, kw = kernel.shape[:2]
+  return ((kh // 2, kh // 2), (kw // 2, kw // 2))
+
+
+@jax.custom_jvp
+def same_conv(x: Array, kernel: Array) -> Array:
+  """Stride-1 convolution with zero padding ``k // 2`` (odd kernels), NHWC x HWIO.
+
+  The values are those of ``lax.conv_general_dilated``; the derivative rule is chosen
+  for the ODE solvers' loops, where XLA:CPU misses its fast convolution path: the input
+  tangent goes through the HWOI layout of :mod:`jaxdefense.nn` (whose transpose, the
+  input gradient, takes the fast path) and, on CPU, the kernel tangent is a sum of
+  shifted matmuls (whose transpose, the kernel gradient, is matmuls too).  A Dopri5
+  solve of a 16-channel field on 128 x 28 x 28 states: gradient in the input and the
+  kernel 10.6 s with the plain convolution, 1.9 s with this rule (2-core CPU, loaded).
+  """
+  return L._conv_plain(x, kernel, (1, 1), _padding(kernel), 1)
+
+
+@same_conv.defjvp
+def _same_conv_jvp(primals, tangents):
+  x, kernel = primals
+  tx, tk = tangents
+  out = same_conv(x, kernel)
+  pad = _padding(kernel)
+  t_in = L._conv_input_tangent(tx, kernel, (1, 1), pad, 1)
+  t_kernel = jax.lax.platform_dependent(
+      L._materialize(x), tk, cpu=_shifted_matmuls,
+      default=lambda a, k: L._conv_plain(a, k, (1, 1), pad, 1))
+  return out, t_in + t_kernel
 
 
 class SkewSymmetricDense(nn.Module):
@@ -163,10 +209,7 @@ class SkewSymmetricConv(nn.Module):
                        f"{tuple(x.shape)}.")
     c, k = x.shape[-1], self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (k, k, c, c), x.dtype)
-    pad = ((k // 2, k // 2), (k // 2, k // 2))
-    y = jax.lax.conv_general_dilated(x, skew_kernel(kernel), (1, 1), pad,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = y - self.gamma * x
+    y = same_conv(x, skew_kernel(kernel)) - self.gamma * x
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros_init(), (c,), x.dtype)
     return ACTIVATIONS[self.act](y)
