@@ -293,8 +293,13 @@ def test_perturbations_enter_each_block_additively():
   # a perturbation on the last block shifts the pooled features linearly
   delta = [None, None, jnp.ones_like(states[2]) * 0.01]
   assert not np.allclose(model.apply(v, x, perturbations=delta), logits)
-  with pytest.raises(ValueError, match="one entry per residual block"):
+  with pytest.raises(ValueError, match=r"one entry per block \(3\), or one more"):
     model.apply(v, x, perturbations=zeros[:2])
+  # one more slot: the stem output x_0, captured first
+  _, states1 = model.apply(v, x, perturbations=[None] * 4, capture_states=True)
+  assert len(states1) == 4 and all(np.allclose(a, b) for a, b in zip(states1[1:], states))
+  stem = [jnp.ones_like(states1[0]) * 0.01, None, None, None]
+  assert not np.allclose(model.apply(v, x, perturbations=stem), logits)
 
 
 # ------------------------------------------------------------------------- ensembles

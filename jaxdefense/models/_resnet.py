@@ -21,6 +21,7 @@ from jaxdefense import _checks
 from jaxdefense.dynamics import Euler, StepContext, apply_step
 from jaxdefense.nn import _layers as L
 from jaxdefense.nn._abstract import is_abstract
+from jaxdefense.models import _slots
 from jaxdefense.models._fields import check_fields
 from jaxdefense.models._registry import register
 
@@ -162,16 +163,19 @@ class ResNet(nn.Module):
 
   Call: ``model.apply(variables, x, train=False, perturbations=None,
   capture_states=False, rngs={"noise": key})``.  ``perturbations`` is a sequence with
-  one additive perturbation (or ``None``) per block, added to that block's output
-  (LAD); ``capture_states=True`` returns ``(logits, states)`` with every block's output.
+  one additive perturbation (or ``None``) per block, added to that block's output, or
+  one more whose first entry is added to the stem output (LAD; see
+  ``jaxdefense.models._slots``); ``capture_states=True`` returns ``(logits, states)``
+  with the value at every perturbation slot (every block's output, after the stem
+  output when ``L + 1`` perturbations are given).
 
   Raises:
     ValueError: at construction (so at ``models.create``), ``num_classes``,
       ``stem_width``, ``groups``, a width, stride or inner width below 1, a negative
       stage size, ``dropout`` outside ``[0, 1)``, a ``normalize`` std that is not
       finite and positive, an unknown step rule name; at the call, images of the wrong
-      rank or outside [0, 1] (checked on concrete inputs), a perturbation list of the
-      wrong length, images whose channels differ from those the variables were
+      rank or outside [0, 1] (checked on concrete inputs), a perturbation list of
+      another length than ``L`` or ``L + 1``, images whose channels differ from those the variables were
       initialised with.
     TypeError: a non-integer size field.
   """
@@ -208,15 +212,17 @@ class ResNet(nn.Module):
                        f"one entry per stage ({len(self.stage_sizes)}).")
     if not is_abstract(x):
       _checks.check_images(x, "x")
-    if perturbations is not None and len(perturbations) != self.num_blocks:
-      raise ValueError(f"perturbations must have one entry per residual block "
-                       f"({self.num_blocks}); got {len(perturbations)}.")
+    with_stem, stem_delta, perturbations = _slots.split_perturbations(
+        perturbations, self.num_blocks, "ResNet")
     if self.normalize is not None:
       x = L.Normalize(*self.normalize)(x)
     x = L.Conv(self.stem_width, 3, 1)(x)
     if self.kind not in _PREACT:
       x = L.relu(L.BatchNorm()(x, train))
     states = []
+    if with_stem:
+      x = _slots.add(x, stem_delta)
+      states.append(x)
     index = 0
     for stage, (n, width, stride) in enumerate(zip(self.stage_sizes, self.widths,
                                                    self.strides)):

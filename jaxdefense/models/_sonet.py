@@ -25,6 +25,7 @@ import flax.linen as nn
 
 from jaxdefense import _checks
 from jaxdefense.dynamics import ODEBlock
+from jaxdefense.models import _slots
 from jaxdefense.models._ensemble import Ensemble
 from jaxdefense.models._fields import check_fields
 from jaxdefense.models._registry import register
@@ -133,19 +134,19 @@ class SONet(nn.Module):
   def __call__(self, x: Any, train: bool = False, perturbations: Sequence[Any] | None = None,
                capture_states: bool = False) -> Any:
     _checks.check_images(x, "x")
-    if perturbations is not None and len(perturbations) != self.num_blocks:
-      raise ValueError(f"perturbations must have one entry per block ({self.num_blocks}: "
-                       f"{len(self.ode_widths)} ODE, {self.num_blocks - len(self.ode_widths)}"
-                       f" residual); got {len(perturbations)}.")
+    with_stem, stem_delta, perturbations = _slots.split_perturbations(
+        perturbations, self.num_blocks, "SONet")
 
     def perturb(h: Any, index: int) -> Any:
-      delta = None if perturbations is None else perturbations[index]
-      return h if delta is None else h + delta
+      return _slots.add(h, None if perturbations is None else perturbations[index])
 
     if self.normalize is not None:
       x = L.Normalize(*self.normalize)(x)
     x = L.Conv(self.ode_widths[0], 3, 1)(x)
     states, index = [], 0
+    if with_stem:
+      x = _slots.add(x, stem_delta)
+      states.append(x)
     for i, width in enumerate(self.ode_widths):
       if i > 0:
         x = L.Conv(width, 3, 2, name=f"down{i}")(x)

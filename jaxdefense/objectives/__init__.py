@@ -22,12 +22,13 @@ from jaxdefense.objectives._adversarial import TRADES as TRADES
 from jaxdefense.objectives._adversarial import kl_divergence as kl_divergence
 from jaxdefense.objectives._certified import CertifiedObjective as CertifiedObjective
 from jaxdefense.objectives._certified import Lin as Lin
+from jaxdefense.objectives._lad import LAD as LAD
 from jaxdefense.objectives._registry import from_config as from_config
 from jaxdefense.objectives._registry import get as get
 from jaxdefense.objectives._registry import names as names
 from jaxdefense.objectives._registry import register as register
 
 __all__ = [
-    "CertifiedObjective", "Lin", "Natural", "Objective", "PGDAdversarial", "TRADES",
+    "CertifiedObjective", "LAD", "Lin", "Natural", "Objective", "PGDAdversarial", "TRADES",
     "from_config", "get", "kl_divergence", "names", "register",
 ]

@@ -217,11 +217,20 @@ class PGDAdversarial:
     check_model(model, "PGDAdversarial")
     _check_batch(x, y)
     x = jnp.asarray(x)
+    return self.outer(model, x, self.attack(model, x, y, key), y, key)
+
+  def attack(self, model: ModelFn, x: Array, y: Array, key: Array) -> Array:
+    """The inner maximisation: PGD images (``stop_gradient``-ed) for this batch."""
     inner = attack_model(model, x, key, self.attack_mode)
     x_adv = attacks.pgd(inner, x, y, key=key, eps=self.eps, step_size=self.step_size,
                         steps=self.steps, random_start=self.random_start)
-    x_adv = jax.lax.stop_gradient(x_adv)
-    logits_adv, state = model.apply(x_adv)
+    return jax.lax.stop_gradient(x_adv)
+
+  def outer(self, model: ModelFn, x: Array, x_adv: Array, y: Array, key: Array,
+            **model_kwargs: Any) -> tuple[Array, dict]:
+    """The outer loss on the adversarial images ``x_adv`` (``model_kwargs``, e.g. LAD's
+    ``perturbations``, go to the adversarial pass)."""
+    logits_adv, state = model.apply(x_adv, **model_kwargs)
     loss_adv = _mean_ce(logits_adv, y)
     aux = {"logits": logits_adv, "loss_adv": loss_adv, "model_state": state}
     if self.mix == 0.0:
@@ -289,7 +298,13 @@ class TRADES:
     check_model(model, "TRADES")
     _check_batch(x, y)
     x = jnp.asarray(x)
-    k_clean, k_start, k_loop, k_outer = jax.random.split(key, 4)
+    return self.outer(model, x, self.attack(model, x, y, key), y, key)
+
+  def attack(self, model: ModelFn, x: Array, y: Array, key: Array) -> Array:
+    """The inner maximisation of ``KL(p_clean || p(x'))``: adversarial images
+    (``stop_gradient``-ed) for this batch."""
+    del y
+    k_clean, k_start, k_loop, _ = jax.random.split(key, 4)
     inner = attack_model(model, x, key, self.attack_mode)
     clean_for_attack = jax.lax.stop_gradient(attacks.predict(
         inner, x, key=k_clean if isinstance(inner, attacks.EOT) else None))
@@ -301,11 +316,16 @@ class TRADES:
     rule = attacks.sign_ascent(self.step_size, project, "linf")
     x_adv, _ = attacks.ascent_loop(vg, rule, x0, self.steps,
                                    k_loop if isinstance(inner, attacks.EOT) else None)
-    x_adv = jax.lax.stop_gradient(x_adv)
+    return jax.lax.stop_gradient(x_adv)
 
+  def outer(self, model: ModelFn, x: Array, x_adv: Array, y: Array, key: Array,
+            **model_kwargs: Any) -> tuple[Array, dict]:
+    """The outer loss (``model_kwargs``, e.g. LAD's ``perturbations``, go to the
+    adversarial pass)."""
+    k_outer = jax.random.split(key, 4)[3]
     # independent model noise in the two outer passes (the adversarial one has the step's)
     logits_clean, _ = model.apply(x, k_outer)
-    logits_adv, state = model.apply(x_adv)
+    logits_adv, state = model.apply(x_adv, **model_kwargs)
     loss_clean = _mean_ce(logits_clean, y)
     loss_robust = jnp.mean(kl_divergence(logits_clean, logits_adv))
     aux = {"logits": logits_clean, "adv_logits": logits_adv, "loss_clean": loss_clean,

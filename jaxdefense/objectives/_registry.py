@@ -7,17 +7,20 @@ from typing import Any, Callable, Mapping
 
 from jaxdefense.objectives import _adversarial
 from jaxdefense.objectives import _certified
+from jaxdefense.objectives import _lad
 
 _REGISTRY: dict[str, Callable[..., Any]] = {
     "natural": _adversarial.Natural,
     "pgd": _adversarial.PGDAdversarial,
     "trades": _adversarial.TRADES,
     "certified": _certified.CertifiedObjective,
+    "lad": _lad.LAD,
 }
 _ALIASES: dict[str, str] = {
     "clean": "natural", "standard": "natural", "ce": "natural",
     "pgd_at": "pgd", "madry": "pgd", "adversarial": "pgd",
     "ibp": "certified", "diffai": "certified",
+    "layerwise": "lad",
 }
 
 
@@ -66,7 +69,9 @@ def get(name: str, **kwargs: Any) -> Any:
   """Build an objective by name, e.g. ``get("pgd", eps=8/255, steps=7)``.
 
   Names: ``natural`` (aliases ``clean``, ``standard``, ``ce``), ``pgd`` (``pgd_at``,
-  ``madry``, ``adversarial``), ``trades``, plus any :func:`register`-ed ones.
+  ``madry``, ``adversarial``), ``trades``, ``certified``, ``lad`` (``layerwise``; e.g.
+  ``get("lad", base="trades", eta=0.05, splitting="strang_marchuk", beta=6.0)``), plus
+  any :func:`register`-ed ones.
 
   Raises:
     ValueError: unknown name, unknown keyword (the message lists the valid fields), or
