@@ -182,3 +182,19 @@ def test_bad_inputs_are_named():
   module, variables = _bound()
   with pytest.raises(ValueError, match=r"one entry per block \(3\), or one more"):
     module.apply(variables, X, perturbations=[None] * 5)
+
+
+def test_eta_schedule_follows_the_epoch():
+  lad = jd.objectives.from_config({"name": "lad", "eta": 0.2, "steps": 1,
+                                   "eta_schedule": {"start": 0.0, "end": 1.0, "ramp": 4.0}})
+  assert float(lad.eta_at(0.0)) == 0.0
+  assert abs(float(lad.eta_at(2.0)) - 0.1) < 1e-7 and abs(float(lad.eta_at(None)) - 0.2) < 1e-7
+  module, variables = _bound()
+  model = jd.models.bind(module, variables, train=True)
+  base = float(lad.base_objective(model, X, Y, KEY)[0])
+  assert float(lad(model, X, Y, KEY, epoch=0.0)[0]) == pytest.approx(base, abs=1e-6)
+  loss, aux = lad(model, X, Y, KEY, epoch=4.0)
+  assert float(loss) != pytest.approx(base, abs=1e-4) and float(aux["lad_eta"]) == \
+      pytest.approx(0.2)
+  with pytest.raises(ValueError, match="eta_schedule"):
+    LAD(eta_schedule={"begin": 0.0})

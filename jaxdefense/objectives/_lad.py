@@ -34,13 +34,14 @@ the base objective's outer loss with the perturbations in its adversarial pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from jaxdefense import _checks
 from jaxdefense.models import Ensemble, ModelFn
+from jaxdefense.objectives._certified import Lin
 from jaxdefense.objectives._adversarial import (PGDAdversarial, TRADES, _check_batch,
                                                 _mean_ce, check_model, kl_divergence)
 
@@ -102,6 +103,11 @@ class LAD:
       l2 norm per example and state) or ``"none"`` (the per-example adjoint itself).
     direction: ``"ascent"`` (default: along the adjoint, raising the loss, adversarial)
       or ``"descent"``.
+    eta_schedule: ``None`` (constant ``eta``) or a factor of ``eta`` over the fractional
+      training epoch: a :class:`~jaxdefense.objectives.Lin` (e.g. ``Lin(0, 1, 0, 5)``
+      ramps eta up over five epochs), a mapping ``{"start", "end", "hold", "ramp"}`` of
+      one (from a config), or any callable of the epoch; the training loop passes the
+      epoch (outside training the schedule's end value is used).
     eps, step_size, steps, random_start, mix, beta, init_std, attack_mode: the base
       objective's fields (``None``: its default); those of the other base are rejected.
 
@@ -127,7 +133,9 @@ class LAD:
   beta: Any = None
   init_std: Any = None
   attack_mode: Any = None
+  eta_schedule: Any = None
   base_objective: Any = dataclasses.field(init=False, repr=False, default=None)
+  uses_epoch: ClassVar[bool] = True
 
   def __post_init__(self):
     _checks.check_choice(self.base, "LAD.base", tuple(_BASES))
@@ -142,6 +150,25 @@ class LAD:
       raise ValueError(f"LAD(base={self.base!r}) does not take {wrong}: those are fields "
                        f"of the other base; {self.base!r} takes {list(_BASE_FIELDS[self.base])}.")
     object.__setattr__(self, "base_objective", _BASES[self.base](**given))
+    sched = self.eta_schedule
+    if isinstance(sched, Mapping) or hasattr(sched, "to_dict"):
+      sched = dict(sched.to_dict() if hasattr(sched, "to_dict") else sched)
+      unknown = sorted(set(sched) - {"start", "end", "hold", "ramp"})
+      if unknown or not {"start", "end"} <= set(sched):
+        raise ValueError(f"LAD.eta_schedule as a mapping needs 'start' and 'end' (and "
+                         f"optionally 'hold', 'ramp'); got keys {sorted(sched)}.")
+      sched = Lin(**sched)
+    if sched is not None and not callable(sched):
+      raise TypeError(f"LAD.eta_schedule must be None, a Lin, a mapping or a callable of "
+                      f"the epoch; got {self.eta_schedule!r}.")
+    object.__setattr__(self, "eta_schedule", sched)
+
+  def eta_at(self, epoch: Any = None) -> Any:
+    """The perturbation size at fractional ``epoch`` (``eta`` without a schedule)."""
+    if self.eta_schedule is None:
+      return self.eta
+    t = 1e9 if epoch is None else epoch
+    return self.eta * jnp.maximum(jnp.asarray(self.eta_schedule(t), jnp.float32), 0.0)
 
   def adjoints(self, model: ModelFn, x: Array, x_adv: Array, y: Array,
                key: Array) -> list[Array]:
@@ -166,9 +193,10 @@ class LAD:
     grads = jax.grad(loss)(zeros)
     return [jax.lax.stop_gradient(g * batch) for g in grads]  # per-example adjoints
 
-  def __call__(self, model: ModelFn, x: Array, y: Array,
-               key: Array) -> tuple[Array, dict]:
-    """Loss and aux for one batch (arguments as the base objective's)."""
+  def __call__(self, model: ModelFn, x: Array, y: Array, key: Array, *,
+               epoch: Any = None) -> tuple[Array, dict]:
+    """Loss and aux for one batch (arguments as the base objective's; ``epoch``: the
+    fractional training epoch, for ``eta_schedule``)."""
     check_model(model, "LAD")
     _check_batch(x, y)
     x = jnp.asarray(x)
@@ -178,7 +206,9 @@ class LAD:
     sign = 1.0 if self.direction == "ascent" else -1.0
     g = [sign * normalize_adjoint(a, self.normalization) for a in raw]
     loss, aux = base.outer(model, x, x_adv, y, key,
-                           perturbations=place(g, self.eta, self.splitting))
+                           perturbations=place(g, self.eta_at(epoch), self.splitting))
     norms = [jnp.sqrt(jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)) for a in raw]
     aux["lad_adjoint_norm"] = jnp.mean(jnp.stack([jnp.mean(v) for v in norms]))
+    if self.eta_schedule is not None:
+      aux["lad_eta"] = jnp.asarray(self.eta_at(epoch), jnp.float32)
     return loss, aux
