@@ -188,3 +188,26 @@ def test_json_round_trip():
 
 def test_parse_value_none_placeholder():
   assert configs.get("demo", ["data_dir=none"]).data_dir is None
+
+
+def test_override_with_a_mapping_replaces_a_whole_group():
+  from jaxdefense import configs
+  c = configs.base_config()
+  out = configs.override(c, {"objective": {"name": "trades", "beta": 3.0},
+                             "model.step": {"name": "damped", "kind": "lambda"},
+                             "epochs": 2})
+  assert out.objective.to_dict() == {"name": "trades", "beta": 3.0}
+  assert out.model.step.kind == "lambda" and out.epochs == 2
+  assert c.objective.to_dict() != out.objective.to_dict()   # a copy
+  configs.validate(out)
+
+
+def test_train_seconds_sums_step_time(tmp_path):
+  import json
+  from jaxdefense import training
+  assert training.train_seconds(tmp_path) == 0.0
+  rows = [{"kind": "train", "step": 10, "steps_per_second": 2.0},
+          {"kind": "eval", "step": 10},
+          {"kind": "train", "step": 30, "steps_per_second": 4.0}]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{bad")
+  assert training.train_seconds(tmp_path) == 10 / 2.0 + 20 / 4.0

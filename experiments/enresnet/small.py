@@ -86,13 +86,7 @@ def config_for(overrides: dict, quick: bool = False) -> Any:
   """The resolved config: ``small_config.py`` (``:quick``) with ``overrides`` applied
   (a dotted key sets one field; a dict value replaces the whole group)."""
   c = jd.configs.load_file(BASE, "quick" if quick else None)
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return jd.configs.validate(c)
+  return jd.configs.validate(jd.configs.override(c, overrides))
 
 
 # ----------------------------------------------------------------- evaluation
@@ -135,23 +129,6 @@ def _curves(workdir: str) -> dict | None:
                          if "validation/accuracy" in r]}
 
 
-def _train_seconds(workdir: str) -> float:
-  """Time spent in training steps, from the step rate logged in ``metrics.jsonl``.
-
-  Each ``train`` record carries the steps/s of the window since the previous one, so
-  the sum is right across resumed runs and leaves out compilation and evaluation.
-  """
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0.0
-  total, last = 0.0, 0
-  for r in jd.training.read_metrics(path):
-    if r.get("kind") == "train" and r.get("steps_per_second"):
-      total += (r["step"] - last) / r["steps_per_second"]
-      last = r["step"]
-  return total
-
-
 def train_and_attack(ctx: CellContext) -> dict:
   """A training cell: train (or resume) the run, then the white-box evaluation."""
   name, quick = ctx.cell.name, ctx.cell.info.get("quick", False)
@@ -176,7 +153,7 @@ def train_and_attack(ctx: CellContext) -> dict:
     out["n_curve"] = int(min(n_curve, len(y)))
   state, _ = jd.training.restore(ctx.workdir, which="best")
   out["params"] = jd.models.count_params(state.params)
-  out["train_s"] = _train_seconds(ctx.workdir)
+  out["train_s"] = jd.training.train_seconds(ctx.workdir)
   out["curves"] = _curves(ctx.workdir)
   return out
 

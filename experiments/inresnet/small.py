@@ -90,13 +90,7 @@ def config_for(overrides: dict, quick: bool = False) -> Any:
 def apply_overrides(c: Any, overrides: dict) -> Any:
   """``c`` with ``overrides`` applied (a dotted key sets one field; a dict value
   replaces the whole group), validated."""
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return jd.configs.validate(c)
+  return jd.configs.validate(jd.configs.override(c, overrides))
 
 
 # ----------------------------------------------------------------- evaluation
@@ -108,20 +102,6 @@ def _test_set(ctx: CellContext, n: int) -> tuple[np.ndarray, np.ndarray]:
   """The first ``n`` test images of the cell's data set."""
   test = jd.data.load(ctx.config.dataset, "test").take(n)
   return np.asarray(test.images), np.asarray(test.labels)
-
-
-def _train_seconds(workdir: str) -> float:
-  """Time in training steps from the step rates of ``metrics.jsonl`` (leaves out
-  compilation and evaluation; right across resumed runs)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0.0
-  total, last = 0.0, 0
-  for r in jd.training.read_metrics(path):
-    if r.get("kind") == "train" and r.get("steps_per_second"):
-      total += (r["step"] - last) / r["steps_per_second"]
-      last = r["step"]
-  return total
 
 
 def evaluate(model: Any, x: np.ndarray, y: np.ndarray, batch: int,
@@ -175,7 +155,7 @@ def train_and_eval(ctx: CellContext) -> dict:
   out["eval_s"] = time.time() - t
   out["damping"] = _damping(model, x[:256])
   out["params"] = jd.models.count_params(model.variables["params"])
-  out["train_s"] = _train_seconds(ctx.workdir)
+  out["train_s"] = jd.training.train_seconds(ctx.workdir)
   return out
 
 

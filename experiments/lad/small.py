@@ -73,28 +73,11 @@ for _eta in ETA_SWEEP:
 
 
 def config_for(overrides: dict, quick: bool = False) -> Any:
-  c = jd.configs.load_file(BASE, "quick" if quick else None)
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  """``small_config.py`` (``:quick``: one inner step) with ``overrides``."""
+  c = jd.configs.override(jd.configs.load_file(BASE, "quick" if quick else None), overrides)
   if quick:
     c.objective.steps = 1
   return jd.configs.validate(c)
-
-
-def _train_seconds(workdir: str) -> float:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0.0
-  total, last = 0.0, 0
-  for r in jd.training.read_metrics(path):
-    if r.get("kind") == "train" and r.get("steps_per_second"):
-      total += (r["step"] - last) / r["steps_per_second"]
-      last = r["step"]
-  return total
 
 
 def train_and_eval(ctx: CellContext) -> dict:
@@ -109,7 +92,8 @@ def train_and_eval(ctx: CellContext) -> dict:
                                           suite=SUITE, batch_size=batch, progress=True)
   attacks = {k.split("(")[0]: v for k, v in rep.attacks.items()}
   out = {"clean": rep.clean, "attacks": attacks, "worst": min(attacks.values()),
-         "n": int(len(y)), "eval_s": time.time() - t, "train_s": _train_seconds(ctx.workdir),
+         "n": int(len(y)), "eval_s": time.time() - t,
+         "train_s": jd.training.train_seconds(ctx.workdir),
          "steps": int(ctx.config.epochs * -(-ctx.config.train_size // ctx.config.batch_size))}
   if ctx.cell.name.startswith("lad") and ctx.seed == 0:
     d = jd.evaluation.diagnose(model, x[:n_diag], y[:n_diag], key=jax.random.key(3), eps=EPS,

@@ -81,14 +81,9 @@ TWIN = {"solver": "rk4", "n_steps": 4}
 
 
 def config_for(overrides: dict, quick: bool = False) -> Any:
+  """``small_config.py`` (``:quick``) with ``overrides`` (``jaxdefense.configs.override``)."""
   c = jd.configs.load_file(BASE, "quick" if quick else None)
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return jd.configs.validate(c)
+  return jd.configs.validate(jd.configs.override(c, overrides))
 
 
 def _budget(ctx: CellContext) -> tuple[int, ...]:

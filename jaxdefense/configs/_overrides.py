@@ -117,7 +117,9 @@ def override(config: ml_collections.ConfigDict,
     config: a ``ConfigDict``.
     overrides: strings ``"key.sub=value"`` (parsed with the type of the existing
       field, as the command line gives them) or a mapping ``{"key.sub": value}`` of
-      Python values (checked against the field's type).  In the free groups
+      Python values (checked against the field's type; a mapping given for a group
+      replaces the whole group, e.g. ``{"objective": {"name": "trades", "beta": 6.0}}``).
+      In the free groups
       ``model``, ``model.step`` and ``objective`` a new key may be added (as a model
       override or keyword argument); elsewhere the key must exist.
 
@@ -162,6 +164,12 @@ def override(config: ml_collections.ConfigDict,
         node[last] = tuple(node[last])
       continue
     default = node[last]
+    if (isinstance(default, ml_collections.ConfigDict) and not is_text
+        and (isinstance(value, Mapping) or hasattr(value, "to_dict"))):
+      # a mapping replaces the whole group (e.g. {"objective": {"name": "trades", ...}})
+      node[last] = ml_collections.ConfigDict(
+          dict(value.to_dict() if hasattr(value, "to_dict") else value))
+      continue
     if isinstance(default, ml_collections.ConfigDict):
       raise ValueError(f"config key {path!r} is a group; set its fields instead "
                        f"({', '.join(f'{path}.{k}' for k in default.keys())}).")

@@ -47,6 +47,7 @@ from jaxdefense.training._run import NonFiniteLossError as NonFiniteLossError
 from jaxdefense.training._run import train_and_evaluate as train_and_evaluate
 from jaxdefense.training._metrics import MetricsWriter as MetricsWriter
 from jaxdefense.training._metrics import read_metrics as read_metrics
+from jaxdefense.training._metrics import train_seconds as train_seconds
 from jaxdefense.training._state import TrainState as TrainState
 from jaxdefense.training._state import create_train_state as create_train_state
 from jaxdefense.training._steps import bound_model as bound_model
@@ -63,5 +64,6 @@ __all__ = [
     "bound_model", "build_experiment",
     "build_model", "build_objective", "build_optimizer", "build_schedule", "build_step",
     "create_train_state", "evaluate", "evaluate_checkpoint", "make_eval_step",
-    "make_train_step", "read_metrics", "restore", "train_and_evaluate", "warm_start",
+    "make_train_step", "read_metrics", "restore", "train_seconds", "train_and_evaluate",
+    "warm_start",
 ]

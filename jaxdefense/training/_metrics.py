@@ -80,3 +80,27 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
       except json.JSONDecodeError:
         continue
   return out
+
+
+def train_seconds(workdir: str | os.PathLike) -> float:
+  """Seconds a run spent in training steps, from its ``metrics.jsonl`` step rates.
+
+  Sums ``(steps since the previous record) / steps_per_second`` over the training
+  records, so compilation, evaluation and checkpoint time are left out and a resumed
+  run counts each step once.
+
+  Args:
+    workdir: the run's folder.
+
+  Returns:
+    The seconds (``0.0`` when the run has no metrics yet).
+  """
+  path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0.0
+  total, last = 0.0, 0
+  for r in read_metrics(path):
+    if r.get("kind") == "train" and r.get("steps_per_second"):
+      total += (r["step"] - last) / r["steps_per_second"]
+      last = r["step"]
+  return total
