@@ -48,6 +48,7 @@ def test_published_counts_rounded():
   assert round(count("resnet44") / 1e6, 2) == 0.66
   assert round(count("resnet110") / 1e6, 1) == 1.7
   assert round(count("wrn34_10") / 1e6) == 46
+  assert round(count("preact_resnet18") / 1e6, 1) == 11.2   # the PGD-AT / TRADES ResNet-18
   assert round(count("resnext29_8x64d") / 1e6) == 34
 
 

@@ -316,6 +316,14 @@ def preact_resnet164(**kw: Any) -> ResNet:
                    "kind": "preact_bottleneck", "shortcut": "conv", **kw})
 
 
+@register("preact_resnet18", "pre-activation ResNet-18 (4 stages of 2 blocks, widths 64-512, "
+          "~11M parameters; the usual PGD-AT / TRADES / LAD CIFAR network)")
+def preact_resnet18(**kw: Any) -> ResNet:
+  return ResNet(**{"stage_sizes": (2, 2, 2, 2), "widths": (64, 128, 256, 512),
+                   "strides": (1, 2, 2, 2), "stem_width": 64, "kind": "preact",
+                   "shortcut": "conv", **kw})
+
+
 @register("wrn34_10", "WideResNet-34-10 (Zagoruyko & Komodakis 2016), ~46M parameters")
 def wrn34_10(**kw: Any) -> ResNet:
   return ResNet(**{"stage_sizes": (5, 5, 5), "widths": (160, 320, 640), "kind": "preact",
