@@ -487,3 +487,30 @@ def test_ensemble_default_is_unrolled_on_cpu_and_vmapped_elsewhere():
     assert "feature_group_count=2" in default
   np.testing.assert_allclose(ens.apply(v, x), jd.models.Ensemble(
       member, size=2, vectorize=True).apply(v, x), atol=1e-5)
+
+
+def test_ensemble_averages_logits_or_probabilities():
+  from jaxdefense.models._ensemble import combine
+  logits = jax.random.normal(KEY, (3, 4, 5)) * 3.0
+  np.testing.assert_allclose(combine(logits, "logits"), logits.mean(0), rtol=1e-6)
+  probs = jax.nn.softmax(logits, -1).mean(0)
+  np.testing.assert_allclose(jax.nn.softmax(combine(logits, "probs"), -1), probs, rtol=1e-5)
+  np.testing.assert_allclose(jnp.exp(combine(logits, "probs")).sum(-1), 1.0, rtol=1e-5)
+  w = jnp.array([0.5, 0.25, 0.25])
+  np.testing.assert_allclose(jnp.exp(combine(logits, "probs", w)),
+                             jnp.einsum("n,nbk->bk", w, jax.nn.softmax(logits, -1)), rtol=1e-5)
+  member = jd.models.create("preact_resnet8", num_classes=5)
+  x = _x((2, 8, 8, 1))
+  for shared in (False, True):
+    ens = jd.models.Ensemble(member, size=3, shared=shared, average="probs")
+    v = ens.init(KEY, x)
+    out = ens.apply(v, x)
+    assert out.shape == (2, 5) and np.allclose(jnp.exp(out).sum(-1), 1.0, rtol=1e-5)
+    plain = ens.clone(average="logits").apply(v, x)
+    assert not np.allclose(out, plain)
+  f = [lambda z, s=s: jnp.full((z.shape[0], 5), float(s)) + jnp.arange(5.0) * s
+       for s in (1.0, 2.0)]
+  np.testing.assert_allclose(jd.models.average_logits(f, average="probs")(x),
+                             combine(jnp.stack([g(x) for g in f]), "probs"), rtol=1e-6)
+  with pytest.raises(ValueError, match="Ensemble.average"):
+    jd.models.Ensemble(member, average="median")

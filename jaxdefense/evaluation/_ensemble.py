@@ -64,7 +64,8 @@ def _check_workdirs(workdirs: Any) -> list[pathlib.Path]:
 
 
 def restore_ensemble(workdirs: Sequence[str | os.PathLike], *, which: str = "latest",
-                     weights: Sequence[float] | None = None) -> _models.ModelFn:
+                     weights: Sequence[float] | None = None,
+                     average: str = "logits") -> _models.ModelFn:
   """One model averaging the logits of several saved runs (an ensemble of runs).
 
   Each run is restored with :func:`jaxdefense.training.restore` (its ``which``
@@ -80,6 +81,9 @@ def restore_ensemble(workdirs: Sequence[str | os.PathLike], *, which: str = "lat
     which: ``"latest"`` (default) or ``"best"`` checkpoint of every run.
     weights: optional non-negative weights, one per run (normalised to sum 1); default
       uniform.
+    average: ``"logits"`` (default, the formula above) or ``"probs"``: the log of the
+      weighted mean of the members' probabilities (the Feynman–Kac reading; see
+      :class:`jaxdefense.models.Ensemble`).
 
   Returns:
     A :class:`~jaxdefense.models.ModelFn` ``m(x [B, H, W, C], key=None) -> logits
@@ -112,4 +116,4 @@ def restore_ensemble(workdirs: Sequence[str | os.PathLike], *, which: str = "lat
     listing = ", ".join(f"{p!r}: {k}" for p, _, k in runs)
     raise ValueError(f"workdirs must be runs whose models have the same num_classes; got "
                      f"{listing}.")
-  return _models.average_logits(members, weights)
+  return _models.average_logits(members, weights, average=average)

@@ -27,11 +27,12 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxdefense import _checks
 from jaxdefense.dynamics import Euler, EulerMaruyama
 from jaxdefense.models._bound import ModelFn
-from jaxdefense.models._ensemble import Ensemble
+from jaxdefense.models._ensemble import AVERAGES, Ensemble, combine
 from jaxdefense.models._registry import create, register
 
 Array = jax.Array
@@ -121,7 +122,7 @@ for _base in BASES:
 
 
 def average_logits(models: Sequence[Any], weights: Sequence[float] | None = None, *,
-                   stochastic: bool = False) -> ModelFn:
+                   stochastic: bool = False, average: str = "logits") -> ModelFn:
   """Integrate separately trained models by (weighted) averaging of their logits.
 
   The paper's "integration of separately trained EnResNets" (Sec. 3.2, Table 5):
@@ -136,6 +137,9 @@ def average_logits(models: Sequence[Any], weights: Sequence[float] | None = None
     weights: optional non-negative weights, one per model (normalised to sum 1);
       default uniform.
     stochastic: how the plain functions among ``models`` are called (default False).
+    average: ``"logits"`` (default: the weighted mean of the logits, as the authors'
+      code) or ``"probs"`` (the log of the weighted mean of the probabilities, the
+      Feynman–Kac reading; see :func:`jaxdefense.models.Ensemble`).
 
   Returns:
     A :class:`ModelFn` ``combined(x, key=None) -> [B, K]``, stochastic iff any member
@@ -147,6 +151,7 @@ def average_logits(models: Sequence[Any], weights: Sequence[float] | None = None
     ValueError: no members, wrong number of weights, negative or all-zero weights;
       members disagreeing on the logits shape (at the call).
   """
+  _checks.check_choice(average, "average", AVERAGES)
   members = tuple(models)
   if not members:
     raise ValueError("average_logits needs at least one model; got none.")
@@ -179,6 +184,6 @@ def average_logits(models: Sequence[Any], weights: Sequence[float] | None = None
     if len(shapes) != 1:
       raise ValueError(f"average_logits members disagree on the logits shape: "
                        f"{[tuple(o.shape) for o in outs]}.")
-    return sum(wi * o for wi, o in zip(w, outs))
+    return combine(jnp.stack(outs), average, w)
 
   return ModelFn.wrap(combined, stochastic=any_stochastic)

@@ -16,11 +16,12 @@ from jaxdefense.nn._abstract import is_abstract
 class Ensemble(nn.Module):
   """Average of the logits of ``size`` copies of ``member``.
 
-  Logits are averaged, as in the EnResNet authors' code
-  (``Ensemble_PreAct_ResNet_Cifar.forward``).  The paper's Feynman–Kac reading (its
-  eq. 10 with ``f`` the softmax) would average probabilities, ``E[softmax(.)]``; the
-  two differ, and :func:`jaxdefense.dynamics.feynman_kac` is the estimator of the
-  latter.
+  ``average="logits"`` (default) averages logits, as in the EnResNet authors' code
+  (``Ensemble_PreAct_ResNet_Cifar.forward``).  ``average="probs"`` averages
+  probabilities, the paper's Feynman–Kac reading (its eq. 10 with ``f`` the softmax,
+  ``E[softmax(.)]``; :func:`jaxdefense.dynamics.feynman_kac` is its Monte-Carlo
+  estimator), and returns the log of the mean probabilities as logits (see
+  :func:`combine`).
 
   * ``shared=False`` (``En_n``): ``size`` independently parametrised members trained
     jointly.  Their variables are one pytree whose leaves carry a leading ensemble
@@ -61,9 +62,11 @@ class Ensemble(nn.Module):
   size: int = 2
   shared: bool = False
   vectorize: bool | None = None
+  average: str = "logits"
 
   def __post_init__(self):
     check_fields(self, positive=("size",))
+    _checks.check_choice(self.average, "Ensemble.average", AVERAGES)
     super().__post_init__()
 
   @nn.compact
@@ -85,7 +88,7 @@ class Ensemble(nn.Module):
       args, kwargs = jax.tree_util.tree_map(tile, (args, kwargs))
       out = self.member(tile(x), *args, **kwargs)
       return _average(jax.tree_util.tree_map(
-          lambda a: a.reshape((size, b) + a.shape[1:]), out), capture_states)
+          lambda a: a.reshape((size, b) + a.shape[1:]), out), capture_states, self.average)
     def apply(member: nn.Module, x: Any) -> Any:
       # flax's lifted vmap drops keyword arguments: close over them instead.
       return member(x, *args, **kwargs)
@@ -106,16 +109,46 @@ class Ensemble(nn.Module):
                            in_axes=nn.broadcast, out_axes=0, length=size,
                            unroll=size)(
                                self.member, None, x)
-    return _average(stacked, capture_states)
+    return _average(stacked, capture_states, self.average)
 
 
-def _average(stacked: Any, capture_states: bool) -> Any:
-  """Member average of logits ``[size, B, K]``; with ``capture_states`` the members
-  returned ``(logits, states)`` and the states are kept."""
+AVERAGES = ("logits", "probs")
+
+
+def combine(stacked_logits: Any, average: str = "logits", weights: Any = None) -> Any:
+  """Combine member logits ``[n, B, K]`` into one ``[B, K]``.
+
+  ``"logits"``: the (weighted) mean of the logits, as the EnResNet authors' code.
+  ``"probs"``: ``log`` of the (weighted) mean of the softmax probabilities, the
+  Feynman–Kac reading ``u(x) = E[softmax(f(x))]`` of the paper (its softmax is that mean,
+  its argmax the mean's, and cross-entropy on it is ``-log E[p_y]``).
+
+  Args:
+    stacked_logits: ``[n, B, K]``.
+    average: ``"logits"`` or ``"probs"``.
+    weights: optional ``[n]`` weights summing to 1 (default uniform).
+
+  Raises:
+    ValueError: an unknown ``average``.
+  """
+  _checks.check_choice(average, "average", AVERAGES)
+  n = stacked_logits.shape[0]
+  w = (jnp.full((n,), 1.0 / n, stacked_logits.dtype) if weights is None
+       else jnp.asarray(weights, stacked_logits.dtype))
+  w = w.reshape((n,) + (1,) * (stacked_logits.ndim - 1))
+  if average == "logits":
+    return jnp.sum(w * stacked_logits, axis=0)
+  logp = jax.nn.log_softmax(stacked_logits, axis=-1)
+  return jax.scipy.special.logsumexp(logp, axis=0, b=jnp.broadcast_to(w, logp.shape))
+
+
+def _average(stacked: Any, capture_states: bool, average: str = "logits") -> Any:
+  """Member average of logits ``[size, B, K]`` (:func:`combine`); with
+  ``capture_states`` the members returned ``(logits, states)`` and the states are kept."""
   if capture_states:
     logits, states = stacked
-    return jnp.mean(logits, axis=0), states
-  return jnp.mean(stacked, axis=0)
+    return combine(logits, average), states
+  return combine(stacked, average)
 
 
 def member_variables(variables: Any, i: int) -> Any:
