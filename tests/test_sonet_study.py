@@ -83,6 +83,10 @@ def test_masking_verdicts(study, tmp_path):
   lines = study.report(res, str(tmp_path))
   text = "\n".join(lines)
   assert "CW-inf" in text and "**held**" in text and "McNemar" in text
+  # the whole report states the paired test once, not the generic z-test paragraph too
+  full = open(_study.write_report(study.STUDY, res, tmp_path / "out")).read()
+  assert full.count("## Statistics") == 1 and "two-proportion z-test" not in full
+  assert "exact two-sided McNemar" in full and "## Provenance" in full
 
 
 def test_robustness_that_survives_every_attack_is_not_masking(study, tmp_path):

@@ -347,7 +347,16 @@ def report(res: Results, out_dir: str, quick: bool = False) -> list[str]:
                                          "evidence"],
                                         [[c, f"**{v}**", e] for c, v, e in claims(res)])
   lines += ["", "Raw numbers: `results.json` beside this file (per cell: metrics, config, "
-            "commit, command, machine)."]
+            "commit, command, machine).", "", "## Statistics", "",
+            "Accuracies carry binomial standard errors over the test images, "
+            "sqrt(p (1 - p) / n); one training seed per model, so they leave out "
+            "seed-to-seed variation. Every cell attacks the same first test images, so a "
+            "claim \"A below B\" is decided by the exact two-sided McNemar test on the "
+            "discordant images (those that survive one attack or model and not the other) at "
+            "alpha = 0.05: **held** when significant in the claimed direction, **did not "
+            "hold** when significant in the other, **inconclusive** otherwise. The worst "
+            "case per image counts an image as robust only when it survives every listed "
+            "attack."]
   return lines
 
 

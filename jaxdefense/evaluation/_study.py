@@ -170,7 +170,9 @@ class Study:
       values); a ``"timings"`` entry (a dict) is recorded beside the metrics.
     report: ``fn(results: Results, out_dir: str) -> list[str]``: the study's markdown
       sections (and plots written into ``out_dir``); default: one table of every
-      numeric metric with standard errors over seeds.
+      numeric metric with standard errors over seeds. The report then gets a
+      ``## Statistics`` section on the default tests (z-test, Welch) unless these lines
+      hold their own ``## Statistics`` heading.
     title: the report's title (default ``name``).
     spec: the file that defines the study (pass ``__file__``); it goes into the
       results so that ``jaxdefense report DIR`` finds the report code, and into the
@@ -783,16 +785,20 @@ def write_report(study: Study | None, results: Results | str | os.PathLike,
                  "e.g. a job array: `--index $SLURM_ARRAY_TASK_ID`).")
   lines.append("")
   report_fn = study.report_fn if study is not None and study.report_fn else _default_report
-  lines += report_fn(results, out_dir)
-  lines += ["", "## Statistics", "",
+  body = list(report_fn(results, out_dir))
+  lines += body
+  # a study whose tests differ from the default ones (paired tests, say) writes its own
+  # "## Statistics" section; the generic paragraph would then contradict it
+  own_statistics = any(str(line).strip() == "## Statistics" for line in body)
+  lines += [] if own_statistics else ["", "## Statistics", "",
             "Accuracies carry standard errors: over test images sqrt(p (1 - p) / n) for one "
             "seed, sample std / sqrt(k) over k >= 2 seeds.  A claim \"A > B\" is decided "
             "by a two-sided test at alpha = 0.05 (one seed: the two-proportion z-test with "
             "the pooled proportion, which ignores that both models saw the same images and "
             "is therefore conservative; two or more seeds: Welch's t-test over seeds): "
             "**held** when the difference is significant in the claimed direction, **did "
-            "not hold** when significant in the other, **inconclusive** otherwise.",
-            "", "## Provenance", ""]
+            "not hold** when significant in the other, **inconclusive** otherwise."]
+  lines += ["", "## Provenance", ""]
   rows = []
   for r in results.records:
     commit = (r.get("commit") or "?")[:10] + (" (dirty)" if r.get("dirty") else "")
