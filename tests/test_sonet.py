@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxdefense import models
-from jaxdefense.dynamics import ODE_STATS, ODEBlock, ode_stats, solve_ode
+from jaxdefense.dynamics import DEFAULT_CHECKPOINTS, ODE_STATS, ODEBlock, ode_stats, solve_ode
 from jaxdefense.nn import SkewSymmetricConv, SkewSymmetricDense, skew_kernel
 
 KEY = jax.random.key(0)
@@ -142,6 +142,37 @@ def test_nfe_counts_every_evaluation(solver, adaptive):
   if solver == "dopri5":
     assert int(stats["num_steps"]) > 3  # the tolerance needs more than the initial steps
   assert "nfe_backward" not in ode_stats(sol, solver, "backsolve", adaptive)
+
+
+def test_checkpoints_change_memory_not_the_gradient():
+  """A solve of more steps than checkpoints recomputes; the gradient is the same."""
+  a = jnp.array([[0.0, -3.0], [3.0, -0.5]])
+  x0 = jnp.array([[1.0, -0.4], [0.3, 0.2]])
+
+  def grad(checkpoints):
+    def loss(x, a):
+      return jnp.sum(solve_ode(lambda t, y, m: jnp.tanh(y @ m.T), x, a, t1=2.0,
+                               solver="dopri5", rtol=1e-6, atol=1e-6,
+                               checkpoints=checkpoints) ** 2)
+    return jax.grad(loss, argnums=(0, 1))(x0, a)
+
+  sol = solve_ode(lambda t, y, m: jnp.tanh(y @ m.T), x0, a, t1=2.0, solver="dopri5",
+                  rtol=1e-6, atol=1e-6, full_output=True)
+  assert int(sol.stats["num_steps"]) > 8  # more steps than 2 checkpoints hold
+  ref = grad(None)
+  for c in (1, 2, DEFAULT_CHECKPOINTS):
+    for g, r in zip(grad(c), ref):
+      np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-7)
+  block = ODEBlock(SkewSymmetricDense(), solver="dopri5", checkpoints=3)
+  x = jnp.ones((2, 4))
+  v = block.init(KEY, x)
+  np.testing.assert_allclose(block.apply(v, x), block.clone(checkpoints=None).apply(v, x))
+  assert models.create("sonet_small", checkpoints=4).checkpoints == 4
+  for bad in (0, -2, 1.5):
+    with pytest.raises((ValueError, TypeError), match="checkpoints"):
+      ODEBlock(SkewSymmetricDense(), checkpoints=bad)
+  with pytest.raises((ValueError, TypeError), match="checkpoints"):
+    solve_ode(_linear, x0, a, solver="dopri5", checkpoints=0)
 
 
 def test_step_budget_exceeded_is_a_clear_error():

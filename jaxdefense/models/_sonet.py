@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 
 from jaxdefense import _checks
-from jaxdefense.dynamics import ODEBlock
+from jaxdefense.dynamics import DEFAULT_CHECKPOINTS, ODEBlock
 from jaxdefense.models import _slots
 from jaxdefense.models._ensemble import Ensemble
 from jaxdefense.models._fields import check_fields
@@ -35,7 +35,8 @@ from jaxdefense.nn._skew import SkewSymmetricConv
 
 __all__ = ["SONet", "fixed_step_twin", "with_solver", "ODE_FIELDS"]
 
-ODE_FIELDS = ("solver", "t1", "n_steps", "adaptive", "rtol", "atol", "max_steps", "adjoint")
+ODE_FIELDS = ("solver", "t1", "n_steps", "adaptive", "rtol", "atol", "max_steps", "adjoint",
+              "checkpoints")
 """The fields of a :class:`SONet` that configure its ODE solves (see
 :class:`jaxdefense.dynamics.ODEBlock`)."""
 
@@ -68,6 +69,8 @@ class SONet(nn.Module):
     adjoint: ``"recursive"`` (discretise-then-optimise), ``"backsolve"`` (continuous
       adjoint) or ``"direct"``: how gradients (training, and white-box attacks) go
       through the solver.
+    checkpoints: solver states a ``"recursive"`` gradient stores (default 16; see
+      :func:`jaxdefense.dynamics.solve_ode`).
     gamma: damping of the skew-symmetric fields (``>= 0``).
     act: activation of the fields (``"tanh"``, ``"relu"``, ``"softplus"``,
       ``"identity"``).
@@ -100,6 +103,7 @@ class SONet(nn.Module):
   atol: float = 1e-3
   max_steps: int = 1000
   adjoint: str = "recursive"
+  checkpoints: int | None = DEFAULT_CHECKPOINTS
   gamma: float = 0.1
   act: str = "tanh"
   kernel_size: int = 3
@@ -127,7 +131,8 @@ class SONet(nn.Module):
                               parent=None)
     return ODEBlock(field, t1=self.t1, solver=self.solver, n_steps=self.n_steps,
                     adaptive=self.adaptive, rtol=self.rtol, atol=self.atol,
-                    max_steps=self.max_steps, adjoint=self.adjoint, time_dependent=False,
+                    max_steps=self.max_steps, adjoint=self.adjoint,
+                    checkpoints=self.checkpoints, time_dependent=False,
                     **kw)
 
   @nn.compact
