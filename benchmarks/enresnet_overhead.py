@@ -4,7 +4,8 @@ The EnResNet paper (Wang et al. 2019, Sec. 3.4) reports negligible overhead: Res
 vs En_1 ResNet20, batch 1K on a Titan Xp, 1.6941 s vs 1.6943 s over 100 runs and the
 same 4807 MB peak memory.  Here: the jit-compiled forward pass (``train=False``, noise
 on at test time as in the paper) of ``preact_resnet20`` against ``en_preact_resnet20``
-(and, without ``--quick``, the ensembles ``en2``/``en5``, the noise-free ``ens2`` and the
+and the same En_1 with the fused ``sampler="fast"`` (``NAME:fast`` rows; see
+``jaxdefense.dynamics.fast_normal``), and, without ``--quick``, the ensembles ``en2``/``en5``, the noise-free ``ens2`` and the
 shared-weights ``swe5``) on a CIFAR-shaped batch.
 
 Timing: every model is compiled first (compile time reported apart), then the models
@@ -35,9 +36,15 @@ import numpy as np
 import jaxdefense as jd
 import jaxdefense.models._enresnet  # noqa: F401  (registers the EnResNet presets)
 
-QUICK = ("preact_resnet20", "en_preact_resnet20")
-FULL = QUICK + ("en2_preact_resnet20", "en5_preact_resnet20", "ens2_preact_resnet20",
-                "swe5_preact_resnet20")
+QUICK = ("preact_resnet20", "en_preact_resnet20", "en_preact_resnet20:fast")
+FULL = QUICK + ("en2_preact_resnet20", "en2_preact_resnet20:fast", "en5_preact_resnet20",
+                "en5_preact_resnet20:fast", "ens2_preact_resnet20", "swe5_preact_resnet20")
+
+
+def _create(name: str):
+  """``NAME`` or ``NAME:fast`` (the EnResNet with ``sampler="fast"``)."""
+  base, _, sampler = name.partition(":")
+  return jd.models.create(base, sampler=sampler) if sampler else jd.models.create(base)
 
 
 def random_variables(model, x, seed: int = 0):
@@ -66,7 +73,7 @@ def bench(names, batch: int, repeats: int, prng: str, seed: int = 0):
   rows = {}
   runners = {}
   for name in names:
-    model = jd.models.create(name)
+    model = _create(name)
     v = random_variables(model, x)
     # train=False passed positionally: flax's nn.vmap (Ensemble) drops keyword arguments.
     fn = jax.jit(lambda v, x, k, model=model: model.apply(v, x, False, rngs={"noise": k}))
@@ -111,12 +118,14 @@ def report(rows, base: str, batch: int, repeats: int, prng: str) -> None:
     print(f"{name:<24}{r['params']:>10,}{r['compile_s']:>11.2f}{med:>11.2f}"
           f"{f'{p10:.1f}-{p90:.1f}':>15}{med / (b_med * 1e3):>8.3f}{r['args_mb']:>9.2f}"
           f"{r['temp_mb']:>9.2f}{r['total_mb']:>10.2f}{r['total_mb'] / b['total_mb']:>7.3f}")
-  en = rows.get("en_preact_resnet20")
-  if en is not None:
-    ratio = statistics.median(en["times"]) / b_med
-    print(f"\nEn_1 / plain ResNet20: time x{ratio:.3f} ({(ratio - 1) * 100:+.1f} %), "
-          f"memory x{en['total_mb'] / b['total_mb']:.3f} "
-          f"({en['total_mb'] - b['total_mb']:+.2f} MB)")
+  for name, label in (("en_preact_resnet20", "jax.random sampler"),
+                      ("en_preact_resnet20:fast", "fast sampler")):
+    en = rows.get(name)
+    if en is not None:
+      ratio = statistics.median(en["times"]) / b_med
+      print(f"En_1 ({label}) / plain ResNet20: time x{ratio:.3f} "
+            f"({(ratio - 1) * 100:+.1f} %), memory x{en['total_mb'] / b['total_mb']:.3f} "
+            f"({en['total_mb'] - b['total_mb']:+.2f} MB)")
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   print(f"process peak RSS: {rss / 1024 if sys.platform != 'darwin' else rss / 2**20:.0f} MB")
 

@@ -228,7 +228,8 @@ class _StepProbe(fnn.Module):
                                   StepContext(index=1, transition=False, train=self.train))
 
 
-def test_injected_noise_has_configured_scale():
+@pytest.mark.parametrize("sampler", ["jax", "fast"])
+def test_injected_noise_has_configured_scale(sampler):
   # Examples (x i) and channels (x 1..2) at clearly different scales, a nonzero mean and
   # an fx that triples the std: a scale taken of x instead of x + fx, an rms instead of
   # a std, or over the wrong axes (per example / per channel / per example and channel
@@ -244,7 +245,7 @@ def test_injected_noise_has_configured_scale():
               "fixed": 1.0}
   for std, s in expected.items():
     for coef in (0.1, 0.5):
-      probe = _StepProbe(EulerMaruyama(coef=coef, std=std))
+      probe = _StepProbe(EulerMaruyama(coef=coef, std=std, sampler=sampler))
       out = probe.apply({}, x, fx, rngs={"noise": jax.random.key(4)})
       # (out - x - fx) / coef = s * xi: divided by the prescribed s it must be N(0, 1)
       u = np.asarray((out - (x + fx)) / coef, np.float64) / s
@@ -306,11 +307,12 @@ def test_perturbations_enter_each_block_additively():
 # ------------------------------------------------------------------------- ensembles
 class _NoisyShift(fnn.Module):
   """``x + shift + N(0, I)``: an Euler–Maruyama step with f = shift (one parameter)."""
+  sampler: str = "jax"
 
   @fnn.compact
   def __call__(self, x, train=False):
     shift = self.param("shift", fnn.initializers.constant(0.5), ())
-    step = EulerMaruyama(coef=1.0, std="fixed")
+    step = EulerMaruyama(coef=1.0, std="fixed", sampler=self.sampler)
     return jd.dynamics.apply_step(self, step, x, jnp.full_like(x, shift),
                                   StepContext(0, False, train))
 
@@ -378,12 +380,12 @@ def test_shared_weight_ensemble_averages_noise_draws():
     _assert_noise_variance(ens.apply(ve, x, rngs={"noise": jax.random.key(6)}), x, 1 / n)
 
 
-@pytest.mark.parametrize("vectorize", [True, False])
-def test_ensemble_members_draw_independent_noise(vectorize):
+@pytest.mark.parametrize("vectorize,sampler", [(True, "jax"), (False, "jax"), (True, "fast")])
+def test_ensemble_members_draw_independent_noise(vectorize, sampler):
   # n identical members: the averaged output is x + shift + the mean of n independent
   # unit-variance draws, variance 1 / n (1 if the members shared one noise key)
   x = _noise_input()
-  noisy = _NoisyShift()
+  noisy = _NoisyShift(sampler=sampler)
   v = noisy.init({"params": KEY, "noise": KEY}, x)
   for n in (2, 4):
     ens = jd.models.Ensemble(noisy, size=n, vectorize=vectorize)
@@ -421,6 +423,8 @@ def test_bad_step_arguments_are_clear_errors():
     EulerMaruyama(coef=-0.1)
   with pytest.raises(ValueError, match="EulerMaruyama.std must be one of"):
     EulerMaruyama(std="channel")
+  with pytest.raises(ValueError, match="EulerMaruyama.sampler must be one of"):
+    EulerMaruyama(sampler="philox")
   with pytest.raises(ValueError, match="Damped.kind must be one of"):
     Damped("tanh")
   with pytest.raises(ValueError, match="init_range"):

@@ -15,7 +15,7 @@ after every residual block, in training and at test time), wrapped in an
 * ``ens{n}_B`` (n = 2, 5): the baseline ensemble of plain (noise-free) nets.
 
 Every factory takes the base network's overrides (``num_classes``, ``normalize``,
-``dropout``...), the step's (``coef``, ``std``, ``at_test``) and, for ensembles,
+``dropout``...), the step's (``coef``, ``std``, ``at_test``, ``sampler``) and, for ensembles,
 ``size``.  :func:`average_logits` integrates separately trained models (the paper's
 Table 5, e.g. ``En_2 ResNet110 & En_1 WRN-34-10``) into one ``ModelFn``.
 """
@@ -45,7 +45,7 @@ _PAPER_NAMES = {"preact_resnet20": "ResNet20", "preact_resnet44": "ResNet44",
 def enresnet(base: str = "preact_resnet20", size: int | None = None, *,
              shared: bool = False, noise: bool = True, coef: float | None = None,
              std: str | None = None, at_test: bool | None = None,
-             **overrides: Any) -> nn.Module:
+             sampler: str | None = None, **overrides: Any) -> nn.Module:
   """An EnResNet (or a plain ensemble) built from a registered residual network.
 
   Args:
@@ -63,6 +63,9 @@ def enresnet(base: str = "preact_resnet20", size: int | None = None, *,
       tensor), ``"sample"`` (per example) or ``"fixed"`` (``coef`` is the absolute
       sigma).
     at_test: also inject noise when ``train=False``; default True (as the paper).
+    sampler: the noise sampler, ``"jax"`` (default, ``jax.random.normal``) or
+      ``"fast"`` (a fused counter-based hash; see
+      :func:`jaxdefense.dynamics.fast_normal`).
     **overrides: fields of the member network (``num_classes=100``, ``normalize=...``,
       ``dropout=...``); a ``step`` override replaces the step rule entirely and then
       ``noise``/``coef``/``std``/``at_test`` must not be given.
@@ -75,8 +78,8 @@ def enresnet(base: str = "preact_resnet20", size: int | None = None, *,
       override together with noise arguments, noise arguments with ``noise=False``, an
       override the base does not take.
   """
-  given = {k: v for k, v in (("coef", coef), ("std", std), ("at_test", at_test))
-           if v is not None}
+  given = {k: v for k, v in (("coef", coef), ("std", std), ("at_test", at_test),
+                              ("sampler", sampler)) if v is not None}
   if "step" in overrides:
     if given or not noise:
       raise ValueError(f"enresnet got both step={overrides['step']!r} and noise arguments "
@@ -87,7 +90,8 @@ def enresnet(base: str = "preact_resnet20", size: int | None = None, *,
                      f"{sorted(given)}.")
   elif noise:
     step = EulerMaruyama(coef=0.1 if coef is None else coef, std=std or "batch",
-                         at_test=True if at_test is None else at_test)
+                         at_test=True if at_test is None else at_test,
+                         sampler=sampler or "jax")
   else:
     step = Euler()
   member = create(base, step=step, **overrides)
