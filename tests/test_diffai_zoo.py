@@ -160,8 +160,11 @@ def _naive_deep_loss(lo, hi):
   for l, u in zip(np.asarray(lo, np.float64).reshape(lo.shape[0], -1),
                   np.asarray(hi, np.float64).reshape(hi.shape[0], -1)):
     relu = lambda a: np.maximum(a, 0.0)
-    lb = [max(relu(u[j] - l[i]) for j in range(l.size) if l[j] <= l[i]) for i in range(l.size)]
-    ub = [max(relu(u[i] - l[j]) for j in range(l.size) if u[i] <= u[j]) for i in range(l.size)]
+    # j != i: the *other* dimensions (DiffAI section 3.3); an empty max is 0
+    lb = [max([relu(u[j] - l[i]) for j in range(l.size) if j != i and l[j] <= l[i]] or [0.0])
+          for i in range(l.size)]
+    ub = [max([relu(u[i] - l[j]) for j in range(l.size) if j != i and u[i] <= u[j]] or [0.0])
+          for i in range(l.size)]
     out.append((sum(lb) + sum(ub)) / (2 * l.size))
   return np.asarray(out)
 

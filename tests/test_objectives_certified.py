@@ -46,15 +46,16 @@ def test_lin_schedule():
 def _deep_loss_by_definition(lower, upper):
   """DiffAI's DeepLoss per example, straight from the formula (all pairs, O(n^2)).
 
-  ``L_lb,i = max{relu(u_j - l_i) : l_j <= l_i}``, ``L_ub,i = max{relu(u_i - l_j) : u_i <=
-  u_j}``, ``L = (sum_i L_lb,i + L_ub,i) / (2 n)``.
+  ``L_lb,i = max{relu(u_j - l_i) : j != i, l_j <= l_i}``, ``L_ub,i = max{relu(u_i - l_j) :
+  j != i, u_i <= u_j}`` (0 for an empty set), ``L = (sum_i L_lb,i + L_ub,i) / (2 n)``.
   """
   lo = np.asarray(lower, np.float64).reshape(len(lower), -1)
   hi = np.asarray(upper, np.float64).reshape(len(upper), -1)
   gap_lb = np.maximum(hi[:, None, :] - lo[:, :, None], 0)   # [b, i, j]: relu(u_j - l_i)
   gap_ub = np.maximum(hi[:, :, None] - lo[:, None, :], 0)   # [b, i, j]: relu(u_i - l_j)
-  lb = np.max(np.where(lo[:, None, :] <= lo[:, :, None], gap_lb, -np.inf), axis=2)
-  ub = np.max(np.where(hi[:, :, None] <= hi[:, None, :], gap_ub, -np.inf), axis=2)
+  other = ~np.eye(lo.shape[1], dtype=bool)[None]
+  lb = np.max(np.where((lo[:, None, :] <= lo[:, :, None]) & other, gap_lb, 0.0), axis=2)
+  ub = np.max(np.where((hi[:, :, None] <= hi[:, None, :]) & other, gap_ub, 0.0), axis=2)
   return (lb.sum(1) + ub.sum(1)) / (2 * lo.shape[1])
 
 

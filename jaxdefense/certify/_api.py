@@ -39,7 +39,8 @@ def _resolve(domain: str, relu: str | None) -> tuple[str, str]:
 
 
 def input_set(x: Array, eps: Any, domain: str = "box", *, relu: str | None = None,
-              relu_budget: int | None = None, correlate_input: bool = True) -> AbstractValue:
+              relu_budget: int | None = None, correlate_input: bool = True,
+              sound: bool = False) -> AbstractValue:
   """The abstract input ``[max(x - eps, 0), min(x + eps, 1)]``.
 
   Args:
@@ -53,21 +54,40 @@ def input_set(x: Array, eps: Any, domain: str = "box", *, relu: str | None = Non
       under affine layers; the generator tensor is ``p`` times the input, ``p`` pixels
       per image).  ``False``: start as a box (``m = 0``) and rely on the model's
       correlation layers (DiffAI's HBox start), far cheaper for large inputs.
+    sound: round outwards for the float32 network (``x -+ eps`` rounded outwards with
+      ``nextafter``, and every transformer of the returned value widened by a bound on
+      float rounding, see :mod:`jaxdefense.certify._domains`).  Default ``False``: the
+      fast path that training uses.
 
   Returns:
     A :class:`Box` or :class:`HybridZonotope` of shape ``x.shape``.
+
+  Raises:
+    TypeError: ``sound`` is not a bool.
   """
   domain, relu = _resolve(domain, relu)
+  sound = _check_sound(sound)
   x = jnp.asarray(x)
   eps = jnp.asarray(eps, x.dtype)
   if eps.ndim == 1:
     eps = eps.reshape((-1,) + (1,) * (x.ndim - 1))
-  lo = jnp.clip(x - eps, 0.0, 1.0)
-  hi = jnp.clip(x + eps, 0.0, 1.0)
+  lo, hi = x - eps, x + eps
+  if sound:
+    lo = jnp.nextafter(lo, jnp.asarray(-jnp.inf, lo.dtype))
+    hi = jnp.nextafter(hi, jnp.asarray(jnp.inf, hi.dtype))
+  lo = jnp.clip(lo, 0.0, 1.0)
+  hi = jnp.clip(hi, 0.0, 1.0)
   if domain == "box":
-    return Box.from_bounds(lo, hi)
+    return Box.from_bounds(lo, hi, sound=sound)
   return HybridZonotope.from_bounds(lo, hi, correlate=correlate_input, relu_mode=relu,
-                                    relu_budget=relu_budget)
+                                    relu_budget=relu_budget, sound=sound)
+
+
+def _check_sound(sound: Any) -> bool:
+  if not isinstance(sound, (bool, np.bool_)):
+    raise TypeError(f"sound must be True or False (round bounds outwards so that they "
+                    f"hold for the float32 network); got sound={sound!r}.")
+  return bool(sound)
 
 
 def _num_classes(model: nn.Module, variables: Any, x: Any, train: bool,
@@ -125,21 +145,23 @@ def _apply(model: nn.Module, variables: Any, value: AbstractValue, train: bool,
 def abstract_logits(model: nn.Module, variables: Any, x: Array, eps: Any,
                     domain: str = "box", *, relu: str | None = None,
                     relu_budget: int | None = None, correlate_input: bool = True,
-                    train: bool = False, rngs: Any = None) -> AbstractValue:
+                    train: bool = False, rngs: Any = None,
+                    sound: bool = False) -> AbstractValue:
   """The abstract output of ``model`` on the input set (no checks, jittable).
 
   Same arguments as :func:`bounds`; returns the final :class:`Box` or
   :class:`HybridZonotope` (shape ``[B, K]``).
   """
   value = input_set(x, eps, domain, relu=relu, relu_budget=relu_budget,
-                    correlate_input=correlate_input)
+                    correlate_input=correlate_input, sound=sound)
   return _apply(model, variables, value, train, rngs)
 
 
 def _jitted(kind: str, model: nn.Module, domain: str, relu: str | None,
-            relu_budget: int | None, correlate_input: bool, train: bool) -> Callable:
+            relu_budget: int | None, correlate_input: bool, train: bool,
+            sound: bool = False) -> Callable:
   """The compiled certification function (cached for hashable models)."""
-  args = (kind, model, domain, relu, relu_budget, correlate_input, train)
+  args = (kind, model, domain, relu, relu_budget, correlate_input, train, bool(sound))
   try:
     hash(model)
   except TypeError:  # e.g. a module with list attributes: compiled per call
@@ -148,14 +170,24 @@ def _jitted(kind: str, model: nn.Module, domain: str, relu: str | None,
 
 
 def _make_jitted(kind: str, model: nn.Module, domain: str, relu: str | None,
-                 relu_budget: int | None, correlate_input: bool, train: bool) -> Callable:
+                 relu_budget: int | None, correlate_input: bool, train: bool,
+                 sound: bool = False) -> Callable:
   def run(variables, x, eps, y, rngs):
     z = abstract_logits(model, variables, x, eps, domain, relu=relu, relu_budget=relu_budget,
-                        correlate_input=correlate_input, train=train, rngs=rngs)
+                        correlate_input=correlate_input, train=train, rngs=rngs, sound=sound)
     if kind == "bounds":
       return z.concretize()
     return jnp.min(margin_lower_bounds(z, y), axis=-1)
-  return jax.jit(run)
+
+  if not sound:
+    return jax.jit(run)
+
+  def run_f32(*args):
+    # The rounding model assumes float32 accumulation in products and convolutions
+    # (what XLA:CPU does anyway; on GPU/TPU it rules out TF32 / bfloat16 passes).
+    with jax.default_matmul_precision("float32"):
+      return run(*args)
+  return jax.jit(run_f32)
 
 
 _cached_jitted = functools.lru_cache(maxsize=64)(_make_jitted)
@@ -164,7 +196,7 @@ _cached_jitted = functools.lru_cache(maxsize=64)(_make_jitted)
 def bounds(model: nn.Module, variables: Any, x: Array, eps: Any, domain: str = "box", *,
            relu: str | None = None, relu_budget: int | None = None,
            correlate_input: bool = True, train: bool = False,
-           rngs: Any = None) -> tuple[Array, Array]:
+           rngs: Any = None, sound: bool = False) -> tuple[Array, Array]:
   """Sound lower and upper bounds of the logits over an l-inf ball.
 
   The input set is ``[max(x - eps, 0), min(x + eps, 1)]``; the model runs on it in the
@@ -183,6 +215,10 @@ def bounds(model: nn.Module, variables: Any, x: Array, eps: Any, domain: str = "
     correlate_input: zonotope: one generator per input pixel (default) or a box start.
     train: passed to the model (``True`` activates ``only_train`` abstract layers).
     rngs: passed to ``model.apply``.
+    sound: ``True``: round outwards so that the bounds hold for the float32 network
+      (every float32 input of the set, evaluated by ``model.apply`` in float32, gives
+      logits inside them; the error model is in :mod:`jaxdefense.certify._domains`).
+      Default ``False`` (bounds of the real-valued network, up to a few ulps).
 
   Returns:
     ``(lower, upper)``, each ``[B, K]``.
@@ -191,23 +227,28 @@ def bounds(model: nn.Module, variables: Any, x: Array, eps: Any, domain: str = "
     ValueError: ``eps < 0`` or ``> 1``, images outside ``[0, 1]`` or of the wrong rank,
       an unknown ``domain``/``relu``, or a model that is not certifiable (a stochastic
       step such as ``EulerMaruyama(coef > 0)``, training-mode batch norm).
-    TypeError: integer images, a model that is not a Flax module.
+    TypeError: integer images, a model that is not a Flax module, a ``sound`` that is
+      not a bool.
   """
   _check_args(model, x, eps)
   domain, relu = _resolve(domain, relu)
-  fn = _jitted("bounds", model, domain, relu, relu_budget, bool(correlate_input), bool(train))
+  sound = _check_sound(sound)
+  fn = _jitted("bounds", model, domain, relu, relu_budget, bool(correlate_input), bool(train),
+               sound)
   return fn(variables, jnp.asarray(x), jnp.asarray(eps, jnp.float32), None, rngs)
 
 
 def certified_margins(model: nn.Module, variables: Any, x: Array, y: Array, eps: Any,
                       domain: str = "zonotope", *, relu: str | None = None,
                       relu_budget: int | None = None, correlate_input: bool = True,
-                      train: bool = False, rngs: Any = None) -> Array:
+                      train: bool = False, rngs: Any = None, sound: bool = True) -> Array:
   """``min_{j != y} lower bound of (z_y - z_j)`` per example, ``[B]``.
 
   The differences are computed inside the domain (an affine map of the abstract
   logits), which is tighter than subtracting interval bounds.  Positive means proved.
-  Arguments as in :func:`bounds`, plus integer labels ``y`` ``[B]`` in ``[0, K)``.
+  Arguments as in :func:`bounds`, plus integer labels ``y`` ``[B]`` in ``[0, K)``;
+  ``sound`` defaults to ``True`` here (a positive margin then proves the float32
+  network; ``False`` is the real-valued network's margin, slightly larger).
 
   Raises:
     ValueError, TypeError: as :func:`bounds`; labels that are not integers ``[B]`` or
@@ -215,7 +256,9 @@ def certified_margins(model: nn.Module, variables: Any, x: Array, y: Array, eps:
   """
   _check_args(model, x, eps, y, variables, bool(train), rngs)
   domain, relu = _resolve(domain, relu)
-  fn = _jitted("verify", model, domain, relu, relu_budget, bool(correlate_input), bool(train))
+  sound = _check_sound(sound)
+  fn = _jitted("verify", model, domain, relu, relu_budget, bool(correlate_input), bool(train),
+               sound)
   return fn(variables, jnp.asarray(x), jnp.asarray(eps, jnp.float32), jnp.asarray(y), rngs)
 
 
@@ -227,12 +270,17 @@ def verify(model: nn.Module, variables: Any, x: Array, y: Array, eps: Any,
   bound of ``z_t - z_j`` over the input set ``[max(x - eps, 0), min(x + eps, 1)]`` is
   positive.  A proved example is also correctly classified.
 
+  By default (``sound=True``) the bounds are rounded outwards so that the certificate
+  holds for the float32 network as it runs (every float32 input of the set, evaluated
+  in float32, keeps label ``t`` strictly on top), as DiffAI's sound ReLU does; it never
+  proves more than ``sound=False`` (the real-valued network's certificate).
+
   Args:
     model, variables, x, eps: as in :func:`bounds`.
     y: integer labels ``[B]`` in ``[0, K)``, ``K`` the model's number of logits.
     domain: ``"zonotope"`` (default), ``"box"`` or ``"deepz"``.
     **kwargs: ``relu``, ``relu_budget``, ``correlate_input``, ``train``, ``rngs`` as in
-      :func:`bounds`.
+      :func:`bounds`; ``sound`` (default ``True``).
 
   Returns:
     ``bool [B]``.
@@ -248,7 +296,7 @@ def verify_dataset(model: nn.Module, variables: Any, x: Any, y: Any, eps: float,
                    domain: str = "zonotope", *, batch_size: int = 100,
                    progress: bool = False, desc: str | None = None, relu: str | None = None,
                    relu_budget: int | None = None, correlate_input: bool = True,
-                   train: bool = False, rngs: Any = None) -> np.ndarray:
+                   train: bool = False, rngs: Any = None, sound: bool = True) -> np.ndarray:
   """:func:`verify` over a whole data set, batch by batch: ``bool [N]`` (NumPy).
 
   Runs through ``jaxdefense.data.run_batches``: fixed-shape batches (the last one
@@ -263,6 +311,7 @@ def verify_dataset(model: nn.Module, variables: Any, x: Any, y: Any, eps: float,
     batch_size: examples per call (the zonotope's memory grows with it).  Default 100.
     progress: show a tqdm progress bar labelled ``desc``.
     relu, relu_budget, correlate_input, train, rngs: as in :func:`bounds`.
+    sound: round outwards for the float32 network (default ``True``, see :func:`verify`).
 
   Returns:
     ``bool [N]``: which examples are proved robust.
@@ -276,7 +325,9 @@ def verify_dataset(model: nn.Module, variables: Any, x: Any, y: Any, eps: float,
     raise ValueError(f"verify_dataset takes one eps for the whole data set; got shape "
                      f"{np.shape(eps)}.")
   domain, relu = _resolve(domain, relu)
-  fn = _jitted("verify", model, domain, relu, relu_budget, bool(correlate_input), bool(train))
+  sound = _check_sound(sound)
+  fn = _jitted("verify", model, domain, relu, relu_budget, bool(correlate_input), bool(train),
+               sound)
   e = jnp.asarray(eps, jnp.float32)
   # ``fn`` is compiled (and cached per model): the runner calls it as it is
   margins = _data.run_batches(lambda batch, _: fn(variables, batch[0], e, batch[1], rngs),
@@ -287,17 +338,20 @@ def verify_dataset(model: nn.Module, variables: Any, x: Any, y: Any, eps: float,
 
 def make_bounds_fn(model: nn.Module, domain: str = "box", *, relu: str | None = None,
                    relu_budget: int | None = None, correlate_input: bool = True,
-                   train: bool = False) -> Callable[[Any, Array, Any], tuple[Array, Array]]:
+                   train: bool = False, sound: bool = False
+                   ) -> Callable[[Any, Array, Any], tuple[Array, Array]]:
   """A pure ``fn(variables, x, eps) -> (lower, upper)`` to ``jit``/``vmap``/``grad``.
 
-  No argument checks run inside (call :func:`bounds` for checked use).
+  No argument checks run inside (call :func:`bounds` for checked use); ``sound`` as in
+  :func:`bounds`.
   """
   domain, relu = _resolve(domain, relu)
+  sound = _check_sound(sound)
 
   def fn(variables, x, eps):
     return abstract_logits(model, variables, x, eps, domain, relu=relu,
                            relu_budget=relu_budget, correlate_input=correlate_input,
-                           train=train).concretize()
+                           train=train, sound=sound).concretize()
   return fn
 
 
@@ -373,7 +427,8 @@ def report(model: nn.Module, variables: Any, x: Array, y: Array, eps: float, *,
     batch_size: examples per call; every evaluation goes through
       ``jaxdefense.data.run_batches`` (padded last batch, no recompilation; PGD's
       random start of batch ``i`` draws from ``fold_in(key, i)``).
-    **kwargs: passed to :func:`verify` (``relu``, ``relu_budget``, ``correlate_input``).
+    **kwargs: passed to :func:`verify` (``relu``, ``relu_budget``, ``correlate_input``,
+      ``sound``).
 
   Returns:
     ``{"n": N, "standard": ..., "pgd": ..., "certified_box": ..., ...}`` (no ``"pgd"``

@@ -25,8 +25,44 @@ by segment (zero padding what one side lacks), so generators that two residual b
 created independently stay distinct symbols.  Treating one symbol as two is sound (only
 less precise); merging two independent ones would not be, and never happens.
 
-Soundness holds in exact arithmetic; the float32 implementation does not round
-outwards, so bounds may be off by a few ulps (the tests allow ``1e-5`` relative).
+Soundness holds in exact arithmetic.  By default (``sound=False``, the fast path that
+training uses) the float32 implementation does not round outwards, so bounds may be off
+by a few ulps.  With ``sound=True`` (a static flag of both domains, set by
+``jaxdefense.certify.input_set(..., sound=True)`` and on by default in ``verify``) every
+transformer widens its result by a bound on the float rounding of *both* the abstract
+computation and the concrete float network, so that the concretisation (read in exact
+arithmetic) contains every value the float32 network computes; interval bounds are then
+rounded outwards (``nextafter`` towards -inf / +inf).  The error model:
+
+* ``u = eps_machine / 2`` (``2**-24`` for float32, round to nearest) and ``gamma(k) =
+  k u / (1 - k u)``.  A dot product or sum of ``k`` terms computed in any order, with or
+  without fused multiply-add, satisfies ``|fl(sum) - sum| <= gamma(k) sum |terms|``
+  (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., section 3.1).
+* An affine layer ``y = W x + b`` whose input has ``p`` variables per example has at
+  most ``n = p`` terms per output (exact for dense layers, an upper bound for
+  convolutions and pooling, whose real fan-in the domain cannot see), so with ``a = |c|
+  + radius`` (``a >= |x|`` on the set) the float network's output is within
+  ``gamma(n + 1) (|W| a + |b|)`` of ``W x + b``, and the computed centre, box part and
+  generators are each within ``gamma(n + 1)`` of their exact values relative to their
+  share of ``|W| a + |b|``.  The box part is widened by ``4 gamma(n + 2) (|W| a + |b|)``,
+  which covers these two first-order terms (``2 gamma``), the rounding of the widening
+  itself and every second-order term (valid while ``(n + m + 4) u <= 0.05``).
+* Elementwise ops (residual sums, ``x * s + t``, the DeepZ ReLU's ``lam x + mu``) use
+  the same rule with ``n`` the number of float operations per output; ReLU is exact in
+  float; the DeepZ slope's rounding is absorbed by computing the offset for the rounded
+  slope, rounded up; sigmoid / tanh are assumed within 16 ulps of the exact function.
+* Underflow: with gradual underflow or flush-to-zero / denormals-are-zero every
+  operation may lose at most ``tiny`` (the smallest normal, ``2**-126``), times ``|w|``
+  when a subnormal input is flushed; ``|W| (a + tiny / gamma)`` and ``4 (n + 2) tiny``
+  cover it.
+* Interval bounds ``c -+ r`` use the radius widened by ``3 gamma(m + 2)`` (the sum of
+  ``m + 1`` non-negative terms) and are rounded outwards with ``nextafter``.
+
+The model holds for float32 matrix products and convolutions that accumulate in float32
+(XLA:CPU always; on GPU/TPU the certificate is for the network run with
+``jax.default_matmul_precision("highest")``, since TF32 / bfloat16 passes and Winograd
+convolutions have larger errors).  The sound path never claims more than the fast one:
+every widening is non-negative.
 """
 
 from __future__ import annotations
@@ -64,6 +100,86 @@ def _safe_div(num: Array, den: Array, where: Array) -> Array:
   """``num / den`` where ``where`` holds, 0 elsewhere, with finite gradients."""
   den = jnp.where(where, den, 1.0)
   return jnp.where(where, num / den, 0.0)
+
+
+# ============================================================ float rounding (sound)
+def _unit(dtype: Any) -> tuple[float, float]:
+  """``(u, tiny)``: unit roundoff (half the machine epsilon) and smallest normal."""
+  info = jnp.finfo(dtype)
+  return float(info.eps) / 2, float(info.tiny)
+
+
+def _gamma(k: int, dtype: Any) -> float:
+  """``gamma(k) = k u / (1 - k u)``, Higham's bound for ``k`` rounded operations.
+
+  Raises:
+    ValueError: ``k u > 0.05``: the first-order error model no longer holds (a layer
+      with millions of inputs per example in float32).
+  """
+  u, _ = _unit(dtype)
+  if k * u > 0.05:
+    raise ValueError(f"sound=True: a layer with {k} float operations per output is beyond "
+                     f"the float rounding model of {jnp.dtype(dtype).name} (k u = {k * u:.3g} "
+                     "> 0.05); use a wider dtype or sound=False.")
+  return k * u / (1 - k * u)
+
+
+def _rounding_slack(magnitude_fn: Callable[[Array], Array], a: Array, extra: Any, n: int,
+                    dtype: Any) -> Array:
+  """Widening of an op with ``n`` float operations per output: ``4 gamma(n + 2) (M(a +
+  tiny / gamma) + |extra|) + 4 (n + 2) tiny``, ``M`` the op's magnitude map (``|W|``).
+
+  ``a`` bounds ``|x|`` on the input set; ``extra`` is a concrete addend (bias, shift) or
+  ``None``.  See the module docstring for why this bounds the rounding of both the
+  abstract and the concrete float computation.
+  """
+  g = _gamma(n + 2, dtype)
+  _, tiny = _unit(dtype)
+  s = magnitude_fn(a + tiny / g)
+  if extra is not None:
+    s = s + jnp.abs(extra)
+  return 4 * g * s + 4 * (n + 2) * tiny
+
+
+def _inflate_radius(r: Array, terms: int) -> Array:
+  """A radius computed as a sum of ``terms`` non-negative numbers, made an upper bound."""
+  g = _gamma(terms + 2, r.dtype)
+  _, tiny = _unit(r.dtype)
+  return r + 3 * g * r + 2 * tiny
+
+
+def _outward(center: Array, radius: Array) -> tuple[Array, Array]:
+  """``(c - r, c + r)`` rounded outwards (one ``nextafter`` after round to nearest)."""
+  return (jnp.nextafter(center - radius, jnp.asarray(-jnp.inf, center.dtype)),
+          jnp.nextafter(center + radius, jnp.asarray(jnp.inf, center.dtype)))
+
+
+def _sound_center_radius(lower: Array, upper: Array) -> tuple[Array, Array]:
+  """Centre and radius whose exact box contains ``[lower, upper]`` despite rounding."""
+  c = (lower + upper) / 2
+  r = (upper - lower) / 2
+  u, tiny = _unit(c.dtype)
+  return c, r + 6 * u * (jnp.abs(c) + r) + 2 * tiny
+
+
+def _sound_monotone(fn: Callable[[Array], Array], lo: Array, hi: Array
+                    ) -> tuple[Array, Array]:
+  """``fn(lo), fn(hi)`` widened by twice an assumed 16-ulp error of ``fn``'s float code."""
+  flo, fhi = fn(lo), fn(hi)
+  u, tiny = _unit(flo.dtype)
+  return flo - 64 * u * jnp.abs(flo) - tiny, fhi + 64 * u * jnp.abs(fhi) + tiny
+
+
+def _check_sound(sound: Any) -> bool:
+  if not isinstance(sound, (bool, np.bool_)):
+    raise TypeError(f"sound must be a bool (True: round bounds outwards for the float32 "
+                    f"network); got {sound!r}.")
+  return bool(sound)
+
+
+def _fan_in(shape: Sequence[int]) -> int:
+  """Upper bound of the terms per output of a linear map of a ``shape`` value."""
+  return max(_per_example_size(shape), 1)
 
 
 # ====================================================================== shared base
@@ -117,35 +233,53 @@ class Box(_Domain):
   Args:
     center: ``[B, ...]`` float array.
     radius: ``[B, ...]`` non-negative float array (same shape as ``center``).
+    sound: static; ``True`` widens every transformer's result by a bound on float
+      rounding so that the box contains the float32 network's values (see the module
+      docstring); ``False`` (default) is the fast, unrounded path.
 
   Use :meth:`from_bounds` to build one from ``lower <= upper``.
+
+  Raises:
+    TypeError: ``sound`` is not a bool.
   """
 
-  def __init__(self, center: Array, radius: Array):
+  def __init__(self, center: Array, radius: Array, *, sound: bool = False):
     self._center = center
     self.radius = radius
+    self.sound = _check_sound(sound)
 
   # ------------------------------------------------------------------- pytree
   def tree_flatten(self):
-    return (self._center, self.radius), None
+    return (self._center, self.radius), self.sound
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    del aux
     obj = object.__new__(cls)
     obj._center, obj.radius = children
+    obj.sound = bool(aux) if aux is not None else False
+    return obj
+
+  def _make(self, center: Array, radius: Array) -> "Box":
+    obj = object.__new__(Box)
+    obj._center, obj.radius, obj.sound = center, radius, self.sound
     return obj
 
   # ---------------------------------------------------------------- structure
   def batch_axes(self) -> "Box":
     """``in_axes`` / ``out_axes`` for ``jax.vmap`` over the batch axis (0 everywhere)."""
-    return Box(0, 0)
+    return Box(0, 0, sound=self.sound)
 
   @classmethod
-  def from_bounds(cls, lower: Array, upper: Array) -> "Box":
-    """The box ``[lower, upper]`` (elementwise, ``lower <= upper``)."""
+  def from_bounds(cls, lower: Array, upper: Array, *, sound: bool = False) -> "Box":
+    """The box ``[lower, upper]`` (elementwise, ``lower <= upper``).
+
+    With ``sound=True`` the radius is widened so that the exact box contains
+    ``[lower, upper]`` despite the rounding of ``(lower + upper) / 2``.
+    """
     lower = jnp.asarray(lower)
     upper = jnp.asarray(upper)
+    if _check_sound(sound):
+      return cls(*_sound_center_radius(lower, upper), sound=True)
     return cls((lower + upper) / 2, (upper - lower) / 2)
 
   @property
@@ -160,13 +294,18 @@ class Box(_Domain):
     return self._center
 
   def concretize(self) -> tuple[Array, Array]:
+    if self.sound:
+      return _outward(self._center, self.radius)
     return self._center - self.radius, self._center + self.radius
 
   def uncorrelated_radius(self) -> Array:
     return self.radius
 
   def __repr__(self) -> str:
-    return f"Box(shape={self.shape})"
+    return f"Box(shape={self.shape}{', sound=True' if self.sound else ''})"
+
+  def _magnitude(self) -> Array:
+    return jnp.abs(self._center) + self.radius
 
   # ------------------------------------------------------------------ linear maps
   def affine(self, linear_fn: LinearFn, abs_linear_fn: LinearFn | None,
@@ -174,47 +313,69 @@ class Box(_Domain):
     c = linear_fn(self._center)
     if bias is not None:
       c = c + bias
-    r = (abs_linear_fn or linear_fn)(self.radius)
-    return Box(c, r)
+    mag = abs_linear_fn or linear_fn
+    r = mag(self.radius)
+    if self.sound:
+      r = r + _rounding_slack(mag, self._magnitude(), bias, _fan_in(self.shape), self.dtype)
+    return self._make(c, r)
 
   def linear(self, fn: LinearFn) -> "Box":
-    return Box(fn(self._center), fn(self.radius))
+    if self.sound:
+      return self.affine(fn, None, None)
+    return self._make(fn(self._center), fn(self.radius))
 
   def scale_shift(self, scale: Any, shift: Any = None) -> "Box":
     c = self._center * scale
     if shift is not None:
       c = c + shift
-    return Box(c, self.radius * jnp.abs(scale))
+    r = self.radius * jnp.abs(scale)
+    if self.sound:
+      r = r + _rounding_slack(lambda v: v * jnp.abs(scale), self._magnitude(), shift, 1,
+                              self.dtype)
+    return self._make(c, r)
 
   def reshape(self, shape: Sequence[int]) -> "Box":
     shape = (self.shape[0],) + tuple(shape)[1:]
-    return Box(self._center.reshape(shape), self.radius.reshape(shape))
+    return self._make(self._center.reshape(shape), self.radius.reshape(shape))
 
   # --------------------------------------------------------------- nonlinearities
   def relu(self) -> "Box":
     lo, hi = self.concretize()
-    return Box.from_bounds(jax.nn.relu(lo), jax.nn.relu(hi))
+    return Box.from_bounds(jax.nn.relu(lo), jax.nn.relu(hi), sound=self.sound)
 
   def monotone(self, fn: Callable[[Array], Array]) -> "Box":
     lo, hi = self.concretize()
+    if self.sound:
+      return Box.from_bounds(*_sound_monotone(fn, lo, hi), sound=True)
     return Box.from_bounds(fn(lo), fn(hi))
 
   # ------------------------------------------------------------------- arithmetic
   def _shift(self, other: Any) -> "Box":
-    return Box(self._center + other, self.radius)
+    r = self.radius
+    if self.sound:
+      r = r + _rounding_slack(lambda v: v, self._magnitude(), other, 1, self.dtype)
+    return self._make(self._center + other, r)
 
   def _add(self, other: "Box") -> "Box":
-    return Box(self._center + other._center, self.radius + other.radius)
+    r = self.radius + other.radius
+    out = self._make(self._center + other._center, r)
+    if self.sound or other.sound:
+      out.sound = True
+      out.radius = r + _rounding_slack(lambda v: v, self._magnitude() + other._magnitude(),
+                                       None, 1, self.dtype)
+    return out
 
   def _concatenate(self, values: Sequence["Box"], axis: int) -> "Box":
-    return Box(jnp.concatenate([b._center for b in values], axis),
-               jnp.concatenate([b.radius for b in values], axis))
+    out = Box(jnp.concatenate([b._center for b in values], axis),
+              jnp.concatenate([b.radius for b in values], axis),
+              sound=any(b.sound for b in values))
+    return out
 
   def to_zonotope(self, relu_mode: str = "box", relu_budget: int | None = None
                   ) -> "HybridZonotope":
     """The same set as a hybrid zonotope with no correlated generators (``m = 0``)."""
     return HybridZonotope(self._center, self.radius, None, relu_mode=relu_mode,
-                          relu_budget=relu_budget)
+                          relu_budget=relu_budget, sound=self.sound)
 
 
 # ===================================================================== HybridZonotope
@@ -239,14 +400,18 @@ class HybridZonotope(_Domain):
       still sound.
     segments: static ``((tag, size), ...)`` partition of the generator axis (see the
       module docstring); default: one input segment of size ``m``.
+    sound: static; ``True`` widens every transformer's result by a bound on float
+      rounding so that the set contains the float32 network's values (see the module
+      docstring); ``False`` (default) is the fast, unrounded path.
 
   Raises:
     ValueError: shapes that do not match, a bad ``relu_mode`` or ``relu_budget``.
+    TypeError: ``sound`` is not a bool.
   """
 
   def __init__(self, center: Array, box: Array, generators: Array | None = None, *,
                relu_mode: str = "box", relu_budget: int | None = None,
-               segments: tuple[tuple[int, int], ...] | None = None):
+               segments: tuple[tuple[int, int], ...] | None = None, sound: bool = False):
     if relu_mode not in RELU_MODES:
       raise ValueError(f"relu_mode must be one of {RELU_MODES}; got {relu_mode!r}.")
     if relu_budget is not None and (isinstance(relu_budget, bool) or
@@ -272,17 +437,18 @@ class HybridZonotope(_Domain):
     self.relu_mode = relu_mode
     self.relu_budget = None if relu_budget is None else int(relu_budget)
     self.segments = tuple((int(t), int(s)) for t, s in segments)
+    self.sound = _check_sound(sound)
 
   # ------------------------------------------------------------------- pytree
   def tree_flatten(self):
     return ((self._center, self.box, self.generators),
-            (self.relu_mode, self.relu_budget, self.segments))
+            (self.relu_mode, self.relu_budget, self.segments, self.sound))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     obj = object.__new__(cls)
     obj._center, obj.box, obj.generators = children
-    obj.relu_mode, obj.relu_budget, obj.segments = aux
+    obj.relu_mode, obj.relu_budget, obj.segments, obj.sound = aux
     return obj
 
   def batch_axes(self) -> "HybridZonotope":
@@ -300,14 +466,17 @@ class HybridZonotope(_Domain):
     obj._center, obj.box, obj.generators = center, box, generators
     obj.relu_mode, obj.relu_budget = self.relu_mode, self.relu_budget
     obj.segments = self.segments if segments is None else segments
+    obj.sound = self.sound
     return obj
 
   def replace(self, **kw: Any) -> "HybridZonotope":
-    """A copy with static fields (``relu_mode``, ``relu_budget``) replaced."""
-    fields = {"relu_mode": self.relu_mode, "relu_budget": self.relu_budget}
+    """A copy with static fields (``relu_mode``, ``relu_budget``, ``sound``) replaced."""
+    fields = {"relu_mode": self.relu_mode, "relu_budget": self.relu_budget,
+              "sound": self.sound}
     for k, v in kw.items():
       if k not in fields:
-        raise TypeError(f"replace: unknown field {k!r}; expected relu_mode or relu_budget.")
+        raise TypeError(f"replace: unknown field {k!r}; expected relu_mode, relu_budget "
+                        "or sound.")
       fields[k] = v
     return HybridZonotope(self._center, self.box, self.generators, segments=self.segments,
                           **fields)
@@ -315,8 +484,8 @@ class HybridZonotope(_Domain):
   # ---------------------------------------------------------------- structure
   @classmethod
   def from_bounds(cls, lower: Array, upper: Array, *, correlate: bool = True,
-                  relu_mode: str = "box", relu_budget: int | None = None
-                  ) -> "HybridZonotope":
+                  relu_mode: str = "box", relu_budget: int | None = None,
+                  sound: bool = False) -> "HybridZonotope":
     """The box ``[lower, upper]`` as a hybrid zonotope.
 
     Args:
@@ -325,13 +494,17 @@ class HybridZonotope(_Domain):
         under affine maps; memory ``p`` times the input per example).  ``False``: the
         box part only (``m = 0``; DiffAI's "HBox" start, correlated later by abstract
         layers).
-      relu_mode, relu_budget: see the class docstring.
+      relu_mode, relu_budget, sound: see the class docstring (``sound=True`` also
+        widens the radius for the rounding of ``(lower + upper) / 2``).
     """
     lower = jnp.asarray(lower)
     upper = jnp.asarray(upper)
-    c = (lower + upper) / 2
-    r = (upper - lower) / 2
-    z = cls(c, r, None, relu_mode=relu_mode, relu_budget=relu_budget)
+    if _check_sound(sound):
+      c, r = _sound_center_radius(lower, upper)
+    else:
+      c = (lower + upper) / 2
+      r = (upper - lower) / 2
+    z = cls(c, r, None, relu_mode=relu_mode, relu_budget=relu_budget, sound=sound)
     return z._correlate_all(INPUT_TAG) if correlate else z
 
   @property
@@ -357,14 +530,21 @@ class HybridZonotope(_Domain):
 
   def concretize(self) -> tuple[Array, Array]:
     r = self.radius()
+    if self.sound:
+      return _outward(self._center, _inflate_radius(r, self.num_generators + 1))
     return self._center - r, self._center + r
+
+  def _magnitude(self) -> Array:
+    """``|c| + b + sum_j |E_j|`` (an upper bound of ``|x|`` up to rounding)."""
+    return jnp.abs(self._center) + self.radius()
 
   def uncorrelated_radius(self) -> Array:
     return self.box
 
   def __repr__(self) -> str:
     return (f"HybridZonotope(shape={self.shape}, generators={self.num_generators}, "
-            f"relu_mode={self.relu_mode!r}, relu_budget={self.relu_budget})")
+            f"relu_mode={self.relu_mode!r}, relu_budget={self.relu_budget}"
+            f"{', sound=True' if self.sound else ''})")
 
   def _flat_generators(self) -> Array:
     m, b = self.generators.shape[:2]
@@ -392,6 +572,9 @@ class HybridZonotope(_Domain):
       b = abs_linear_fn(self.box)
     if bias is not None:
       c = c + bias
+    if self.sound:
+      b = b + _rounding_slack(abs_linear_fn or linear_fn, self._magnitude(), bias,
+                              _fan_in(self.shape) + m, self.dtype)
     gens = self._unflat(e, m) if m else jnp.zeros((0,) + c.shape, c.dtype)
     return self._new(c, b, gens)
 
@@ -403,7 +586,11 @@ class HybridZonotope(_Domain):
     if shift is not None:
       c = c + shift
     scale = jnp.asarray(scale)
-    return self._new(c, self.box * jnp.abs(scale), self.generators * scale)
+    b = self.box * jnp.abs(scale)
+    if self.sound:
+      b = b + _rounding_slack(lambda v: v * jnp.abs(scale), self._magnitude(), shift,
+                              1 + self.num_generators, self.dtype)
+    return self._new(c, b, self.generators * scale)
 
   def reshape(self, shape: Sequence[int]) -> "HybridZonotope":
     shape = (self.shape[0],) + tuple(shape)[1:]
@@ -419,17 +606,33 @@ class HybridZonotope(_Domain):
     if self.relu_mode == "box":
       half = jnp.where(cross, hi / 2, 0.0)
       c = jnp.where(pos, self._center, half)
-      b = jnp.where(pos, self.box, half)
+      # hi / 2 is exact but in the subnormal range: one tiny more covers that.
+      b = jnp.where(pos, self.box, half + _unit(self.dtype)[1] if self.sound else half)
       return self._new(c, b, self.generators * pos.astype(self.dtype))
     # DeepZ minimal-area relaxation.
     lam = jnp.where(pos, 1.0, _safe_div(hi, hi - lo, cross)).astype(self.dtype)
-    mu = jnp.where(cross, -lam * lo / 2, 0.0)
+    if self.sound:
+      # relu(x) - lam x lies in [0, max(-lam lo, (1 - lam) hi)] on [lo, hi] for any lam
+      # in [0, 1], so the rounded slope is valid with the offset computed for it,
+      # rounded up.
+      up = lambda v: jnp.nextafter(v, jnp.asarray(jnp.inf, self.dtype))
+      top = jnp.maximum(up(-lam * lo), up(up(1 - lam) * hi))
+      mu = jnp.where(cross, up(top / 2), 0.0)
+    else:
+      mu = jnp.where(cross, -lam * lo / 2, 0.0)
     c = lam * self._center + mu
     b = lam * self.box
     gens = self.generators * lam
-    return self._append_deepz(c, b, gens, mu)
+    slack = None
+    if self.sound:
+      # lam c + mu, lam b and lam E are rounded where a neuron crosses (elsewhere lam is
+      # 1 or 0 and mu is 0: exact).
+      slack = jnp.where(cross, _rounding_slack(lambda v: v * lam, self._magnitude(), mu,
+                                               2 + self.num_generators, self.dtype), 0.0)
+    return self._append_deepz(c, b, gens, mu, slack)
 
-  def _append_deepz(self, c: Array, b: Array, gens: Array, mu: Array) -> "HybridZonotope":
+  def _append_deepz(self, c: Array, b: Array, gens: Array, mu: Array,
+                    slack: Array | None = None) -> "HybridZonotope":
     batch, p = self.shape[0], _per_example_size(self.shape)
     mu_flat = mu.reshape(batch, p)
     k = p if self.relu_budget is None else min(self.relu_budget, p)
@@ -442,23 +645,38 @@ class HybridZonotope(_Domain):
       new = jnp.swapaxes(onehot * mu_flat[:, None, :], 0, 1)   # [k, B, p]
       chosen = jnp.sum(onehot, axis=1)                         # [B, p] in {0, 1}
       b = b + (mu_flat * (1 - chosen)).reshape(b.shape)
+      if slack is not None:
+        slack = slack + 2 * _gamma(2, self.dtype) * (b + mu)
+    if slack is not None:
+      b = b + slack
     new = new.reshape((k,) + self.shape)
     return self._new(c, b, jnp.concatenate([gens, new], 0),
                      self.segments + ((fresh_tag(), k),))
 
   def monotone(self, fn: Callable[[Array], Array]) -> "HybridZonotope":
     lo, hi = self.concretize()
+    if self.sound:
+      c, r = _sound_center_radius(*_sound_monotone(fn, lo, hi))
+      return self._new(c, r, jnp.zeros((0,) + self.shape, self.dtype), ())
     flo, fhi = fn(lo), fn(hi)
     return self._new((flo + fhi) / 2, (fhi - flo) / 2,
                      jnp.zeros((0,) + self.shape, self.dtype), ())
 
   # ------------------------------------------------------------------- arithmetic
   def _shift(self, other: Any) -> "HybridZonotope":
-    return self._new(self._center + other, self.box, self.generators)
+    b = self.box
+    if self.sound:
+      b = b + _rounding_slack(lambda v: v, self._magnitude(), other, 1, self.dtype)
+    return self._new(self._center + other, b, self.generators)
 
   def _add(self, other: "HybridZonotope") -> "HybridZonotope":
     (g1, g2), segments = _align([self, other])
-    return self._new(self._center + other._center, self.box + other.box, g1 + g2, segments)
+    out = self._new(self._center + other._center, self.box + other.box, g1 + g2, segments)
+    if self.sound or other.sound:
+      out.sound = True
+      out.box = out.box + _rounding_slack(lambda v: v, self._magnitude() + other._magnitude(),
+                                          None, 1 + out.num_generators, self.dtype)
+    return out
 
   def _concatenate(self, values: Sequence["HybridZonotope"], axis: int
                    ) -> "HybridZonotope":
@@ -466,9 +684,11 @@ class HybridZonotope(_Domain):
     if axis == 0:
       raise ValueError("HybridZonotope.concatenate: axis 0 is the batch axis.")
     gens, segments = _align(values)
-    return self._new(jnp.concatenate([z._center for z in values], axis),
-                     jnp.concatenate([z.box for z in values], axis),
-                     jnp.concatenate(gens, axis + 1), segments)
+    out = self._new(jnp.concatenate([z._center for z in values], axis),
+                    jnp.concatenate([z.box for z in values], axis),
+                    jnp.concatenate(gens, axis + 1), segments)
+    out.sound = any(z.sound for z in values)
+    return out
 
   # -------------------------------------------------------------- abstract layers
   def correlate(self, indices: Array, valid: Array | None = None) -> "HybridZonotope":
@@ -503,8 +723,10 @@ class HybridZonotope(_Domain):
     if keep >= m:
       return self
     if keep <= 0:
-      return self._new(self._center, self.radius(), jnp.zeros((0,) + self.shape, self.dtype),
-                       ())
+      r = self.radius()
+      if self.sound:
+        r = _inflate_radius(r, m + 1)
+      return self._new(self._center, r, jnp.zeros((0,) + self.shape, self.dtype), ())
     batch = self.shape[0]
     flat = jnp.abs(self.generators.reshape(m, batch, -1))
     total = jnp.sum(flat, axis=-1)                                # [m, B]
@@ -515,6 +737,8 @@ class HybridZonotope(_Domain):
     kept = jnp.take_along_axis(self.generators, gather, axis=0)
     dropped_mask = (1 - keep_mask).T.reshape((m, batch) + (1,) * (len(self.shape) - 1))
     box = self.box + jnp.sum(jnp.abs(self.generators) * dropped_mask, axis=0)
+    if self.sound:
+      box = _inflate_radius(box, m + 1)
     # The kept symbols differ per example: a fresh segment, never aligned with the old.
     return self._new(self._center, box, kept, ((fresh_tag(), keep),))
 
@@ -537,12 +761,17 @@ def _promote(values: Sequence[Any], *, zonotope: bool = False) -> list[Any]:
     if not isinstance(v, AbstractValue):
       raise TypeError(f"expected abstract values only, got {type(v).__name__}; lift the "
                       "concrete parts to the abstract domain first (Box.from_bounds(x, x)).")
-    out.append(v if isinstance(v, (Box, HybridZonotope)) else Box.from_bounds(*v.concretize()))
+    out.append(v if isinstance(v, (Box, HybridZonotope))
+               else Box.from_bounds(*v.concretize(), sound=_is_sound(v)))
   ref = next((v for v in out if isinstance(v, HybridZonotope)), None)
   if ref is None and not zonotope:
     return out
   mode = {} if ref is None else {"relu_mode": ref.relu_mode, "relu_budget": ref.relu_budget}
   return [v if isinstance(v, HybridZonotope) else v.to_zonotope(**mode) for v in out]
+
+
+def _is_sound(value: Any) -> bool:
+  return bool(getattr(value, "sound", False))
 
 
 def _align(zs: Sequence[HybridZonotope]) -> tuple[list[Array], tuple[tuple[int, int], ...]]:
@@ -601,6 +830,12 @@ def linear_bounds(value: AbstractValue, matrix: Array) -> tuple[Array, Array]:
   if z.num_generators:
     e = jnp.einsum("bnk,mbk->mbn", matrix, z.generators)
     r = r + jnp.sum(jnp.abs(e), axis=0)
+  if z.sound:
+    # rows of C have K terms; the radius adds m + 1 more non-negative terms
+    r = r + _rounding_slack(lambda v: jnp.einsum("bnk,bk->bn", jnp.abs(matrix), v),
+                            z._magnitude(), None, value.shape[-1] + z.num_generators + 1,
+                            z.dtype)
+    return _outward(c, r)
   return c - r, c + r
 
 

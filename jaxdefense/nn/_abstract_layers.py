@@ -204,55 +204,90 @@ class DecorrelateMinK(nn.Module):
     return x.decorrelate(k)
 
 
+def _top2_combine(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]
+                  ) -> tuple[Array, Array, Array]:
+  """Merge two running (max, index of the max, second max) triples; ``a`` comes first."""
+  a_max, a_idx, a_2nd = a
+  b_max, b_idx, b_2nd = b
+  a_wins = a_max >= b_max
+  return (jnp.where(a_wins, a_max, b_max), jnp.where(a_wins, a_idx, b_idx),
+          jnp.where(a_wins, jnp.maximum(a_2nd, b_max), jnp.maximum(b_2nd, a_max)))
+
+
+def _deep_loss_lb_sum(l: Array, u: Array, activation: Callable[[Array], Array]) -> Array:
+  """``sum_i L_lb,i`` for one example: ``L_lb,i = max{f(u_j - l_i) : j != i, l_j <= l_i}``.
+
+  Sorted by ``l``, the candidates of ``i`` are a prefix of the order that contains
+  ``i`` itself; a running top-2 (value, position, runner-up) gives the prefix maximum
+  without ``i`` in ``O(n log n)``.  An empty candidate set contributes 0.
+  """
+  n = l.shape[0]
+  order = jnp.argsort(l, stable=True)
+  ls, us = l[order], u[order]
+  pos = jnp.arange(n, dtype=jnp.int32)
+  run_max, run_idx, run_2nd = jax.lax.associative_scan(
+      _top2_combine, (us, pos, jnp.full_like(us, -jnp.inf)))
+  rank = jnp.zeros((n,), jnp.int32).at[order].set(pos)          # i's place in the order
+  last = jnp.searchsorted(ls, l, side="right") - 1              # last j with l_j <= l_i
+  best = jnp.where(run_idx[last] == rank, run_2nd[last], run_max[last])
+  valid = last >= 1                                             # some j != i qualifies
+  gap = jnp.where(valid, best - l, 0.0)
+  return jnp.sum(jnp.where(valid, activation(gap), 0.0))
+
+
 def deep_loss(lower: Array, upper: Array,
               activation: Callable[[Array], Array] = jax.nn.relu) -> Array:
-  """DiffAI's DeepLoss on interval bounds, per example (section 3.3).
+  """DiffAI's DeepLoss on interval bounds, per example.
 
-  ``L_lb,i = max{f(u_j - l_i) : l_j <= l_i}``, ``L_ub,i = max{f(u_i - l_j) : u_i <= u_j}``
-  and ``L = 1 / (2n) sum_i (L_lb,i + L_ub,i)`` over the ``n`` variables of an example.
-  As in the paper's formula ``j`` ranges over all variables, ``i`` included.
-  ``activation`` must be non-decreasing; the maxima are then prefix maxima after a
-  sort, ``O(n log n)`` time and ``O(n)`` memory instead of ``n^2``.
+  Mirman, Singh & Vechev (2019), "A Provable Defense for Deep Residual Networks",
+  section 3.3, on the interval concretisation ``c_i = [l_i, u_i]`` of the ``n``
+  variables of an example::
+
+      L_lb,i = max{ f(u_j - l_i) : j != i, l_j <= l_i }
+      L_ub,i = max{ f(u_i - l_j) : j != i, u_i <= u_j }
+      L_deep = 1 / (2 n) * sum_i (L_lb,i + L_ub,i)
+
+  i.e. for each dimension the worst overlap between its lower bound and the upper
+  bound of any *other* dimension ("and vice versa"); ``j = i`` is excluded (it would
+  only add the dimension's own width), as in the authors' implementation, and the
+  maximum over an empty set is 0 (``f`` is positive).  ``L_ub`` is ``L_lb`` of the
+  mirrored bounds ``(-u, -l)``.  ``activation`` must be non-decreasing, so each maximum
+  is ``f`` of a prefix maximum after a sort: ``O(n log n)`` time and ``O(n)`` memory
+  instead of ``n^2``.
 
   Args:
     lower, upper: ``[B, ...]`` interval bounds.
     activation: the positive, non-decreasing ``f`` (ReLU in the paper).
 
   Returns:
-    ``[B]`` losses.
+    ``[B]`` losses (0 for an example with a single variable).
   """
   b = lower.shape[0]
   lo = lower.reshape(b, -1)
   hi = upper.reshape(b, -1)
 
   def one(l, u):
-    # L_lb: the largest u_j among variables with l_j <= l_i.
-    order = jnp.argsort(l)
-    ls, us = l[order], u[order]
-    pref_max_u = jax.lax.cummax(us)
-    pos = jnp.searchsorted(ls, l, side="right") - 1
-    lb = activation(pref_max_u[pos] - l)
-    # L_ub: the smallest l_j among variables with u_j >= u_i.
-    order = jnp.argsort(u)
-    us, ls = u[order], l[order]
-    suf_min_l = jax.lax.cummin(ls, reverse=True)
-    pos = jnp.searchsorted(us, u, side="left")
-    ub = activation(u - suf_min_l[pos])
-    return (jnp.sum(lb) + jnp.sum(ub)) / (2 * l.shape[0])
+    total = (_deep_loss_lb_sum(l, u, activation)
+             + _deep_loss_lb_sum(-u, -l, activation))
+    return total / (2 * l.shape[0])
   return jax.vmap(one)(lo, hi)
 
 
 class DeepLoss(nn.Module):
   """Identity layer that adds ``weight * DeepLoss`` of its abstract input to the loss.
 
-  The term (a scalar, the batch mean) is sown into the ``"losses"`` collection under
-  ``"deep_loss"``; it is recorded only when that collection is mutable, e.g.
-  ``model.apply(variables, box, train=True, mutable=["losses"])``, and the certified
-  objective of :mod:`jaxdefense.objectives` adds every leaf of it to its loss.
+  The term ``weight * mean_b deep_loss(lower, upper)`` (a scalar, the batch mean of
+  :func:`deep_loss`) is sown into the ``"losses"`` collection under ``"deep_loss"``; it
+  is recorded only when that collection is mutable, e.g. ``model.apply(variables, box,
+  train=True, mutable=["losses"])``.  The certified objective of
+  :mod:`jaxdefense.objectives` makes it mutable on its abstract pass, sums the terms of
+  every DeepLoss layer, scales them by its ``deep_weight`` schedule (read at the
+  fractional epoch) and mixes them with the base loss; the collection is transient and
+  never part of a model's saved state.
 
   Attributes:
-    weight: the loss weight (a float; a schedule can be supplied by rebuilding the model
-      or by scaling the collected term).
+    weight: this layer's relative weight (a float; the schedule over epochs is the
+      objective's ``deep_weight``).
     only_train: act only when called with ``train=True`` (default ``True``).
     activation: the non-decreasing ``f`` (ReLU).
   """

@@ -16,7 +16,7 @@ fractional epochs ``t``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, Mapping, Union
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,9 @@ def _value(s: Schedule, epoch: Any) -> Array:
 #: The collection :class:`~jaxdefense.nn.DeepLoss` layers sow their terms into.
 LOSSES = "losses"
 
+#: How the DeepLoss terms are mixed with the base loss (``CertifiedObjective.deep_mix``).
+DEEP_MIXES = ("add", "convex")
+
 
 def _extra_losses(mutated: dict) -> Array:
   losses = mutated.get("losses", {})
@@ -93,6 +96,16 @@ class CertifiedObjective:
       on the first layer but ``p`` times the memory) or a box start relying on the
       model's correlation layers (``False``, default, as DiffAI trains).
     relu_budget: DeepZ generators per ReLU layer (``None``: one per neuron).
+    deep_weight: weight ``w(t)`` of the :class:`~jaxdefense.nn.DeepLoss` terms (the sum
+      over the model's DeepLoss layers of ``layer.weight * DeepLoss``), a float or a
+      callable of the fractional epoch such as :class:`Lin` (read at the step's epoch,
+      a traced scalar: no retracing).  Default 1.0.
+    deep_mix: how the DeepLoss terms ``D`` enter the loss.  ``"add"`` (default, as
+      before): ``loss = (1 - lam) point + lam abstract + w D``.  ``"convex"`` (the
+      DiffAI authors' implementation, where a DeepLoss layer turns the loss of the
+      abstract element into ``(1 - bw) pre_loss + bw deep_loss``): ``loss = (1 - lam)
+      point + lam ((1 - w) abstract + w D)`` with ``w`` clipped to ``[0, 1]``.  With
+      ``w = 0`` either way the term contributes nothing (its gradient is exactly zero).
 
   Call contract (the training step's, plus an optional ``epoch``)::
 
@@ -116,8 +129,8 @@ class CertifiedObjective:
   * Returns the scalar loss and ``aux``: ``"logits"`` (point logits ``[B, K]``),
     ``"model_state"`` (the point pass's state without ``"losses"``: the structure of
     the training state; ``{}`` for a wrapped function), and the scalars
-    ``"point_loss"``, ``"abstract_loss"``, ``"deep_loss"``, ``"eps"``, ``"mix"``,
-    ``"certified"`` (fraction of the batch whose training set ``B(x, eps(t))`` is
+    ``"point_loss"``, ``"abstract_loss"``, ``"deep_loss"`` (``D``, before ``w``),
+    ``"deep_weight"`` (``w(t)``), ``"eps"``, ``"mix"``, ``"certified"`` (fraction of the batch whose training set ``B(x, eps(t))`` is
     proved).
 
   Raises:
@@ -138,9 +151,30 @@ class CertifiedObjective:
   correlate_input: bool = False
   relu_budget: int | None = None
 
+  deep_weight: Schedule = 1.0
+  deep_mix: str = "add"
+
   def __post_init__(self):
     _checks.check_eps(self.eps, "eps")
     _checks.check_choice(self.domain, "domain", certify_api.DOMAINS)
+    _checks.check_choice(self.deep_mix, "deep_mix", DEEP_MIXES)
+    w = self.deep_weight
+    if not callable(w):
+      if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+        raise ValueError(f"deep_weight must be a number >= 0 or a schedule (a callable of "
+                         f"the fractional epoch, e.g. Lin(0, 0.1, 2, 3)); got {w!r}.")
+      if self.deep_mix == "convex" and w > 1:
+        raise ValueError(f"deep_mix='convex' needs deep_weight in [0, 1]; got {w!r}.")
+
+  def deep_weight_at(self, epoch: Any = None) -> Array:
+    """``w(t)``, the DeepLoss weight at fractional epoch ``t`` (``None``: the end value).
+
+    Clipped to ``>= 0`` (and ``<= 1`` for ``deep_mix="convex"``).
+    """
+    if epoch is None:
+      epoch = 1e9
+    w = jnp.maximum(_value(self.deep_weight, epoch), 0.0)
+    return jnp.minimum(w, 1.0) if self.deep_mix == "convex" else w
 
   def schedules(self, epoch: Any = None) -> tuple[Array, Array]:
     """``(eps(t), lam(t))`` at fractional epoch ``t`` (``None``: the end values)."""
@@ -161,8 +195,15 @@ class CertifiedObjective:
     value = certify_api.input_set(x, eps_t, self.domain, relu_budget=self.relu_budget,
                                   correlate_input=self.correlate_input)
     abstract_model = model
-    if model.fn is None and LOSSES not in model.mutable:
-      abstract_model = model.replace(mutable=tuple(model.mutable) + (LOSSES,))
+    if model.fn is None:
+      # "losses" is transient: never read stale terms from the variables (they would be
+      # appended to), always collect this pass's terms.
+      variables = model.variables
+      if isinstance(variables, Mapping) and LOSSES in variables:
+        abstract_model = abstract_model.replace(
+            variables={k: v for k, v in variables.items() if k != LOSSES})
+      if LOSSES not in model.mutable:
+        abstract_model = abstract_model.replace(mutable=tuple(model.mutable) + (LOSSES,))
     z, abs_state = abstract_model.apply(value)
     if not is_abstract(z):
       raise TypeError("CertifiedObjective: the model returned a concrete array for an "
@@ -170,7 +211,14 @@ class CertifiedObjective:
     worst = worst_case_logits(z, y)
     abstract = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(worst, y))
     deep = _extra_losses(dict(abs_state))
-    loss = (1.0 - lam) * point + lam * abstract + deep
+    w = self.deep_weight_at(epoch)
+    # where(w == 0, 0, ...) keeps a zero weight's contribution (and gradient) exactly 0
+    # even if the DeepLoss terms were not finite.
+    deep_term = jnp.where(w == 0, 0.0, w * deep)
+    if self.deep_mix == "convex":
+      loss = (1.0 - lam) * point + lam * ((1.0 - w) * abstract + deep_term)
+    else:
+      loss = (1.0 - lam) * point + lam * abstract + deep_term
     others = jnp.where(jax.nn.one_hot(y, worst.shape[-1]) > 0, -jnp.inf, worst)
     aux = {
         "logits": logits,
@@ -178,6 +226,7 @@ class CertifiedObjective:
         "point_loss": point,
         "abstract_loss": abstract,
         "deep_loss": deep,
+        "deep_weight": w,
         "eps": eps_t,
         "mix": lam,
         "certified": jnp.mean(jnp.max(others, -1) < 0),

@@ -22,6 +22,14 @@ __all__ = ["CompiledStep", "make_train_step", "make_eval_step", "evaluate", "ste
 #: evaluation is deterministic and independent of the training step.
 EVAL_STREAM = 0x0E7A1
 
+#: Transient collections (per-pass loss terms sown by ``jaxdefense.nn.DeepLoss``): read
+#: by objectives inside the step, never kept in the training state or checkpoints.
+TRANSIENT_COLLECTIONS = ("losses",)
+
+
+def _persistent(collections: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in dict(collections).items() if k not in TRANSIENT_COLLECTIONS}
+
 
 class CompiledStep:
   """A ``jax.jit``-compiled step that counts how often it was traced.
@@ -86,7 +94,8 @@ def bound_model(state: TrainState, *, train: bool = False,
   if module is None:
     raise TypeError(f"state.apply_fn must be a Flax module's apply (model.apply, as "
                     f"create_train_state stores it); got {state.apply_fn!r}.")
-  variables = {"params": state.params if params is None else params, **state.model_state}
+  variables = {"params": state.params if params is None else params,
+               **_persistent(state.model_state)}
   return _models.bind(module, variables, train=train, rngs=rngs)
 
 
@@ -99,7 +108,7 @@ def _check_aux(aux: Any, state: TrainState, labels: jax.Array) -> None:
   if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
     raise ValueError(f"objective aux['logits'] must be [B, K] with B = {labels.shape[0]} "
                      f"(the batch); got shape {logits.shape}.")
-  want = jax.tree_util.tree_structure(dict(state.model_state))
+  want = jax.tree_util.tree_structure(_persistent(state.model_state))
   got = jax.tree_util.tree_structure(dict(aux["model_state"]))
   if want != got:
     raise ValueError("objective aux['model_state'] must have the structure of the model's "
@@ -117,9 +126,12 @@ def make_train_step(objective: Callable[..., Any], *,
   One call: derive the step key ``fold_in(state.key, state.step)`` and split it into
   augmentation, noise, dropout and objective keys; augment the batch on device
   (``jaxdefense.data.augment``) if asked; evaluate ``objective(model, x, y, key) ->
-  (loss, aux)`` and its gradient with respect to the parameters; apply the optimizer;
-  keep ``aux["model_state"]`` (batch statistics of the forward pass whose loss is
-  used).  ``model`` is ``jaxdefense.models.bind(module, variables, train=True,
+  (loss, aux)`` and its gradient with respect to the parameters (DeepLoss terms that a
+  certified objective collects from the transient ``"losses"`` collection of its
+  abstract pass are part of both); apply the optimizer; keep ``aux["model_state"]``
+  (batch statistics of the forward pass whose loss is used) minus the transient
+  collections, so ``"losses"`` never reaches the saved state.  ``model`` is
+  ``jaxdefense.models.bind(module, variables, train=True,
   rngs={"noise": noise_key, "dropout": dropout_key})`` with the current parameters:
   ``model.apply(x, key=None) -> (logits, model_state)`` runs in training mode (batch
   statistics from the batch), with the step's noise and dropout keys, or keys split
@@ -167,6 +179,9 @@ def make_train_step(objective: Callable[..., Any], *,
       return objective(model, images, labels, obj_key, **kwargs)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if isinstance(aux, Mapping) and isinstance(aux.get("model_state"), Mapping):
+      # DeepLoss terms ("losses") live for one pass only: never in the saved state.
+      aux = {**aux, "model_state": _persistent(aux["model_state"])}
     _check_aux(aux, state, labels)
     new_state = state.apply_gradients(grads, dict(aux["model_state"]))
     b = labels.shape[0]
