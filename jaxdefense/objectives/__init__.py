@@ -27,8 +27,31 @@ from jaxdefense.objectives._registry import from_config as from_config
 from jaxdefense.objectives._registry import get as get
 from jaxdefense.objectives._registry import names as names
 from jaxdefense.objectives._registry import register as register
+from jaxdefense.objectives._language import BiSample as BiSample
+from jaxdefense.objectives._language import Box as Box
+from jaxdefense.objectives._language import DeepLossWeight as DeepLossWeight
+from jaxdefense.objectives._language import DeepZ as DeepZ
+from jaxdefense.objectives._language import DiffAIObjective as DiffAIObjective
+from jaxdefense.objectives._language import Goal as Goal
+from jaxdefense.objectives._language import HBox as HBox
+from jaxdefense.objectives._language import IFGSM as IFGSM
+from jaxdefense.objectives._language import Mix as Mix
+from jaxdefense.objectives._language import Normal as Normal
+from jaxdefense.objectives._language import Point as Point
+from jaxdefense.objectives._language import Sample as Sample
+from jaxdefense.objectives._language import Sub as Sub
+from jaxdefense.objectives._language import Uniform as Uniform
+from jaxdefense.objectives._language import Until as Until
+from jaxdefense.objectives._language import Zonotope as Zonotope
+from jaxdefense.objectives._parser import LanguageError as LanguageError
+from jaxdefense.objectives._parser import PRESETS as PRESETS
+from jaxdefense.objectives._parser import parse as parse
 
 __all__ = [
     "CertifiedObjective", "LAD", "Lin", "Natural", "Objective", "PGDAdversarial", "TRADES",
     "from_config", "get", "kl_divergence", "names", "register",
+    # DiffAI's training language
+    "BiSample", "Box", "DeepLossWeight", "DeepZ", "DiffAIObjective", "Goal", "HBox", "IFGSM",
+    "LanguageError", "Mix", "Normal", "PRESETS", "Point", "Sample", "Sub", "Uniform", "Until",
+    "Zonotope", "parse",
 ]

@@ -8,6 +8,20 @@ from typing import Any, Callable, Mapping
 from jaxdefense.objectives import _adversarial
 from jaxdefense.objectives import _certified
 from jaxdefense.objectives import _lad
+from jaxdefense.objectives import _parser
+
+
+def diffai(text: str = "Baseline", eps: float | None = None) -> Any:
+  """The objective of a DiffAI language string (``jaxdefense.objectives.parse``).
+
+  Config form: ``{"name": "diffai", "text": "Mix(Point, Sub(Lin(0, 1, 2, 3), Box),
+  Lin(0, 0.5, 2, 3))", "eps": 0.1}``; ``text`` may be a preset name (``"InSamp"``).
+
+  Raises:
+    ValueError: text outside the language (with its position), a bad ``eps``.
+    TypeError: ``text`` is not a string.
+  """
+  return _parser.parse(text, eps=eps)
 
 _REGISTRY: dict[str, Callable[..., Any]] = {
     "natural": _adversarial.Natural,
@@ -15,11 +29,12 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
     "trades": _adversarial.TRADES,
     "certified": _certified.CertifiedObjective,
     "lad": _lad.LAD,
+    "diffai": diffai,
 }
 _ALIASES: dict[str, str] = {
     "clean": "natural", "standard": "natural", "ce": "natural",
     "pgd_at": "pgd", "madry": "pgd", "adversarial": "pgd",
-    "ibp": "certified", "diffai": "certified",
+    "ibp": "certified", "diffai_language": "diffai", "dsl": "diffai",
     "layerwise": "lad",
 }
 
@@ -70,8 +85,9 @@ def get(name: str, **kwargs: Any) -> Any:
 
   Names: ``natural`` (aliases ``clean``, ``standard``, ``ce``), ``pgd`` (``pgd_at``,
   ``madry``, ``adversarial``), ``trades``, ``certified``, ``lad`` (``layerwise``; e.g.
-  ``get("lad", base="trades", eta=0.05, splitting="strang_marchuk", beta=6.0)``), plus
-  any :func:`register`-ed ones.
+  ``get("lad", base="trades", eta=0.05, splitting="strang_marchuk", beta=6.0)``),
+  ``diffai`` (``diffai_language``, ``dsl``; DiffAI's training language, e.g.
+  ``get("diffai", text="InSamp", eps=0.1)``), plus any :func:`register`-ed ones.
 
   Raises:
     ValueError: unknown name, unknown keyword (the message lists the valid fields), or
@@ -79,8 +95,12 @@ def get(name: str, **kwargs: Any) -> Any:
     TypeError: a field of the wrong type.
   """
   factory = _resolve(name)
+  fields = None
   if dataclasses.is_dataclass(factory):
     fields = [f.name for f in dataclasses.fields(factory) if f.init]
+  elif factory is diffai:
+    fields = ["text", "eps"]
+  if fields is not None:
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
       raise ValueError(f"unknown option(s) {unknown} for objective {name!r}; valid "
