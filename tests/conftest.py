@@ -29,6 +29,45 @@ jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+# --- compile-time report: JAXDEFENSE_COMPILE_REPORT=DIR python -m pytest -------------
+# Every process (each xdist worker and the controller) sums JAX's compile events and
+# writes them to DIR at the end of its session; the controller prints the share of the
+# suite's process time spent tracing, lowering and compiling (issue 19, section 4).
+_REPORT_DIR = os.environ.get("JAXDEFENSE_COMPILE_REPORT")
+_COMPILE_LOG = None
+if _REPORT_DIR:
+  from jaxdefense._compile_log import CompileLog
+  _COMPILE_LOG = CompileLog().start()
+
+
+def pytest_sessionfinish(session):
+  if _COMPILE_LOG is None:
+    return
+  import json
+  _COMPILE_LOG.stop()
+  os.makedirs(_REPORT_DIR, exist_ok=True)
+  worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+  with open(os.path.join(_REPORT_DIR, f"{worker}-{os.getpid()}.json"), "w") as f:
+    json.dump(_COMPILE_LOG.as_dict(), f)
+
+
+def pytest_terminal_summary(terminalreporter):
+  if _COMPILE_LOG is None or os.environ.get("PYTEST_XDIST_WORKER"):
+    return
+  import glob
+  import json
+  logs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(_REPORT_DIR, "*.json")))]
+  total = {k: sum(l[k] for l in logs) for k in ("wall_s", "total_s", "trace_s", "lower_s",
+                                                "compile_s", "cache_load_s", "compiles")}
+  share = total["total_s"] / max(total["wall_s"], 1e-9)
+  terminalreporter.write_line(
+      f"compile report ({len(logs)} processes, {_REPORT_DIR}): {total['total_s']:.0f} s of "
+      f"{total['wall_s']:.0f} s process time making executables ({100 * share:.0f} %): "
+      f"trace {total['trace_s']:.0f} s, lower {total['lower_s']:.0f} s, XLA "
+      f"{total['compile_s']:.0f} s ({total['compiles']} compiles), cache loads "
+      f"{total['cache_load_s']:.0f} s")
+
+
 def subprocess_env(host_devices: int | None = None) -> dict[str, str]:
   """Environment for a child Python process: same cache, chosen CPU device count."""
   env = dict(os.environ)

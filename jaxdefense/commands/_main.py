@@ -107,6 +107,13 @@ def _message(error: BaseException) -> str:
   return _one_line(str(error)) or type(error).__name__
 
 
+#: Programs that compile faster than this are not written to the persistent cache
+#: (``jax_persistent_cache_min_compile_time_secs``).  0: every program, because a warm
+#: start otherwise recompiles dozens of small ones (the demo: 19 of 33 at 0.5 s), see
+#: ``benchmarks/compile_time.py``.
+CACHE_MIN_COMPILE_S = 0.0
+
+
 # ------------------------------------------------------------------- common flags
 def _add_common(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("runtime")
@@ -163,7 +170,7 @@ def _setup_runtime(args: argparse.Namespace) -> None:
     cache = os.path.join(base, "jaxdefense", "xla")
   if cache.lower() != "none":
     jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
   distributed = (args.coordinator_address, args.num_processes, args.process_id)
   if any(v is not None for v in distributed):
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
