@@ -30,9 +30,16 @@ conv_large_ibp     175,816 / 5,426,402       229,576 / 6,963,554
 truncated_vgg      151,040 / 13,109,706      197,120 / 17,043,018
 resnet_tiny        (any input)               311,796 / 16,467,958 (see below)
 skipnet18                                    558,080 / 15,626,634
+skipnet18_combo                              558,080 / 15,626,634 (figure 10)
+resnet_large                                 639,976 / 65,819,474
+resnet_large_combo                           639,976 / 65,819,474 (table 6, figure 11)
 diffai_resnet18                              558,080 / 15,626,634 ("558k / 15m")
 diffai_resnet34                              967,680 / 25,731,082 ("967k / 25m")
+diffai_densenet100                           4,500,546 / 748,336 ("4.5m / 748k")
 ================== ========================= ========================================
+
+``diffai_densenet100`` is a :class:`DiffAIDenseNet` (a DenseNet has no residual sum:
+no step rule, no perturbations); every other preset is a :class:`DiffAINet`.
 
 Readings of ambiguous text (documented where the table alone does not pin it down):
 
@@ -49,15 +56,52 @@ Readings of ambiguous text (documented where the table alone does not pin it dow
   four); the figure reproduces table 6's 558,080 neurons and 15,626,634 parameters.
 * FewCombo and ManyFixed follow figures 7 and 8 (``only_train=True`` on their layers,
   ``Concretize`` = DecorrelateAll), which agree with section 5.2's prose.
+* SkipNet-18 Combo follows figure 10, which agrees with section 5.2 (CorrelateFixed k
+  then DecorrelateMin floor(k / 2), k = 20, 10, 5; DeepLoss with the second pair).  The
+  first and third pairs sit right after a residual sum, before the block's two trailing
+  convolutions: the ``"residual{i}"`` point.  Figure 10 prints the DeepLoss weight as
+  ``Until(90, Lin(%s, %s, %s, %s), 0.0)`` (unfilled); section 5.2 gives
+  ``Until(90, Lin(0, 0.2, 50, 40), 0)``.
+* ResNet-Large follows figure 11: ResNet-Tiny's wide block, seven of them
+  (16-32-32-32-64-64-64 channels, all stride 1) and FC1000.  This reproduces table 6
+  exactly (639,976 neurons, 65,819,474 parameters; "639k / 66m" in table 3); section
+  6's "70k more neurons than SkipNet-18" is 81,896 by table 6's own counts.
+  ``resnet_large`` is figure 11 without its abstract layers (as figure 6 is figure 7
+  without FewCombo); ``resnet_large_combo`` has them.
+* LargeCombo follows figure 11 (CorrelateMaxK 4 after the stem; CorrelateMaxK 4 then
+  DecorrelateMin 4 before blocks 2, 3 and 5, DecorrelateMin 2 before block 6; DeepLoss
+  after blocks 3 and 6, 1-based).  Section 5.2's prose differs (CorrelateFixed 4 then
+  DecorrelateMin 4 before "wide residual blocks 1, 2, 3 and 4", DecorrelateMin 2 before
+  block 5, DeepLoss after blocks 2 and 5) and cannot be mapped onto the seven blocks of
+  the figure, whose layers reproduce table 6; the figure is built.
+* DeepLoss weights: the figures give each DeepLoss layer its own schedule.  A
+  :class:`~jaxdefense.nn.DeepLoss` layer holds a constant relative weight (1.0 here) and
+  the objective scales all terms by one schedule (``DeepLoss(w, goal)`` in the training
+  language); the figures' schedules are in :data:`DEEP_LOSS_SCHEDULES`.  LargeCombo's
+  two different schedules cannot both be reproduced.
+* DenseNet-100 follows figure 14: stem conv24 3x3 *without* ReLU; three dense blocks
+  of 16 bottleneck layers ``concat([x, conv3x3_12(relu(conv1x1_48(relu(x))))])``
+  (figure 14's ``SkipCat`` of the identity and the branch, in that order); transitions
+  ``ReLU, conv1x1(c / 2), AvgPool``; then ``ReLU, AvgPool, CorrelateAll, Linear 10``.
+  The figure prints the pooled sizes 32 -> 17 -> 9, i.e. 2x2 / stride-2 pooling with one
+  zero of padding on each side counted in the mean (PyTorch's ``AvgPool2d(2, 2,
+  padding=1)``); the last AvgPool's size is not printed and is read as a global average
+  (9x9 -> 1x1), the only reading that gives table 3's 748k parameters (each further
+  pooled position would add 3,420 to the classifier).  Table 3 gives only rounded sizes
+  ("4.5m" neurons, "748k" parameters); the figure's exact ones are 4,500,546 (every
+  ReLU output, including each bottleneck layer's ReLU over its whole concatenated
+  input) and 748,336.  Its 99 convolutions are section 5.1's "99 layers".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdefense.dynamics import Euler
@@ -67,7 +111,7 @@ from jaxdefense.models._resnet import ResidualBlock
 from jaxdefense.nn import _abstract_layers as A
 from jaxdefense.nn import _layers as L
 
-__all__ = ["Abstract", "DiffAINet", "NAMES"]
+__all__ = ["Abstract", "DEEP_LOSS_SCHEDULES", "DiffAIDenseNet", "DiffAINet", "NAMES"]
 
 _ABSTRACT_LAYERS = {
     "correlate_all": A.CorrelateAll,
@@ -138,6 +182,26 @@ def _check_int_tuples(value: Any, name: str, length: int, what: str) -> None:
                        f"got {item!r}.")
 
 
+def _check_abstract(entries: Sequence[Any], points: Sequence[str], owner: str) -> None:
+  """Every ``abstract`` entry is a ``(point, Abstract)`` pair at a known point."""
+  for entry in entries:
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2
+        or not isinstance(entry[1], Abstract)):
+      raise ValueError(f"{owner}.abstract: every entry must be a (point, Abstract) pair; "
+                       f"got {entry!r}.")
+    if entry[0] not in points:
+      raise ValueError(f"{owner}.abstract: unknown point {entry[0]!r}; this network has "
+                       f"{list(points)}.")
+
+
+def _apply_abstract(entries: Sequence[Any], point: str, x: Any, train: bool) -> Any:
+  """The ``abstract`` layers placed at ``point``, in order (inside a compact method)."""
+  for where, layer in entries:
+    if where == point:
+      x = layer.build()(x, train=train)
+  return x
+
+
 class DiffAINet(nn.Module):
   """DiffAI's feed-forward and residual networks.
 
@@ -159,8 +223,10 @@ class DiffAINet(nn.Module):
     dense: hidden dense-ReLU widths.
     abstract: ``(point, Abstract)`` pairs: the abstract layer runs after ``point``, in
       the order given.  Points: ``"input"`` (after normalisation), ``"conv{i}"``,
-      ``"block{i}"`` (after the block and its ``block_convs``), ``"dense{i}"``
-      (0-based).  Identity on arrays.
+      ``"residual{i}"`` (right after residual block ``i``, before its
+      ``block_convs``), ``"block{i}"`` (after the block and its ``block_convs``; the
+      same place as ``"residual{i}"`` when ``block_convs == 0``, and after it),
+      ``"dense{i}"`` (0-based).  Identity on arrays.
     step: residual step rule of :mod:`jaxdefense.dynamics` for every block (default
       ``Euler()``; ``Damped(...)`` with a scalar coefficient stays certifiable), or its
       name / config dict (converted at construction).  A network without blocks
@@ -211,7 +277,7 @@ class DiffAINet(nn.Module):
   def points(self) -> tuple[str, ...]:
     """The names of the points where ``abstract`` layers can go, in network order."""
     return (("input",) + tuple(f"conv{i}" for i in range(len(self.convs)))
-            + tuple(f"block{i}" for i in range(len(self.blocks)))
+            + tuple(p for i in range(len(self.blocks)) for p in (f"residual{i}", f"block{i}"))
             + tuple(f"dense{i}" for i in range(len(self.dense))))
 
   def _check(self, perturbations: Sequence[Any] | None) -> None:
@@ -225,15 +291,7 @@ class DiffAINet(nn.Module):
         or self.block_convs < 0):
       raise ValueError(f"DiffAINet.block_convs must be an int >= 0; got "
                        f"{self.block_convs!r}.")
-    points = self.points
-    for entry in self.abstract:
-      if (not isinstance(entry, (tuple, list)) or len(entry) != 2
-          or not isinstance(entry[1], Abstract)):
-        raise ValueError(f"DiffAINet.abstract: every entry must be a (point, Abstract) "
-                         f"pair; got {entry!r}.")
-      if entry[0] not in points:
-        raise ValueError(f"DiffAINet.abstract: unknown point {entry[0]!r}; this network "
-                         f"has {list(points)}.")
+    _check_abstract(self.abstract, self.points, "DiffAINet")
     if not self.blocks and not isinstance(self.step, Euler):
       raise ValueError(f"DiffAINet has no residual blocks, so step={self.step!r} cannot "
                        "apply; use step=Euler() (the default).")
@@ -242,10 +300,7 @@ class DiffAINet(nn.Module):
                        f"({self.num_blocks}); got {len(perturbations)}.")
 
   def _abstract_at(self, point: str, x: Any, train: bool) -> Any:
-    for where, layer in self.abstract:
-      if where == point:
-        x = layer.build()(x, train=train)
-    return x
+    return _apply_abstract(self.abstract, point, x, train)
 
   @nn.compact
   def __call__(self, x: Any, train: bool = False, perturbations: Sequence[Any] | None = None,
@@ -266,6 +321,7 @@ class DiffAINet(nn.Module):
           use_bias=True, kernel_init=L.torch_default, name=f"block{i}",
           **_BLOCKS[self.block])(x, train, None if perturbations is None else perturbations[i])
       states.append(x)
+      x = self._abstract_at(f"residual{i}", x, train)
       for _ in range(self.block_convs):
         x = L.relu(conv(features, 3, strides=1, padding=1)(x))
       x = self._abstract_at(f"block{i}", x, train)
@@ -282,6 +338,144 @@ class DiffAINet(nn.Module):
     return (logits, states) if capture_states else logits
 
 
+def _padded_avg_pool(x: Any, padding: int) -> Any:
+  """2x2 / stride-2 average pooling after ``padding`` zeros on each spatial side.
+
+  PyTorch's ``AvgPool2d(2, stride=2, padding=p)`` with its default
+  ``count_include_pad=True``: every output is a window sum divided by 4, the padded
+  zeros included.  Composed from :func:`jaxdefense.nn.linear_map` (zero padding, a
+  linear map with non-negative weights) and :func:`jaxdefense.nn.avg_pool`, so it runs
+  on arrays and on abstract values alike.
+  """
+  if padding:
+    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    x = L.linear_map(x, lambda a: jnp.pad(a, pads))
+  return L.avg_pool(x, 2, 2, "VALID")
+
+
+class _DenseLayer(nn.Module):
+  """One bottleneck layer of a DiffAI dense block (figure 14's ``SkipNet1 / SkipNet2 /
+  SkipCat``): ``concat([x, conv3x3(relu(conv1x1(relu(x))))], channels)``."""
+  growth: int
+  bottleneck: int
+
+  @nn.compact
+  def __call__(self, x: Any) -> Any:
+    conv = functools.partial(L.Conv, use_bias=True, kernel_init=L.torch_default)
+    y = conv(self.bottleneck, 1, strides=1, padding=0)(L.relu(x))
+    y = conv(self.growth, 3, strides=1, padding=1)(L.relu(y))
+    return L.concatenate([x, y], axis=-1)
+
+
+class DiffAIDenseNet(nn.Module):
+  """DiffAI's DenseNet-100 family (figure 14): a DenseNet-BC without batch norm.
+
+  Layout: ``[Normalize] -> conv3x3(stem) -> dense block 0 -> transition 0 -> ... ->
+  dense block n-1 -> ReLU -> global average pooling -> [CorrelateAll] ->
+  Dense(num_classes)``.
+
+  * The stem is a 3x3 / stride-1 / pad-1 convolution *without* a ReLU (figure 14).
+  * A dense block has ``layers[i]`` bottleneck layers; each maps ``x`` (``c``
+    channels) to ``concat([x, conv3x3_growth(relu(conv1x1_bottleneck(relu(x))))])``
+    (``c + growth`` channels; figure 14's ``SkipCat dim=1`` of the identity
+    ``SkipNet1`` and the ``SkipNet2`` branch, in that order).
+  * A transition (between dense blocks) is ``ReLU -> conv1x1(floor(reduction * c)) ->
+    2x2 / stride-2 average pooling`` with ``pool_padding`` zeros on each side (counted
+    in the mean, PyTorch's ``count_include_pad``): with the default 1, 32x32 -> 17x17
+    -> 9x9, the sizes figure 14 prints.
+
+  Every convolution and the dense layer have a bias and PyTorch's default
+  initialisation, as :class:`DiffAINet`.  There is no residual sum, so there is no
+  step rule and no per-block perturbation.
+
+  Attributes:
+    stem: channels of the first convolution (default 24, ``2 * growth``).
+    growth: channels each bottleneck layer adds (default 12).
+    layers: bottleneck layers per dense block (default ``(16, 16, 16)``: 3 x 16 x 2
+      convolutions + stem + 2 transitions + the last layer = 100 layers).
+    bottleneck: channels of each layer's 1x1 convolution (default 48, ``4 * growth``).
+    reduction: a transition keeps ``floor(reduction * c)`` of ``c`` channels, in
+      ``(0, 1]`` (default 0.5).
+    pool_padding: zeros added on each spatial side before each 2x2 pooling (default 1).
+    abstract: ``(point, Abstract)`` pairs as in :class:`DiffAINet`; points
+      ``"input"`` (after normalisation), ``"stem"``, ``"block{i}"`` (after dense block
+      ``i``), ``"transition{i}"`` (after transition ``i``).
+    num_classes: output logits ``K >= 1`` (default 10).
+    normalize: ``(mean, std)`` per channel, or ``None``.
+    correlate_last: put ``CorrelateAll(only_train=False)`` before the last layer.
+
+  Call: ``model.apply(variables, x, train=False)`` with ``x`` ``[B, H, W, C]`` (array
+  or abstract value) returns logits ``[B, num_classes]``.
+
+  Raises:
+    ValueError: at construction, a size below 1, ``pool_padding`` below 0,
+      ``reduction`` outside ``(0, 1]``, a bad ``normalize``; at the call, an empty
+      ``layers``, an unknown abstract point or a malformed ``abstract`` entry.
+    TypeError: a non-integer size.
+  """
+  stem: int = 24
+  growth: int = 12
+  layers: Sequence[int] = (16, 16, 16)
+  bottleneck: int = 48
+  reduction: float = 0.5
+  pool_padding: int = 1
+  abstract: Sequence[tuple[str, Abstract]] = ()
+  num_classes: int = 10
+  normalize: tuple[Sequence[float], Sequence[float]] | None = None
+  correlate_last: bool = True
+
+  def __post_init__(self):
+    check_fields(self, positive=("stem", "growth", "bottleneck", "num_classes"),
+                 nonnegative=("pool_padding",), positive_seqs=("layers",))
+    if (isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float))
+        or not 0.0 < float(self.reduction) <= 1.0):
+      raise ValueError(f"DiffAIDenseNet.reduction must be a number in (0, 1]; got "
+                       f"{self.reduction!r}.")
+    super().__post_init__()
+
+  @property
+  def points(self) -> tuple[str, ...]:
+    """The names of the points where ``abstract`` layers can go, in network order."""
+    n = len(self.layers)
+    return (("input", "stem")
+            + tuple(p for i in range(n)
+                    for p in ((f"block{i}", f"transition{i}") if i < n - 1
+                              else (f"block{i}",))))
+
+  def _check(self) -> None:
+    if not len(self.layers):
+      raise ValueError("DiffAIDenseNet.layers must name at least one dense block.")
+    _check_abstract(self.abstract, self.points, "DiffAIDenseNet")
+
+  def _abstract_at(self, point: str, x: Any, train: bool) -> Any:
+    return _apply_abstract(self.abstract, point, x, train)
+
+  @nn.compact
+  def __call__(self, x: Any, train: bool = False) -> Any:
+    self._check()
+    conv = functools.partial(L.Conv, use_bias=True, kernel_init=L.torch_default)
+    if self.normalize is not None:
+      mean, std = self.normalize
+      x = L.Normalize(tuple(mean), tuple(std))(x)
+    x = self._abstract_at("input", x, train)
+    x = conv(self.stem, 3, strides=1, padding=1, name="stem")(x)
+    x = self._abstract_at("stem", x, train)
+    last = len(self.layers) - 1
+    for i, n in enumerate(self.layers):
+      for j in range(n):
+        x = _DenseLayer(self.growth, self.bottleneck, name=f"block{i}_layer{j}")(x)
+      x = self._abstract_at(f"block{i}", x, train)
+      if i < last:
+        features = max(1, int(math.floor(self.reduction * x.shape[-1])))
+        x = conv(features, 1, strides=1, padding=0, name=f"transition{i}")(L.relu(x))
+        x = _padded_avg_pool(x, self.pool_padding)
+        x = self._abstract_at(f"transition{i}", x, train)
+    x = L.global_avg_pool(L.relu(x))
+    if self.correlate_last:
+      x = A.CorrelateAll(only_train=False)(x, train=train)
+    return L.Dense(self.num_classes, name="classifier")(x)
+
+
 # ----------------------------------------------------------------------------- presets
 def _train_only(point: str, kind: str, **kw: Any) -> tuple[str, Abstract]:
   return (point, Abstract.of(kind, only_train=True, **kw))
@@ -289,6 +483,18 @@ def _train_only(point: str, kind: str, **kw: Any) -> tuple[str, Abstract]:
 
 _TINY = {"convs": ((16, 3, 1, 1),), "block": "wide",
          "blocks": ((16, 1), (32, 1), (32, 1), (32, 1), (32, 1)), "dense": (500,)}
+
+
+# SkipNet-18 (figure 9): five conv64, then three strided basic blocks, each followed by
+# two 3x3 conv-ReLU layers of its width.
+_SKIPNET18 = {"convs": ((64, 3, 1, 1),) * 5,
+              "blocks": ((128, 2), (256, 2), (512, 2)), "block_convs": 2,
+              "dense": (512, 512)}
+
+# ResNet-Large (figure 11): ResNet-Tiny's wide blocks, seven of them, and FC1000.
+_LARGE = {"convs": ((16, 3, 1, 1),), "block": "wide",
+          "blocks": ((16, 1), (32, 1), (32, 1), (32, 1), (64, 1), (64, 1), (64, 1)),
+          "dense": (1000,)}
 
 
 def _resnet(stage_blocks: Sequence[int]) -> dict[str, Any]:
@@ -337,23 +543,66 @@ _PRESETS: dict[str, tuple[str, Mapping[str, Any]]] = {
             _train_only("block2", "correlate_fixed", k=4),
             _train_only("block2", "decorrelate_min_k", k=4),
             _train_only("block3", "concretize"))}),
-    "skipnet18": ("DiffAI SkipNet-18 (figure 9)",
-                  {"convs": ((64, 3, 1, 1),) * 5,
-                   "blocks": ((128, 2), (256, 2), (512, 2)), "block_convs": 2,
-                   "dense": (512, 512)}),
+    "skipnet18": ("DiffAI SkipNet-18 (figure 9)", _SKIPNET18),
+    "skipnet18_combo": ("DiffAI SkipNet-18 with Combo abstract layers (figure 10)",
+                        {**_SKIPNET18, "abstract": (
+                            _train_only("residual0", "correlate_fixed", k=20),
+                            _train_only("residual0", "decorrelate_min_k", k=10),
+                            _train_only("block0", "correlate_fixed", k=10),
+                            _train_only("block0", "decorrelate_min_k", k=5),
+                            _train_only("block0", "deep_loss", weight=1.0),
+                            _train_only("residual1", "correlate_fixed", k=5),
+                            _train_only("residual1", "decorrelate_min_k", k=2))}),
+    "resnet_large": ("DiffAI ResNet-Large (figure 11 without its abstract layers): "
+                     "seven wide blocks 16-32-32-32-64-64-64, FC1000", _LARGE),
+    "resnet_large_combo": (
+        "DiffAI ResNet-Large with LargeCombo abstract layers (figure 11)",
+        {**_LARGE, "abstract": (
+            _train_only("conv0", "correlate_max_k", k=4),
+            _train_only("block0", "correlate_max_k", k=4),
+            _train_only("block0", "decorrelate_min_k", k=4),
+            _train_only("block1", "correlate_max_k", k=4),
+            _train_only("block1", "decorrelate_min_k", k=4),
+            _train_only("block2", "deep_loss", weight=1.0),
+            _train_only("block3", "correlate_max_k", k=4),
+            _train_only("block3", "decorrelate_min_k", k=4),
+            _train_only("block4", "correlate_max_k", k=4),
+            _train_only("block4", "decorrelate_min_k", k=2),
+            _train_only("block5", "deep_loss", weight=1.0))}),
     "diffai_resnet18": ("DiffAI ResNet-18 (figure 12): basic blocks, FC512 x2",
                         _resnet((2, 2, 2, 2))),
     "diffai_resnet34": ("DiffAI ResNet-34 (figure 13): basic blocks, FC512 x2",
                         _resnet((3, 4, 6, 3))),
 }
 
-NAMES: tuple[str, ...] = tuple(_PRESETS)
+# name -> (description, DiffAIDenseNet fields)
+_DENSE_PRESETS: dict[str, tuple[str, Mapping[str, Any]]] = {
+    "diffai_densenet100": (
+        "DiffAI DenseNet-100 (figure 14): stem conv24, 3 dense blocks of 16 bottleneck "
+        "layers (growth 12), transitions with reduction 0.5", {}),
+}
+
+NAMES: tuple[str, ...] = tuple(_PRESETS) + tuple(_DENSE_PRESETS)
 """The registered DiffAI presets, in the order of the paper's tables."""
 
+DEEP_LOSS_SCHEDULES: dict[str, tuple[str, ...]] = {
+    "skipnet18_combo": ("Until(90, Lin(0, 0.2, 50, 40), 0)",),
+    "resnet_large_combo": ("Until(1, 0, Lin(0.5, 0, 50, 3))",
+                           "Until(24, Lin(0, 0.1, 20, 4), Lin(0.1, 0, 50, 0))"),
+}
+"""The weight schedules of the figures' DeepLoss layers, in network order, in the
+training language (:func:`jaxdefense.objectives.parse`; e.g.
+``parse(f"DeepLoss({s}, Box)")``).  A :class:`~jaxdefense.nn.DeepLoss` layer holds a
+constant relative weight (1.0 in the presets) and the schedule belongs to the objective,
+which scales all layers' terms by one schedule; figure 11's two different schedules
+therefore cannot both be reproduced exactly."""
 
-def _preset(fields: Mapping[str, Any], **overrides: Any) -> DiffAINet:
-  return DiffAINet(**{**fields, **overrides})
+
+def _preset(cls: type, fields: Mapping[str, Any], **overrides: Any) -> nn.Module:
+  return cls(**{**fields, **overrides})
 
 
 for _name, (_description, _fields) in _PRESETS.items():
-  register(_name, _description)(functools.partial(_preset, _fields))
+  register(_name, _description)(functools.partial(_preset, DiffAINet, _fields))
+for _name, (_description, _fields) in _DENSE_PRESETS.items():
+  register(_name, _description)(functools.partial(_preset, DiffAIDenseNet, _fields))
