@@ -23,6 +23,7 @@ from jaxdefense.nn._abstract import AbstractValue, is_abstract
 
 Array = jax.Array
 
+#: Abstract domains accepted by ``domain=`` (``"deepz"``: the zonotope with the DeepZ ReLU).
 DOMAINS = ("box", "zonotope", "deepz")
 RELUS = ("box", "deepz")
 

@@ -80,7 +80,9 @@ _ADAPTIVE_SOLVERS = {
 _EMBEDDED = ("heun", "bosh3", "tsit5", "dopri5", "dopri8")  # have an error estimate
 _ADJOINTS = ("recursive", "backsolve", "direct")
 
+#: Solver names accepted by ``ODEBlock(solver=...)``: the fixed-step ones, then the adaptive ones.
 SOLVERS = tuple(sorted(_FIXED_SOLVERS)) + tuple(sorted(_ADAPTIVE_SOLVERS))
+#: Gradient modes accepted by ``ODEBlock(adjoint=...)``.
 ADJOINTS = _ADJOINTS
 
 ODE_STATS = "ode_stats"
@@ -548,13 +550,14 @@ class SDEBlock(ODEBlock):
   With ``sigma == 0`` (or in evaluation mode with ``at_test=False``) the block is the
   :class:`ODEBlock` with the configured ``solver`` and needs no key.
 
+  The other attributes are those of :class:`ODEBlock`; ``solver``, ``adaptive``, the
+  tolerances and ``adjoint="backsolve"`` only apply to the noiseless solve, the SDE
+  solve differentiates with ``"recursive"``.
+
   Attributes:
     sigma: diffusion coefficient (>= 0), default 0.1.
     at_test: also draw noise when ``train=False`` (the EnResNet convention).
     tol: Brownian-tree resolution; default ``dt / 4``.
-    (others as :class:`ODEBlock`; ``solver``, ``adaptive``, the tolerances and
-    ``adjoint="backsolve"`` only apply to the noiseless solve, the SDE solve
-    differentiates with ``"recursive"``.)
 
   Raises:
     ValueError: ``sigma < 0``; noise needed but no ``"noise"`` key given; as

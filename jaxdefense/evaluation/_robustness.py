@@ -32,7 +32,7 @@ from jaxdefense._table import format_table
 
 Array = jax.Array
 
-# name -> (attack function name in jaxdefense.attacks, default keyword arguments)
+#: name -> (attack function name in jaxdefense.attacks, default keyword arguments)
 ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "fgsm": ("fgsm", {}),
     "ifgsm": ("ifgsm", {"steps": 20}),

@@ -47,8 +47,8 @@ def evaluate_run(workdir: str | os.PathLike, *, key: Any = None, which: str = "l
     workdir: a run's folder (``jaxdefense train --workdir``).
     key: PRNG key (default ``jax.random.key(0)``).
     which: ``"latest"`` or ``"best"`` checkpoint.
-    suite, eps, corruptions, severities, corruption_dir, eot_samples, batch_size,
-      progress: see :func:`evaluate_robustness`.
+    suite, eps, corruptions, severities: see :func:`evaluate_robustness`.
+    corruption_dir, eot_samples, batch_size, progress: see :func:`evaluate_robustness`.
     num_examples: evaluate the first ``num_examples`` test examples (``None``: all).
     data_dir: overrides the run's data folder.
     save: write ``robustness.md`` / ``robustness.json`` (and ``diagnosis.json``) into

@@ -165,7 +165,7 @@ def avg_pool(x: Any, window: int | Sequence[int], strides: int | Sequence[int] |
 
   Raises:
     ValueError / TypeError: from ``lax.reduce_window`` for a bad rank, window or
-    padding string.
+      padding string.
   """
   window = (window, window) if isinstance(window, int) else tuple(window)
   strides = window if strides is None else (
