@@ -531,3 +531,9 @@ def test_densenet_fields_and_points():
       jax.eval_shape(_diffai.DiffAIDenseNet(**fields).init, jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match="does not take"):
     jd.models.create("diffai_densenet100", step="euler")
+
+
+def test_input_too_small_for_the_convolutions_is_a_clear_error():
+  model = jd.models.create("conv_small", num_classes=10)
+  with pytest.raises(ValueError, match=r"spatial size \(8, 8\) is too small.*\(0, 0\)"):
+    model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))

@@ -306,6 +306,7 @@ class DiffAINet(nn.Module):
   def __call__(self, x: Any, train: bool = False, perturbations: Sequence[Any] | None = None,
                capture_states: bool = False) -> Any:
     self._check(perturbations)
+    in_shape = tuple(x.shape)
     conv = functools.partial(L.Conv, use_bias=True, kernel_init=L.torch_default)
     if self.normalize is not None:
       mean, std = self.normalize
@@ -325,6 +326,11 @@ class DiffAINet(nn.Module):
       for _ in range(self.block_convs):
         x = L.relu(conv(features, 3, strides=1, padding=1)(x))
       x = self._abstract_at(f"block{i}", x, train)
+    if len(x.shape) == 4 and min(x.shape[1:3]) < 1:
+      raise ValueError(f"{type(self).__name__}: the input's spatial size {in_shape[1:3]} is "
+                       f"too small for these convolutions (convs={self.convs!r}): the "
+                       f"feature map shrinks to {tuple(x.shape[1:3])}; use larger images "
+                       "(the DiffAI zoo is sized for 28x28 or 32x32 inputs).")
     for i, features in enumerate(self.dense):
       if len(x.shape) > 2:
         x = L.flatten(x)
