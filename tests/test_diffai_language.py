@@ -208,6 +208,10 @@ def test_schedule_values_and_nesting():
       [0, 0.5, 0.95, 1, 1, 0.5, 0, 0])
   nested = O.Lin(O.Until(1, 0, 0.5), 1.0, 2.0, 2.0)           # start switches at 1
   assert [v(nested, t) for t in (0, 1, 2, 3, 4)] == pytest.approx([0, 0.5, 0.5, 0.75, 1])
+  # a nested Lin is a schedule wherever a callable schedule is taken (CertifiedObjective,
+  # LAD's eta_schedule): calling it gives the same values
+  assert [float(nested(jnp.float32(t))) for t in (0, 1, 2, 3, 4)] == pytest.approx(
+      [0, 0.5, 0.5, 0.75, 1])
   assert v(3.0, 7) == 3.0
   assert float(L.schedule_value(lin, None)) == 1.0              # no epoch: the end value
   assert L.schedule_range(O.Until(1, O.Lin(-1, 2, 0, 1), 0.5)) == (-1.0, 2.0)

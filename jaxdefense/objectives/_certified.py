@@ -41,6 +41,8 @@ class Lin:
   ``Lin(start, end, hold, ramp)(t)`` is ``start`` for ``t <= hold``, ``end`` for
   ``t >= hold + ramp``, linear in between (``ramp = 0``: a step at ``hold``).  ``t`` is
   the fractional epoch; it may be a traced array (no retracing as it changes).
+  ``start`` and ``end`` may themselves be schedules (callables of ``t``, as the DiffAI
+  language allows): the line then runs between their values at ``t``.
   """
   start: float
   end: float
@@ -57,7 +59,10 @@ class Lin:
       frac = (epoch >= self.hold).astype(jnp.float32)
     else:
       frac = jnp.clip((epoch - self.hold) / self.ramp, 0.0, 1.0)
-    return self.start + (self.end - self.start) * frac
+    start, end = self.start, self.end
+    if callable(start) or callable(end):
+      start, end = _value(start, epoch), _value(end, epoch)
+    return start + (end - start) * frac
 
 
 Schedule = Union[float, Callable[[Any], Any]]

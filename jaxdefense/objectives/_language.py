@@ -130,13 +130,8 @@ def schedule_value(s: Schedule, epoch: Any) -> Array:
   if isinstance(s, numbers.Real):
     return jnp.float32(s)
   t = jnp.asarray(epoch, jnp.float32)
-  if isinstance(s, Lin):
-    a, b = schedule_value(s.start, t), schedule_value(s.end, t)
-    if s.ramp == 0:
-      frac = (t >= s.hold).astype(jnp.float32)
-    else:
-      frac = jnp.clip((t - s.hold) / s.ramp, 0.0, 1.0)
-    return a + (b - a) * frac
+  if isinstance(s, Lin):  # Lin evaluates schedule-valued ends itself
+    return jnp.asarray(s(t), jnp.float32)
   if isinstance(s, Until):
     return jnp.where(t < s.m, schedule_value(s.s1, t), schedule_value(s.s2, t - s.m))
   raise TypeError(f"not a schedule: {s!r}.")
