@@ -16,6 +16,7 @@ import pytest
 
 from jaxdefense.models import _diffai
 from jaxdefense.nn import _abstract_layers as A
+from jaxdefense.objectives import parse
 from jaxdefense.objectives._certified import CertifiedObjective, Lin
 from jaxdefense.training import create_train_state, make_train_step
 
@@ -145,10 +146,12 @@ def test_gradient_of_the_term_matches_autodiff_of_the_definition(batch):
                              gb, rtol=1e-3, atol=1e-6)
 
 
-def test_losses_collection_never_reaches_the_state(batch):
+@pytest.mark.parametrize("objective", ["certified", "language"])
+def test_losses_collection_never_reaches_the_state(batch, objective):
   x, y = batch
   model = _model()
-  obj = CertifiedObjective(eps=0.1, eps_schedule=1.0, mix=0.5)
+  obj = (CertifiedObjective(eps=0.1, eps_schedule=1.0, mix=0.5) if objective == "certified"
+         else parse("Mix(Point, Box, 0.5)", eps=0.1))
   state = create_train_state(model, optax.sgd(0.1), x, jax.random.PRNGKey(0))
   assert "losses" not in state.model_state
   step = make_train_step(obj, steps_per_epoch=4, donate=False)

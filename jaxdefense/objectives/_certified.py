@@ -79,6 +79,23 @@ LOSSES = "losses"
 DEEP_MIXES = ("add", "convex")
 
 
+def collecting_losses(model: ModelFn) -> ModelFn:
+  """``model`` for an abstract pass that collects this pass's DeepLoss terms.
+
+  ``"losses"`` is transient: stale terms in the variables are dropped (they would be
+  appended to) and the collection is made mutable.  A wrapped function
+  (``model.fn``) is returned as it is.
+  """
+  if model.fn is not None:
+    return model
+  variables = model.variables
+  if isinstance(variables, Mapping) and LOSSES in variables:
+    model = model.replace(variables={k: v for k, v in variables.items() if k != LOSSES})
+  if LOSSES not in model.mutable:
+    model = model.replace(mutable=tuple(model.mutable) + (LOSSES,))
+  return model
+
+
 def _extra_losses(mutated: dict) -> Array:
   losses = mutated.get("losses", {})
   leaves = jax.tree_util.tree_leaves(losses)
@@ -199,17 +216,7 @@ class CertifiedObjective:
     point = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
     value = certify_api.input_set(x, eps_t, self.domain, relu_budget=self.relu_budget,
                                   correlate_input=self.correlate_input)
-    abstract_model = model
-    if model.fn is None:
-      # "losses" is transient: never read stale terms from the variables (they would be
-      # appended to), always collect this pass's terms.
-      variables = model.variables
-      if isinstance(variables, Mapping) and LOSSES in variables:
-        abstract_model = abstract_model.replace(
-            variables={k: v for k, v in variables.items() if k != LOSSES})
-      if LOSSES not in model.mutable:
-        abstract_model = abstract_model.replace(mutable=tuple(model.mutable) + (LOSSES,))
-    z, abs_state = abstract_model.apply(value)
+    z, abs_state = collecting_losses(model).apply(value)
     if not is_abstract(z):
       raise TypeError("CertifiedObjective: the model returned a concrete array for an "
                       "abstract input; build the model from jaxdefense.nn layers.")

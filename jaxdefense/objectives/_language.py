@@ -48,7 +48,7 @@ from jaxdefense.certify._domains import worst_case_logits
 from jaxdefense.models import ModelFn
 from jaxdefense.nn._abstract import is_abstract
 from jaxdefense.objectives._adversarial import _check_batch, attack_model, check_model
-from jaxdefense.objectives._certified import LOSSES, Lin, _extra_losses
+from jaxdefense.objectives._certified import LOSSES, Lin, _extra_losses, collecting_losses
 
 Array = jax.Array
 
@@ -789,10 +789,7 @@ class DiffAIObjective:
     x = jnp.asarray(x)
     logits, state = model.apply(x)
     state = {k: v for k, v in dict(state).items() if k != LOSSES}
-    abstract_model = model
-    if model.fn is None and LOSSES not in model.mutable:
-      abstract_model = model.replace(mutable=tuple(model.mutable) + (LOSSES,))
-    ctx = _Context(model, abstract_model, jnp.asarray(y), epoch)
+    ctx = _Context(model, collecting_losses(model), jnp.asarray(y), epoch)
     lo = jnp.clip(x - self.eps, 0.0, 1.0)
     hi = jnp.clip(x + self.eps, 0.0, 1.0)
     terms = self.goal.element(ctx, lo, hi, key).loss(ctx)
