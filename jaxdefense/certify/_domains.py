@@ -319,11 +319,6 @@ class Box(_Domain):
       r = r + _rounding_slack(mag, self._magnitude(), bias, _fan_in(self.shape), self.dtype)
     return self._make(c, r)
 
-  def linear(self, fn: LinearFn) -> "Box":
-    if self.sound:
-      return self.affine(fn, None, None)
-    return self._make(fn(self._center), fn(self.radius))
-
   def scale_shift(self, scale: Any, shift: Any = None) -> "Box":
     c = self._center * scale
     if shift is not None:
@@ -577,9 +572,6 @@ class HybridZonotope(_Domain):
                               _fan_in(self.shape) + m, self.dtype)
     gens = self._unflat(e, m) if m else jnp.zeros((0,) + c.shape, c.dtype)
     return self._new(c, b, gens)
-
-  def linear(self, fn: LinearFn) -> "HybridZonotope":
-    return self.affine(fn, None, None)
 
   def scale_shift(self, scale: Any, shift: Any = None) -> "HybridZonotope":
     c = self._center * scale
