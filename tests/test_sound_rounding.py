@@ -151,3 +151,90 @@ def test_domains_propagate_the_flag_and_reject_bad_values():
     certify.verify(model, v, x, jnp.array([0]), -0.1)
   with pytest.raises(ValueError, match="eps"):
     certify.bounds(model, v, x, 1.5, sound=True)
+
+
+# ------------------------------------------------------- fan-in and exact maps
+def _exact(model, v, x):
+  """The model in float64: the real-valued output up to ~1e-16 relative."""
+  with jax.enable_x64(True):
+    v64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), v)
+    return np.asarray(model.apply(v64, jnp.asarray(np.asarray(x, np.float64))))
+
+
+def _cancelling_conv(features=4, channels=64, size=10, seed=0):
+  """A 3x3 conv on 64 channels whose outputs are sums of large terms of both signs."""
+  conv = jd.nn.Conv(features, 3, padding="SAME")
+  rng = np.random.RandomState(seed)
+  x = jnp.asarray(rng.uniform(size=(2, size, size, channels)), jnp.float32)
+  v = jax.jit(conv.init)(jax.random.PRNGKey(0), x)
+  v = {"params": {"kernel": jnp.asarray(rng.normal(size=(3, 3, channels, features)) * 1e3,
+                                        jnp.float32),
+                  "bias": jnp.asarray(rng.normal(size=(features,)), jnp.float32)}}
+  return conv, v, x
+
+
+@pytest.mark.parametrize("domain", ["box", "zonotope"])
+def test_conv_slack_uses_the_true_fan_in_and_contains_both_networks(domain):
+  """A conv's slack counts its kh * kw * C_in terms, not every input of the example
+  (10 x 10 x 64 = 6,400 here, 576 for the kernel): the bounds at eps = 0 are within the
+  576-term slack, yet contain the float32 and the float64 (exact) outputs."""
+  conv, v, x = _cancelling_conv()
+  cls = Box if domain == "box" else HybridZonotope
+  z = cls.from_bounds(x, x, sound=True)
+  lo, hi = (np.asarray(a) for a in conv.apply(v, z).concretize())
+  out32, out64 = np.asarray(conv.apply(v, x)), _exact(conv, v, x)
+  for out in (out32, out64):
+    assert np.all(lo <= out) and np.all(out <= hi)
+  assert np.any(out32 != out64)          # rounding did happen
+  w = np.abs(np.asarray(v["params"]["kernel"], np.float64))
+  mag = np.asarray(conv.apply({"params": {"kernel": jnp.asarray(w, jnp.float32),
+                                          "bias": jnp.zeros(4)}}, jnp.abs(x)), np.float64)
+  mag += np.abs(np.asarray(v["params"]["bias"]))
+  u = 2.0 ** -24
+  g = lambda k: k * u / (1 - k * u)
+  true_fan_in, every_input = 3 * 3 * 64, 10 * 10 * 64
+  half = (hi.astype(np.float64) - lo) / 2
+  assert np.all(half <= 1.05 * 4 * g(true_fan_in + 2) * mag + 1e-6)
+  assert np.all(half < 4 * g(every_input + 2) * mag / 5)
+
+
+def test_fan_in_none_stays_the_safe_default():
+  """A user map through ``linear_map`` without ``fan_in`` pays the per-example count;
+  with ``fan_in=0`` (a pure selection) it pays nothing."""
+  x = jnp.asarray(np.random.RandomState(0).uniform(size=(2, 4, 4, 3)), jnp.float32)
+  b = Box.from_bounds(x, x, sound=True)
+  pick = lambda a: a[:, ::2, ::2, :]
+  safe = jd.nn.linear_map(b, pick)
+  exact = jd.nn.linear_map(b, pick, fan_in=0)
+  np.testing.assert_array_equal(exact.radius, pick(b.radius))
+  assert bool(jnp.all(safe.radius > exact.radius))
+  z = HybridZonotope.from_bounds(x - 0.1, x + 0.1, sound=True).correlate_all()
+  ze = jd.nn.linear_map(z, pick, fan_in=0)
+  np.testing.assert_array_equal(ze.box, pick(z.box))
+  np.testing.assert_array_equal(ze.generators, jax.vmap(pick)(z.generators))
+  out = jd.nn.PadShortcut(features=5, stride=2).apply({}, b)   # select + zero-pad: exact
+  np.testing.assert_array_equal(out.radius[..., 1:4], pick(b.radius))
+  assert float(jnp.max(jnp.abs(out.radius[..., 0]))) == 0.0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_linear_map_rejects_a_bad_fan_in(bad):
+  x = Box.from_bounds(jnp.zeros((1, 2)), jnp.ones((1, 2)), sound=True)
+  with pytest.raises(ValueError, match="fan_in"):
+    jd.nn.linear_map(x, lambda a: a, fan_in=bad)
+
+
+def test_exact_output_inside_sound_bounds_at_full_size():
+  """ConvSmall at its full 28 x 28 input (784 input generators, DeepZ adds hundreds):
+  the float64 network and the float32 one stay inside the sound bounds at eps 0 and
+  1e-7, and the rounding slack is small (width < 0.05) where the net is well scaled."""
+  model = jd.models.create("conv_small", num_classes=10)
+  x = jnp.asarray(np.random.RandomState(0).uniform(size=(2, 28, 28, 1)), jnp.float32)
+  v = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+  out32, out64 = np.asarray(model.apply(v, x)), _exact(model, v, x)
+  for domain in DOMAINS:
+    for eps in (0.0, 1e-7):
+      lo, hi = (np.asarray(a) for a in certify.bounds(model, v, x, eps, domain, sound=True))
+      for out in (out32, out64):
+        assert np.all(lo <= out) and np.all(out <= hi), (domain, eps)
+      assert float(np.max(hi - lo)) < 0.05, (domain, eps)

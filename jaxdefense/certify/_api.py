@@ -370,8 +370,8 @@ class _CountingBox(Box):
   def affine(self, *a, **k):
     return self._wrap(super().affine(*a, **k))
 
-  def linear(self, fn):
-    return self._wrap(super().linear(fn))
+  def linear(self, fn, **k):
+    return self._wrap(super().linear(fn, **k))
 
   def scale_shift(self, *a, **k):
     return self._wrap(super().scale_shift(*a, **k))

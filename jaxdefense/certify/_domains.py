@@ -38,15 +38,22 @@ rounded outwards (``nextafter`` towards -inf / +inf).  The error model:
   k u / (1 - k u)``.  A dot product or sum of ``k`` terms computed in any order, with or
   without fused multiply-add, satisfies ``|fl(sum) - sum| <= gamma(k) sum |terms|``
   (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., section 3.1).
-* An affine layer ``y = W x + b`` whose input has ``p`` variables per example has at
-  most ``n = p`` terms per output (exact for dense layers, an upper bound for
-  convolutions and pooling, whose real fan-in the domain cannot see), so with ``a = |c|
-  + radius`` (``a >= |x|`` on the set) the float network's output is within
+* An affine layer ``y = W x + b`` has ``n`` terms per output: the ``fan_in`` the layer
+  passes to ``affine`` (a dense layer's input size, a convolution's ``kh * kw * C_in /
+  groups``, a pooling window's size), or, when it passes none, every input of an example
+  (an upper bound for any map).  Maps that only select, move or zero-pad values
+  (``fan_in=0``: reshapes, strided shortcuts, padding) are exact and add no slack.
+  With ``a = |c| + radius`` (``a >= |x|`` on the set; a zonotope with ``m`` generators
+  widens its computed ``a`` by ``3 gamma(m + 4)``, so that it bounds the exact sum of its
+  ``m + 2`` terms and the count ``m`` stays out of every op's slack) the float network's
+  output is within
   ``gamma(n + 1) (|W| a + |b|)`` of ``W x + b``, and the computed centre, box part and
   generators are each within ``gamma(n + 1)`` of their exact values relative to their
-  share of ``|W| a + |b|``.  The box part is widened by ``4 gamma(n + 2) (|W| a + |b|)``,
+  share of ``|W| a + |b|`` (summed over the generators: each is a separate map of ``n``
+  terms, and their errors add up to at most ``gamma(n + 1) |W| sum_j |E_j|``).  The box part is widened by ``4 gamma(n + 2) (|W| a + |b|)``,
   which covers these two first-order terms (``2 gamma``), the rounding of the widening
-  itself and every second-order term (valid while ``(n + m + 4) u <= 0.05``).
+  itself and every second-order term (valid while ``(n + 4) u <= 0.05`` and
+  ``(m + 4) u <= 0.05``).
 * Elementwise ops (residual sums, ``x * s + t``, the DeepZ ReLU's ``lam x + mu``) use
   the same rule with ``n`` the number of float operations per output; ReLU is exact in
   float; the DeepZ slope's rounding is absorbed by computing the offset for the rounded
@@ -177,8 +184,11 @@ def _check_sound(sound: Any) -> bool:
   return bool(sound)
 
 
-def _fan_in(shape: Sequence[int]) -> int:
-  """Upper bound of the terms per output of a linear map of a ``shape`` value."""
+def _fan_in(shape: Sequence[int], fan_in: int | None = None) -> int:
+  """Terms per output of a linear map of a ``shape`` value: the layer's ``fan_in`` when it
+  gives one, else every input of an example (an upper bound for any map)."""
+  if fan_in is not None:
+    return int(fan_in)
   return max(_per_example_size(shape), 1)
 
 
@@ -309,14 +319,15 @@ class Box(_Domain):
 
   # ------------------------------------------------------------------ linear maps
   def affine(self, linear_fn: LinearFn, abs_linear_fn: LinearFn | None,
-             bias: Array | None = None) -> "Box":
+             bias: Array | None = None, *, fan_in: int | None = None) -> "Box":
     c = linear_fn(self._center)
     if bias is not None:
       c = c + bias
     mag = abs_linear_fn or linear_fn
     r = mag(self.radius)
-    if self.sound:
-      r = r + _rounding_slack(mag, self._magnitude(), bias, _fan_in(self.shape), self.dtype)
+    if self.sound and (fan_in != 0 or bias is not None):
+      r = r + _rounding_slack(mag, self._magnitude(), bias, _fan_in(self.shape, fan_in),
+                              self.dtype)
     return self._make(c, r)
 
   def scale_shift(self, scale: Any, shift: Any = None) -> "Box":
@@ -530,8 +541,13 @@ class HybridZonotope(_Domain):
     return self._center - r, self._center + r
 
   def _magnitude(self) -> Array:
-    """``|c| + b + sum_j |E_j|`` (an upper bound of ``|x|`` up to rounding)."""
-    return jnp.abs(self._center) + self.radius()
+    """``|c| + b + sum_j |E_j|``, an upper bound of ``|x|`` on the set (with ``sound``,
+    widened for the rounding of its own ``m + 2`` terms, so that the slack of an op with
+    ``n`` float operations per output needs ``gamma(n)``, not ``gamma(n + m)``)."""
+    a = jnp.abs(self._center) + self.radius()
+    if self.sound:
+      a = _inflate_radius(a, self.num_generators + 2)
+    return a
 
   def uncorrelated_radius(self) -> Array:
     return self.box
@@ -550,7 +566,7 @@ class HybridZonotope(_Domain):
 
   # ------------------------------------------------------------------ linear maps
   def affine(self, linear_fn: LinearFn, abs_linear_fn: LinearFn | None,
-             bias: Array | None = None) -> "HybridZonotope":
+             bias: Array | None = None, *, fan_in: int | None = None) -> "HybridZonotope":
     m, batch = self.num_generators, self.shape[0]
     if abs_linear_fn is None:
       # Non-negative weights: one call on [c; b; E].
@@ -567,9 +583,9 @@ class HybridZonotope(_Domain):
       b = abs_linear_fn(self.box)
     if bias is not None:
       c = c + bias
-    if self.sound:
+    if self.sound and (fan_in != 0 or bias is not None):
       b = b + _rounding_slack(abs_linear_fn or linear_fn, self._magnitude(), bias,
-                              _fan_in(self.shape) + m, self.dtype)
+                              _fan_in(self.shape, fan_in), self.dtype)
     gens = self._unflat(e, m) if m else jnp.zeros((0,) + c.shape, c.dtype)
     return self._new(c, b, gens)
 
@@ -580,8 +596,8 @@ class HybridZonotope(_Domain):
     scale = jnp.asarray(scale)
     b = self.box * jnp.abs(scale)
     if self.sound:
-      b = b + _rounding_slack(lambda v: v * jnp.abs(scale), self._magnitude(), shift,
-                              1 + self.num_generators, self.dtype)
+      b = b + _rounding_slack(lambda v: v * jnp.abs(scale), self._magnitude(), shift, 1,
+                              self.dtype)
     return self._new(c, b, self.generators * scale)
 
   def reshape(self, shape: Sequence[int]) -> "HybridZonotope":
@@ -619,8 +635,8 @@ class HybridZonotope(_Domain):
     if self.sound:
       # lam c + mu, lam b and lam E are rounded where a neuron crosses (elsewhere lam is
       # 1 or 0 and mu is 0: exact).
-      slack = jnp.where(cross, _rounding_slack(lambda v: v * lam, self._magnitude(), mu,
-                                               2 + self.num_generators, self.dtype), 0.0)
+      slack = jnp.where(cross, _rounding_slack(lambda v: v * lam, self._magnitude(), mu, 2,
+                                               self.dtype), 0.0)
     return self._append_deepz(c, b, gens, mu, slack)
 
   def _append_deepz(self, c: Array, b: Array, gens: Array, mu: Array,
@@ -667,7 +683,7 @@ class HybridZonotope(_Domain):
     if self.sound or other.sound:
       out.sound = True
       out.box = out.box + _rounding_slack(lambda v: v, self._magnitude() + other._magnitude(),
-                                          None, 1 + out.num_generators, self.dtype)
+                                          None, 1, self.dtype)
     return out
 
   def _concatenate(self, values: Sequence["HybridZonotope"], axis: int

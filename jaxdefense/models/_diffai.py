@@ -355,7 +355,7 @@ def _padded_avg_pool(x: Any, padding: int) -> Any:
   """
   if padding:
     pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    x = L.linear_map(x, lambda a: jnp.pad(a, pads))
+    x = L.linear_map(x, lambda a: jnp.pad(a, pads), fan_in=0)
   return L.avg_pool(x, 2, 2, "VALID")
 
 

@@ -52,7 +52,7 @@ class AbstractValue(abc.ABC):
   # ---------------------------------------------------------------- linear maps
   @abc.abstractmethod
   def affine(self, linear_fn: LinearFn, abs_linear_fn: LinearFn | None,
-             bias: Array | None = None) -> "AbstractValue":
+             bias: Array | None = None, *, fan_in: int | None = None) -> "AbstractValue":
     """Image under ``x -> linear_fn(x) + bias``.
 
     Args:
@@ -62,11 +62,18 @@ class AbstractValue(abc.ABC):
         non-negative weights (reshapes, pooling, padding), so ``linear_fn`` serves.
       bias: added after the map; broadcast against the output (without batch axis
         or with it).
+      fan_in: how many inputs make up one output (a convolution's ``kh * kw * C_in /
+        groups``, a dense layer's input size, a pooling window's size), which bounds the
+        float rounding a sound domain accounts for; ``0`` for a map that only moves,
+        selects or zero-pads values (exact in floating point).  ``None`` (default): every
+        input of an example, always safe.  A value below the true fan-in makes the
+        rounding bounds of ``sound=True`` domains unsound.
     """
 
-  def linear(self, fn: LinearFn) -> "AbstractValue":
-    """Image under a linear map with non-negative weights (reshape, average pool)."""
-    return self.affine(fn, None, None)
+  def linear(self, fn: LinearFn, *, fan_in: int | None = None) -> "AbstractValue":
+    """Image under a linear map with non-negative weights (reshape, average pool);
+    ``fan_in`` as in :meth:`affine`."""
+    return self.affine(fn, None, None, fan_in=fan_in)
 
   @abc.abstractmethod
   def scale_shift(self, scale: Array | float, shift: Array | float | None = None
@@ -80,7 +87,7 @@ class AbstractValue(abc.ABC):
   def reshape(self, shape: Sequence[int]) -> "AbstractValue":
     """Reshape every concrete point to ``shape`` (batch axis included)."""
     tail = tuple(shape)[1:]
-    return self.linear(lambda a: a.reshape((a.shape[0],) + tail))
+    return self.linear(lambda a: a.reshape((a.shape[0],) + tail), fan_in=0)
 
   # --------------------------------------------------------------- nonlinearities
   @abc.abstractmethod

@@ -110,7 +110,7 @@ def scale_shift(x: Any, scale: Any, shift: Any = None) -> Any:
   return out if shift is None else out + shift
 
 
-def linear_map(x: Any, fn: Callable[[Array], Array]) -> Any:
+def linear_map(x: Any, fn: Callable[[Array], Array], *, fan_in: int | None = None) -> Any:
   """Apply a linear map with non-negative weights (reshape, pooling, padding).
 
   Args:
@@ -118,11 +118,23 @@ def linear_map(x: Any, fn: Callable[[Array], Array]) -> Any:
     fn: a function of arrays that is linear with non-negative weights (selecting,
       padding with zeros, averaging).  The abstract path relies on this and does not
       check it: a map with negative weights (or an offset) gives unsound bounds.
+    fan_in: the number of inputs that make up one output (a pooling window's size; ``0``
+      for a map that only selects, moves or zero-pads values), which bounds the float
+      rounding that ``sound=True`` domains account for.  ``None`` (default): every input
+      of an example, always safe but looser under ``sound=True``.  Giving less than the
+      true fan-in makes sound bounds unsound.
 
   Returns:
     ``fn(x)`` for an array; ``x.linear(fn)``, the image of the set, for an abstract value.
+
+  Raises:
+    ValueError: ``fan_in`` is not ``None`` or an int >= 0.
   """
-  return x.linear(fn) if is_abstract(x) else fn(x)
+  if fan_in is not None and (isinstance(fan_in, bool) or not isinstance(fan_in, int)
+                             or fan_in < 0):
+    raise ValueError(f"linear_map: fan_in must be None or an int >= 0 (inputs per output); "
+                     f"got fan_in={fan_in!r}.")
+  return x.linear(fn, fan_in=fan_in) if is_abstract(x) else fn(x)
 
 
 def flatten(x: Any) -> Any:
@@ -144,7 +156,8 @@ def global_avg_pool(x: Any) -> Any:
   Works on arrays and abstract values (a linear map with non-negative weights).  An
   array of another rank than 4 is averaged over its axes 1 and 2 all the same.
   """
-  return linear_map(x, lambda a: jnp.mean(a, axis=(1, 2)))
+  fan_in = int(x.shape[1]) * int(x.shape[2]) if len(x.shape) >= 3 else None
+  return linear_map(x, lambda a: jnp.mean(a, axis=(1, 2)), fan_in=fan_in)
 
 
 def avg_pool(x: Any, window: int | Sequence[int], strides: int | Sequence[int] | None = None,
@@ -175,7 +188,7 @@ def avg_pool(x: Any, window: int | Sequence[int], strides: int | Sequence[int] |
     summed = lax.reduce_window(a, 0.0, lax.add, (1,) + window + (1,), (1,) + strides + (1,),
                                padding)
     return summed / float(window[0] * window[1])
-  return linear_map(x, fn)
+  return linear_map(x, fn, fan_in=int(window[0]) * int(window[1]))
 
 
 def concatenate(values: Sequence[Any], axis: int = -1) -> Any:
@@ -354,7 +367,8 @@ class Dense(nn.Module):
                             mismatch)
     bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
     if is_abstract(x):
-      return x.affine(lambda a: a @ kernel, lambda a: a @ jnp.abs(kernel), bias)
+      return x.affine(lambda a: a @ kernel, lambda a: a @ jnp.abs(kernel), bias,
+                      fan_in=int(in_features))
     y = x @ kernel
     return y if bias is None else y + bias
 
@@ -424,7 +438,8 @@ class Conv(nn.Module):
     def conv(a, w):
       return _conv_plain(a, w, strides, padding, g)
     if is_abstract(x):
-      return x.affine(lambda a: conv(a, kernel), lambda a: conv(a, jnp.abs(kernel)), bias)
+      return x.affine(lambda a: conv(a, kernel), lambda a: conv(a, jnp.abs(kernel)), bias,
+                      fan_in=int(k[0] * k[1] * (in_ch // g)))
     y = _conv(x, kernel, strides, padding, g)
     return y if bias is None else y + bias
 
@@ -639,7 +654,7 @@ class PadShortcut(nn.Module):
     def fn(a):
       a = a[:, ::s, ::s, :]
       return jnp.pad(a, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    return linear_map(x, fn)
+    return linear_map(x, fn, fan_in=0)
 
 
 def _accepts_train(module: nn.Module) -> bool:
