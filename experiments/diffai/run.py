@@ -58,8 +58,13 @@ def load_config(overrides: dict, quick: bool = False) -> Any:
   return cfg
 
 
-def train(cfg: Any, name: str, train_ds: Any, log: Any) -> tuple[Any, Any, float]:
-  model = jd.models.create(name, num_classes=train_ds.num_classes, normalize=cfg.normalize)
+def train(cfg: Any, name: str, train_ds: Any, log: Any, objective: Any = None,
+          model_fields: dict | None = None) -> tuple[Any, Any, tuple[float, float]]:
+  """Train zoo net ``name`` (with ``model_fields`` overriding its fields) on ``objective``
+  (default: the config's IBP-style ``CertifiedObjective``); returns ``(model,
+  variables, (wall s, CPU s))``."""
+  model = jd.models.create(name, num_classes=train_ds.num_classes, normalize=cfg.normalize,
+                           **(model_fields or {}))
   key = jax.random.PRNGKey(cfg.seed)
   variables = jax.jit(model.init)(key, jnp.asarray(train_ds.images[:2]))
   steps_per_epoch = train_ds.labels.shape[0] // cfg.batch_size
@@ -68,10 +73,11 @@ def train(cfg: Any, name: str, train_ds: Any, log: Any) -> tuple[Any, Any, float
   tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
   params = variables["params"]
   opt_state = tx.init(params)
-  objective = CertifiedObjective(
-      eps=min(1.0, cfg.eps * cfg.train_eps_factor), domain=cfg.domain,
-      eps_schedule=Lin(0.0, 1.0, cfg.hold_epochs, cfg.ramp_epochs),
-      mix=Lin(0.0, cfg.final_mix, cfg.hold_epochs, cfg.ramp_epochs))
+  if objective is None:
+    objective = CertifiedObjective(
+        eps=min(1.0, cfg.eps * cfg.train_eps_factor), domain=cfg.domain,
+        eps_schedule=Lin(0.0, 1.0, cfg.hold_epochs, cfg.ramp_epochs),
+        mix=Lin(0.0, cfg.final_mix, cfg.hold_epochs, cfg.ramp_epochs))
 
   @jax.jit
   def step(params, opt_state, x, y, key, epoch):
@@ -147,11 +153,16 @@ def evaluate(cfg: Any, model: Any, variables: Any, test_ds: Any, log: Any) -> di
                                   return_mask=True)
   out["certified_zonotope"] = acc
   out["certified_box_or_zonotope"] = float((zmask | box_mask[:nz]).mean())
+  # per-image outcomes on the prefix, for paired (McNemar) tests between domains
+  out["box_survivors"] = "".join("1" if c else "0" for c in np.asarray(box_mask[:nz]))
+  out["zonotope_survivors"] = "".join("1" if c else "0" for c in np.asarray(zmask))
   out["time_zonotope_s"] = time.time() - t
   log(f"  certified hybrid zonotope {acc:.4f} on {nz} (box on the same: "
       f"{out['certified_box_prefix']:.4f}) ({out['time_zonotope_s']:.0f}s)")
 
   nd = min(cfg.deepz_examples, y.shape[0])
+  if nd == 0:
+    return out
   out["n_deepz"] = nd
   t = time.time()
   acc, dmask = certified_accuracy(model, variables, (x, y), eps, "deepz",

@@ -47,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxdefense as jd  # noqa: E402
-from jaxdefense.evaluation import Cell, CellContext, Results, Study  # noqa: E402
+from jaxdefense.evaluation import Cell, CellContext, Results, Study, mcnemar  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -216,21 +216,6 @@ def diagnose_cell(ctx: CellContext) -> dict:
 
 
 # ----------------------------------------------------------------- statistics
-def mcnemar(a: str, b: str) -> tuple[int, int, float]:
-  """Exact two-sided McNemar test of two survivor strings over the same images.
-
-  Returns ``(b_only, a_only, p)``: images that survive ``b`` but not ``a``, that survive
-  ``a`` but not ``b``, and the two-sided binomial p-value on those discordant pairs.
-  """
-  only_a = sum(1 for u, v in zip(a, b) if u == "1" and v == "0")
-  only_b = sum(1 for u, v in zip(a, b) if u == "0" and v == "1")
-  m, k = only_a + only_b, min(only_a, only_b)
-  if m == 0:
-    return only_b, only_a, 1.0
-  tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
-  return only_b, only_a, min(1.0, 2 * tail)
-
-
 def _acc(res: Results, cell: str, key: str = "robust") -> str:
   m = res.metrics(cell)
   p, n = m[key], m["n"]

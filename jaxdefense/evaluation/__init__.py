@@ -30,6 +30,7 @@ from jaxdefense.evaluation._stats import Estimate as Estimate
 from jaxdefense.evaluation._stats import binomial_se as binomial_se
 from jaxdefense.evaluation._stats import compare as compare
 from jaxdefense.evaluation._stats import estimate as estimate
+from jaxdefense.evaluation._stats import mcnemar as mcnemar
 from jaxdefense.evaluation._stats import two_proportion_z as two_proportion_z
 from jaxdefense.evaluation._stats import welch_t as welch_t
 from jaxdefense.evaluation._study import Cell as Cell
@@ -49,5 +50,5 @@ __all__ = ["ATTACKS", "CORRUPTION_PRESETS", "INRESNET_RADII", "SUITES", "AttackS
            "run_logits_fn", "parse_attack", "parse_suite", "plot_accuracy_vs_eps",
            # the experiment runner and its statistics
            "Cell", "CellContext", "Comparison", "Estimate", "Results", "Study", "binomial_se",
-           "compare", "estimate", "load_results", "markdown_table", "render_report",
+           "compare", "estimate", "load_results", "markdown_table", "mcnemar", "render_report",
            "run_study", "study_main", "two_proportion_z", "welch_t", "write_report"]

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["Comparison", "Estimate", "VERDICTS", "binomial_se", "compare", "estimate",
-           "two_proportion_z", "welch_t"]
+           "mcnemar", "two_proportion_z", "welch_t"]
 
 VERDICTS = ("held", "did not hold", "inconclusive")
 
@@ -163,6 +163,57 @@ def two_proportion_z(p1: float, n1: int, p2: float, n2: int) -> tuple[float, flo
     return 0.0, 1.0
   z = (p1 - p2) / math.sqrt(var)
   return z, _normal_two_sided(z)
+
+
+def mcnemar(a: Sequence[Any], b: Sequence[Any]) -> tuple[int, int, float]:
+  """Exact two-sided McNemar test of two paired per-image outcomes.
+
+  For two models (or attacks, or domains) scored on the same images: only the
+  discordant images count, and under "no difference" each is equally likely to favour
+  either side (a binomial with p = 1/2).
+
+  Args:
+    a, b: per-image successes of the same length: strings of ``"0"`` / ``"1"`` (as the
+      studies store them) or sequences of bools / 0-1 numbers.
+
+  Returns:
+    ``(b_only, a_only, p)``: images where only ``b`` succeeds, where only ``a``
+    succeeds, and the exact two-sided p-value on those discordant pairs (1.0 without
+    any).
+
+  Raises:
+    ValueError: different lengths, or a value other than 0 / 1.
+  """
+  av, bv = _outcomes(a, "a"), _outcomes(b, "b")
+  if len(av) != len(bv):
+    raise ValueError(f"mcnemar: a and b must score the same images; got {len(av)} and "
+                     f"{len(bv)} outcomes.")
+  only_a = sum(1 for u, v in zip(av, bv) if u and not v)
+  only_b = sum(1 for u, v in zip(av, bv) if v and not u)
+  m, k = only_a + only_b, min(only_a, only_b)
+  if m == 0:
+    return only_b, only_a, 1.0
+  tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
+  return only_b, only_a, min(1.0, 2 * tail)
+
+
+def _outcomes(values: Sequence[Any], name: str) -> list[bool]:
+  out = []
+  for v in values:
+    if v in ("0", "1"):
+      out.append(v == "1")
+    elif isinstance(v, (bool, int, float)) and v in (0, 1):
+      out.append(bool(v))
+    else:
+      try:                                  # numpy scalars
+        f = float(v)
+      except (TypeError, ValueError):
+        f = None
+      if f not in (0.0, 1.0):
+        raise ValueError(f"mcnemar: {name} must hold 0/1 outcomes (a '0'/'1' string or "
+                         f"bools); got the value {v!r}.")
+      out.append(f == 1.0)
+  return out
 
 
 def welch_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
