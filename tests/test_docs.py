@@ -108,3 +108,18 @@ def test_cli_and_benchmarks_pages(site):
   benchmarks = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
   heading = next(line for line in benchmarks.splitlines() if line.startswith("## "))
   assert heading[3:12] in _page(site, "benchmarks")
+
+
+def test_every_notebook_is_rendered(site):
+  """Each ``notebooks/*.py`` becomes a page (text and code, no outputs) in the nav."""
+  notebooks = sorted((ROOT / "notebooks").glob("*.py"))
+  assert notebooks
+  for path in notebooks:
+    html = _page(site, f"notebooks/{path.stem}")
+    title = next(line[4:] for line in path.read_text().splitlines()
+                 if line.startswith("# # "))
+    assert title.split(":")[0] in html, path.name
+    assert 'class="language-python' in html or "highlight" in html, path.name
+    assert "jupytext --to ipynb" in html
+    # in the nav, which every page carries
+    assert f'href="../notebooks/{path.stem}/"' in _page(site, "getting-started"), path.name
