@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from types import ModuleType
 from typing import Sequence
@@ -70,6 +71,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 #: Exceptions that mean "the run failed cleanly" (a non-finite loss stops training):
 #: one line on stderr and exit status 1.
 _RUN_FAILURES: tuple[type[BaseException], ...] = (FloatingPointError,)
+
+
+def _run_failures() -> tuple[type[BaseException], ...]:
+  # DistributedError lives in jaxdefense.training (imports JAX): looked up when needed
+  from jaxdefense.training._distributed import DistributedError  # noqa: PLC0415
+  return _RUN_FAILURES + (DistributedError,)
 
 #: Environment variable that, set to a non-empty value other than 0/false/no/off, makes
 #: the command line re-raise errors with their full traceback (as ``--traceback`` does).
@@ -130,6 +137,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                  help="multi-host: process count")
   g.add_argument("--process_id", type=non_negative_int, default=None,
                  help="multi-host: this process")
+  g.add_argument("--init_timeout", type=positive_int, default=300, metavar="S",
+                 help="multi-host: seconds to wait for every process to join (default 300)")
+  g.add_argument("--heartbeat_timeout", type=positive_int, default=100, metavar="S",
+                 help="multi-host: seconds without a heartbeat after which a process counts "
+                      "as dead and the others stop with an error (default 100)")
   g.add_argument("--traceback", action="store_true",
                  help=f"show the full Python traceback of an error instead of one line "
                       f"(also {TRACEBACK_ENV}=1)")
@@ -173,9 +185,14 @@ def _setup_runtime(args: argparse.Namespace) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
   distributed = (args.coordinator_address, args.num_processes, args.process_id)
   if any(v is not None for v in distributed):
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes,
-                               process_id=args.process_id)
+    from jaxdefense.training._distributed import initialize_distributed  # noqa: PLC0415
+    try:
+      initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                             timeout_s=args.init_timeout,
+                             heartbeat_timeout_s=args.heartbeat_timeout)
+    except ValueError as e:   # name the flags, not the Python arguments
+      raise ValueError(re.sub(r"\b(coordinator_address|num_processes|process_id)\b",
+                              r"--\1", str(e))) from e
 
 
 # ----------------------------------------------------------------------- parser
@@ -286,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if debug:
       raise
     _fail(prog, _message(e), 2)
-  except _RUN_FAILURES as e:
+  except _run_failures() as e:
     if debug:
       raise
     _fail(prog, _message(e), 1)

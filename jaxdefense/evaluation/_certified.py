@@ -42,7 +42,9 @@ def certified_accuracy(model: Any, variables: Any, data: Any, eps: float,
     limit: use only the first ``limit`` examples.
     progress: show a tqdm progress bar.
     return_mask: also return the ``bool [N]`` per-example result.
-    **verify_kwargs: ``relu``, ``relu_budget``, ``correlate_input``, ``train``.
+    **verify_kwargs: ``relu``, ``relu_budget``, ``correlate_input``, ``train``, ``sound``
+      (default ``True``: certificates that hold for the float32 network, see
+      :func:`jaxdefense.certify.verify`).
 
   Returns:
     The certified accuracy in ``[0, 1]`` (a float), or ``(accuracy, mask)``; ``0.0``

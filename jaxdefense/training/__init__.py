@@ -37,6 +37,8 @@ from jaxdefense.training._checkpoint import Checkpoints as Checkpoints
 from jaxdefense.training._checkpoint import LOCK_FILE as LOCK_FILE
 from jaxdefense.training._checkpoint import WorkdirLock as WorkdirLock
 from jaxdefense.training._checkpoint import WorkdirLockedError as WorkdirLockedError
+from jaxdefense.training._distributed import DistributedError as DistributedError
+from jaxdefense.training._distributed import initialize_distributed as initialize_distributed
 from jaxdefense.training._experiment import Experiment as Experiment
 from jaxdefense.training._experiment import build_experiment as build_experiment
 from jaxdefense.training._restore import evaluate_checkpoint as evaluate_checkpoint
@@ -58,12 +60,13 @@ from jaxdefense.training._warm import WarmStart as WarmStart
 from jaxdefense.training._warm import warm_start as warm_start
 
 __all__ = [
-    "CONFIG_FILE", "CheckpointError", "Checkpoints", "Experiment", "LOCK_FILE", "METRICS_FILE",
+    "CONFIG_FILE", "CheckpointError", "Checkpoints", "DistributedError", "Experiment", "LOCK_FILE", "METRICS_FILE",
     "MetricsWriter", "NonFiniteLossError", "TrainState", "WarmStart", "WorkdirLock",
     "WorkdirLockedError",
     "bound_model", "build_experiment",
     "build_model", "build_objective", "build_optimizer", "build_schedule", "build_step",
-    "create_train_state", "evaluate", "evaluate_checkpoint", "make_eval_step",
+    "create_train_state", "evaluate", "evaluate_checkpoint", "initialize_distributed",
+    "make_eval_step",
     "make_train_step", "read_metrics", "restore", "train_seconds", "train_and_evaluate",
     "warm_start",
 ]
