@@ -271,3 +271,28 @@ def test_end_to_end_tiny_training_study(tmp_path, tiny_overrides):
   seen = []
   evaluation.run_study(study, log=seen.append)
   assert seen == ["== lr1 seed 0: done, skipped", "== lr2 seed 0: done, skipped"]
+
+
+def test_slurm_array_script_runs_its_grid_entry(spec):
+  """``scripts/slurm_study.sh`` as a job array task, the index set by hand."""
+  _, tmp = spec
+  main = tmp / "spec_main.py"
+  main.write_text(SPEC + "\nif __name__ == '__main__':\n  import sys\n"
+                  "  from jaxdefense.evaluation import study_main\n"
+                  "  sys.exit(study_main(STUDY, sys.argv[1:]))\n")
+  script = ROOT / "scripts" / "slurm_study.sh"
+  env = {**os.environ, "RESULTS": str(tmp / "results"), "RUNS": str(tmp / "runs"),
+         "JAX_PLATFORMS": "cpu", "SLURM_SUBMIT_DIR": str(tmp), "PYTHON": sys.executable}
+  env.pop("SLURM_ARRAY_TASK_ID", None)
+  proc = subprocess.run(["bash", str(script), str(main)], env=env, capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == 2 and "SLURM_ARRAY_TASK_ID is not set" in proc.stderr
+  proc = subprocess.run(["bash", str(script), str(main)], capture_output=True, text=True,
+                        env={**env, "SLURM_ARRAY_TASK_ID": "4"}, timeout=240)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert _calls(tmp) == [("b", 1)]                     # grid entry 4: cell b, seed 1
+  rec = evaluation.load_results(tmp / "results").record("b", 1)
+  assert rec["argv"].endswith("--index 4")
+  proc = subprocess.run(["bash", str(script), str(tmp / "nope.py")], capture_output=True,
+                        text=True, env={**env, "SLURM_ARRAY_TASK_ID": "0"}, timeout=60)
+  assert proc.returncode == 2 and "no study file" in proc.stderr
