@@ -2,8 +2,9 @@
 
 Nothing is copied into ``docs/`` by hand, so the site always shows what is committed:
 
-* every PNG under ``experiments/*/results/`` is added to the build at its repository
-  path (``experiments/enresnet/results/small/acc_vs_eps.png`` is served at that path),
+* every PNG under ``experiments/*/results/`` (and ``*_results/``) is added to the build
+  at its repository path (``experiments/enresnet/results/small/acc_vs_eps.png`` is
+  served at that path),
   so a page embeds a plot with a relative link such as
   ``![...](experiments/enresnet/results/small/acc_vs_eps.png)``;
 * a line ``<!-- include: PATH -->`` in a page is replaced by the Markdown file at
@@ -26,7 +27,7 @@ import re
 from mkdocs.structure.files import File
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PLOTS = "experiments/*/results/**/*.png"
+PLOTS = "experiments/*/*results/**/*.png"
 NOTEBOOKS = "notebooks/*.py"
 _INCLUDE = re.compile(r"^<!--\s*include:\s*(\S+)\s*-->\s*$", re.MULTILINE)
 _CLI = re.compile(r"^<!--\s*cli-help\s*-->\s*$", re.MULTILINE)

@@ -195,3 +195,17 @@ def test_a_bound_model_is_evaluated_as_its_plain_function():
     jd.evaluation.evaluate_robustness(bound, x, y, stochastic=True, **kw)
   with pytest.raises(TypeError, match="logits_fn must be callable"):
     jd.evaluation.evaluate_robustness("model", x, y, **kw)
+
+
+def test_plot_accuracy_vs_eps_writes_a_png_and_keeps_the_backend(tmp_path):
+  matplotlib = pytest.importorskip("matplotlib")
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")            # stands for a notebook's inline backend
+  try:
+    path = tmp_path / "curve.png"
+    out = jd.evaluation.plot_accuracy_vs_eps({"a": [(0.0, 0.9), (2 / 255, 0.5)],
+                                              "b": [(0.0, 0.8), (2 / 255, 0.6)]}, str(path))
+    assert out == str(path) and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == "svg"   # the caller's backend survives
+  finally:
+    matplotlib.use(before)

@@ -708,10 +708,13 @@ def plot_accuracy_vs_eps(curves: Mapping[str, Sequence[tuple[float, float]]], pa
   Returns:
     ``path``.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  # A bare Figure with its own Agg canvas: no pyplot, so the caller's backend (a
+  # notebook's inline one) is left as it is.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(5, 3.5))
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
   for label, pts in curves.items():
     e, a = zip(*pts)
     ax.plot([255 * v for v in e], [100 * v for v in a], marker="o", label=label)
@@ -722,7 +725,6 @@ def plot_accuracy_vs_eps(curves: Mapping[str, Sequence[tuple[float, float]]], pa
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
