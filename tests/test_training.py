@@ -439,3 +439,23 @@ def test_train_size_trains_on_a_prefix_of_the_training_split(tmp_path):
   assert rows[0]["examples"] == 256
   with pytest.raises(ValueError, match="train_size"):
     training.train_and_evaluate(tiny_config("train_size=-1"), tmp_path / "bad", verbose=False)
+
+
+def test_step_rate_leaves_out_compilation_saves_and_evaluation(tmp_path):
+  """``steps_per_second`` (and so ``train_seconds``) times training steps only: the
+  first window, which pays the compilation, runs at the rate of the others."""
+  old = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)   # a real compile
+  try:
+    training.train_and_evaluate(tiny_config("log_every_steps=5",
+                                            "checkpoint.every_steps=10"), tmp_path,
+                                verbose=False)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", old)
+  rates = [r["steps_per_second"] for r in training.read_metrics(tmp_path / "metrics.jsonl")
+           if r.get("kind") == "train" and "steps_per_second" in r]
+  assert len(rates) >= 6
+  median = float(np.median(rates[1:]))
+  assert rates[0] > median / 5, rates
+  steps = 38
+  assert training.train_seconds(tmp_path) < steps / median * 3

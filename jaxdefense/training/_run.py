@@ -249,6 +249,8 @@ class _Loop:
     self.last_train: dict[str, float] = {}
     self.last_pull_step = 0
     self.window_start = 0
+    self.rate_start = 0
+    self.last_rate: float | None = None
     self.last_pull_time = time.time()
     self.last_saved = -1
 
@@ -274,21 +276,30 @@ class _Loop:
       self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
     self.last_pull_step = step
 
+  def _restart_clock(self, step: int) -> None:
+    """Time the steps after ``step`` only (after a compile, a save or an evaluation)."""
+    self.rate_start = step
+    self.last_pull_time = time.time()
+
   def _log_window(self, step: int, bar: Any) -> None:
     now = time.time()
-    done = step - self.window_start
-    rate = done / max(now - self.last_pull_time, 1e-9)
+    timed = step - self.rate_start
+    if timed > 0:
+      self.last_rate = timed / max(now - self.last_pull_time, 1e-9)
+    rate = self.last_rate      # the steps of a window run at the rate of its timed ones
     record = {"kind": "train", "step": step,
               "epoch": step / self.exp.steps_per_epoch,
               "learning_rate": _build.learning_rate_at(self.exp.schedule, step - 1),
-              **_averages(self.window), "steps_per_second": rate}
+              **_averages(self.window)}
+    if rate:
+      record["steps_per_second"] = rate
     self.writer.write(record)
     if "loss" in record:
       bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}",
                       refresh=False)
     self.window = {}
     self.window_start = step
-    self.last_pull_time = now
+    self._restart_clock(step)
 
   # ---------------------------------------------------------- checkpoints
   def _save(self, state: TrainState, step: int, extra: dict | None = None) -> None:
@@ -310,6 +321,7 @@ class _Loop:
     log_every = max(int(config.log_every_steps), 1)
     self.last_pull_step = start
     self.window_start = start
+    self._restart_clock(start)
     self.last_saved = start if self.ckpt.latest_step() == start else -1
     step = start
     bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
@@ -327,12 +339,17 @@ class _Loop:
           step += 1
           self.pending.append(metrics)
           bar.update(1)
+          if step == start + 1:
+            # the first step compiles (or loads) the program: keep it out of the rate
+            jax.block_until_ready(metrics)
+            self._restart_clock(step)
           if step % log_every == 0:
             self._pull(step)
             self._log_window(step, bar)
           if every > 0 and step % every == 0 and step < total:
             self._pull(step)
             self._save(state, step)
+            self._restart_clock(step)
           if step >= total:
             break
         self._pull(step)
@@ -340,6 +357,7 @@ class _Loop:
           self._log_window(step, bar)
         if step % spe == 0:
           self._end_epoch(state, step)
+          self._restart_clock(step)
     finally:
       bar.close()
     return state
