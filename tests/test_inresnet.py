@@ -332,3 +332,19 @@ def test_probe_block_matches_the_coefficient_inside_a_module():
     rho = 1 + a if kind == "lambda" else 1.0
     np.testing.assert_allclose(out, (1 - a) * x + rho * fx, rtol=1e-6, atol=1e-6)
     assert np.all((0.3 - 1e-6 <= np.asarray(a)) & (np.asarray(a) <= 0.4 + 1e-6)), kind
+
+
+def test_damped_step_that_damps_no_block_is_an_error():
+  """On a one-block-per-stage ResNet the default skips leave nothing damped: an error,
+  not a silent plain ResNet."""
+  import jax
+  import jax.numpy as jnp
+  import jaxdefense as jd
+  from jaxdefense.dynamics import Damped
+  x = jnp.zeros((1, 8, 8, 1))
+  with pytest.raises(ValueError, match="damps no block.*skip_first"):
+    jd.models.create("preact_resnet8", num_classes=10, step=Damped()).init(
+        jax.random.PRNGKey(0), x)
+  v = jd.models.create("preact_resnet8", num_classes=10,
+                       step=Damped(skip_first=False)).init(jax.random.PRNGKey(0), x)
+  assert any("block0" in k for k in v["params"])

@@ -146,7 +146,7 @@ def test_adjoints_are_cut_from_the_parameter_gradient():
 
 
 @pytest.mark.parametrize("step", [jd.dynamics.EulerMaruyama(coef=0.1),
-                                  jd.dynamics.Damped("relu")])
+                                  jd.dynamics.Damped("relu", skip_first=False)])
 def test_stochastic_and_damped_models_train_with_lad(step):
   module, variables = _bound(step=step)
   for splitting in ("lie_trotter", "strang_marchuk"):

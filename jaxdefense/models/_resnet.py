@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdefense import _checks
-from jaxdefense.dynamics import Euler, StepContext, apply_step
+from jaxdefense.dynamics import Damped, Euler, StepContext, apply_step
 from jaxdefense.nn import _layers as L
 from jaxdefense.nn._abstract import is_abstract
 from jaxdefense.models import _slots
@@ -212,6 +212,8 @@ class ResNet(nn.Module):
                        f"one entry per stage ({len(self.stage_sizes)}).")
     if not is_abstract(x):
       _checks.check_images(x, "x")
+    if isinstance(self.step, Damped):
+      self._check_something_damped(train)
     with_stem, stem_delta, perturbations = _slots.split_perturbations(
         perturbations, self.num_blocks, "ResNet")
     if self.normalize is not None:
@@ -240,6 +242,23 @@ class ResNet(nn.Module):
     x = L.global_avg_pool(x)
     logits = L.Dense(self.num_classes)(x)
     return (logits, states) if capture_states else logits
+
+
+  def _check_something_damped(self, train: bool) -> None:
+    """A ``Damped`` step that damps no block would silently be a plain ResNet."""
+    in_ch, index = self.stem_width, 0
+    for n, width, stride in zip(self.stage_sizes, self.widths, self.strides):
+      for i in range(n):
+        transition = (stride if i == 0 else 1) != 1 or in_ch != width
+        if self.step.damped(StepContext(index, transition, train)):
+          return
+        in_ch, index = width, index + 1
+    raise ValueError(
+        f"step {self.step!r} damps no block of this ResNet (stage sizes "
+        f"{tuple(self.stage_sizes)}): skip_first={self.step.skip_first} keeps block 0 and "
+        f"skip_transitions={self.step.skip_transitions} keeps every stage's first block a "
+        "plain ResNet step, which is every block here.  Use a deeper preset (e.g. "
+        "preact_resnet20) or set skip_first=False / skip_transitions=False.")
 
 
 class MLP(nn.Module):
