@@ -9,7 +9,8 @@ Nothing is copied into ``docs/`` by hand, so the site always shows what is commi
   ``![...](experiments/enresnet/results/small/acc_vs_eps.png)``;
 * a line ``<!-- include: PATH -->`` in a page is replaced by the Markdown file at
   ``PATH`` (relative to the repository root), its headings moved down two levels so that
-  a report's title becomes a subsection of the page;
+  a report's title becomes a subsection of the page, and its images (``![...](x.png)``
+  beside the report) pointed at their repository path;
 * a line ``<!-- cli-help -->`` is replaced by the ``--help`` text of ``jaxdefense`` and of
   each subcommand, produced by ``jaxdefense.commands._main.build_parser()``;
 * every notebook ``notebooks/NAME.py`` (jupytext percent format) becomes the page
@@ -32,6 +33,7 @@ NOTEBOOKS = "notebooks/*.py"
 _INCLUDE = re.compile(r"^<!--\s*include:\s*(\S+)\s*-->\s*$", re.MULTILINE)
 _CLI = re.compile(r"^<!--\s*cli-help\s*-->\s*$", re.MULTILINE)
 _FENCE = re.compile(r"^\s*(```|~~~)")
+_IMAGE = re.compile(r"(!\[[^\]]*\]\()([^)\s:/]+\.png)\)")
 
 
 def on_files(files, config):
@@ -101,7 +103,10 @@ def _include(match: re.Match) -> str:
   path = ROOT / match.group(1)
   if not path.is_file():
     raise FileNotFoundError(f"docs: '<!-- include: {match.group(1)} -->' names no file.")
-  return _shift_headings(path.read_text(encoding="utf-8"), 2)
+  text = _shift_headings(path.read_text(encoding="utf-8"), 2)
+  # a report's own plots are linked relative to it: point them at their repository path
+  folder = path.parent.relative_to(ROOT).as_posix()
+  return _IMAGE.sub(lambda m: f"{m.group(1)}{folder}/{m.group(2)})", text)
 
 
 def _cli_help() -> str:
