@@ -296,3 +296,16 @@ def test_slurm_array_script_runs_its_grid_entry(spec):
   proc = subprocess.run(["bash", str(script), str(tmp / "nope.py")], capture_output=True,
                         text=True, env={**env, "SLURM_ARRAY_TASK_ID": "0"}, timeout=60)
   assert proc.returncode == 2 and "no study file" in proc.stderr
+
+
+def test_metric_paths_reach_keys_that_hold_dots(tmp_path):
+  """``"curve.0.02"`` reads ``{"curve": {"0.02": ...}}`` (eps values as keys)."""
+  records = [{"cell": "a", "seed": s, "status": "done",
+              "metrics": {"curve": {"0.02": 0.5 + s, "0.1": 0.25}, "x.y": 3.0, "n": 100}}
+             for s in (0, 1)]
+  res = _study.Results(str(tmp_path), {"study": {}, "cells": records})
+  assert res.values("a", "curve.0.02") == [0.5, 1.5]
+  assert res.values("a", "curve.0.1") == [0.25, 0.25]
+  assert res.values("a", "x.y") == [3.0, 3.0]
+  assert res.values("a", "curve.0.3") == [] and res.values("a", "nope") == []
+  assert res.estimate("a", "curve.0.02").mean == 1.0

@@ -443,12 +443,21 @@ class Results:
 
 
 def _lookup(d: Mapping[str, Any], path: str) -> Any:
-  node: Any = d
-  for part in path.split("."):
-    if not isinstance(node, Mapping) or part not in node:
-      return None
-    node = node[part]
-  return node
+  """``d[a][b][c]`` for the dotted ``path`` ``"a.b.c"``; a key that itself holds dots
+  (e.g. an eps value ``"0.02"`` in ``"curve.0.02"``) is matched whole, longest first.
+  ``None`` when nothing matches."""
+  if not isinstance(d, Mapping):
+    return None
+  if path in d:
+    return d[path]
+  parts = path.split(".")
+  for i in range(len(parts) - 1, 0, -1):
+    head = ".".join(parts[:i])
+    if head in d:
+      found = _lookup(d[head], ".".join(parts[i:]))
+      if found is not None:
+        return found
+  return None
 
 
 def load_results(path: str | os.PathLike) -> Results:
