@@ -30,6 +30,11 @@ _PREACT = ("preact", "preact_bottleneck")
 _SHORTCUTS = ("pad", "conv", "conv_always")
 
 
+def is_transition(stride: int, in_channels: int, features: int) -> bool:
+  """Whether a residual block changes resolution or width (its ``StepContext.transition``)."""
+  return stride != 1 or in_channels != features
+
+
 class ResidualBlock(nn.Module):
   """One residual block ``x -> step(shortcut(x), f(x))``.
 
@@ -128,7 +133,7 @@ class ResidualBlock(nn.Module):
     _checks.check_choice(self.kind, "kind", _KINDS)
     _checks.check_choice(self.shortcut, "shortcut", _SHORTCUTS)
     in_ch = x.shape[-1]
-    transition = self.stride != 1 or in_ch != self.features
+    transition = is_transition(self.stride, in_ch, self.features)
     ctx = StepContext(self.index, transition, train)
     preact = self.kind in _PREACT
     h = L.relu(self._bn(x, train)) if preact else x
@@ -249,7 +254,7 @@ class ResNet(nn.Module):
     in_ch, index = self.stem_width, 0
     for n, width, stride in zip(self.stage_sizes, self.widths, self.strides):
       for i in range(n):
-        transition = (stride if i == 0 else 1) != 1 or in_ch != width
+        transition = is_transition(stride if i == 0 else 1, in_ch, width)
         if self.step.damped(StepContext(index, transition, train)):
           return
         in_ch, index = width, index + 1

@@ -248,7 +248,6 @@ class _Loop:
     self.epoch_sums: dict[str, float] = {}
     self.last_train: dict[str, float] = {}
     self.last_pull_step = 0
-    self.window_start = 0
     self.rate_start = 0
     self.last_rate: float | None = None
     self.last_pull_time = time.time()
@@ -298,7 +297,6 @@ class _Loop:
       bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}",
                       refresh=False)
     self.window = {}
-    self.window_start = step
     self._restart_clock(step)
 
   # ---------------------------------------------------------- checkpoints
@@ -320,7 +318,6 @@ class _Loop:
     every = config.checkpoint.every_steps
     log_every = max(int(config.log_every_steps), 1)
     self.last_pull_step = start
-    self.window_start = start
     self._restart_clock(start)
     self.last_saved = start if self.ckpt.latest_step() == start else -1
     step = start
