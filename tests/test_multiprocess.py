@@ -214,3 +214,15 @@ def test_a_dead_process_stops_the_other(tmp_path):
       if p.poll() is None:
         p.kill()
         p.wait()
+
+
+def test_initialize_distributed_rejects_bad_arguments_before_touching_jax():
+  init = training.initialize_distributed
+  with pytest.raises(ValueError, match=r"process_id must be in \[0, num_processes\)"):
+    init("localhost:1234", 2, 5)
+  with pytest.raises(ValueError, match="missing num_processes, process_id"):
+    init("localhost:1234")
+  with pytest.raises(ValueError, match="'host:port'"):
+    init("localhost", 2, 0)
+  with pytest.raises(ValueError, match="timeout_s must be an int >= 1"):
+    init("localhost:1234", 2, 0, timeout_s=0)
