@@ -59,6 +59,11 @@ def test_mapping_overrides_and_new_model_keys():
   assert c.model.name == "mlp" and c.model.hidden == (64,) and c.epochs == 4
   c = configs.get("demo", ["model.dropout=0.25", "objective.eps=0.03"])
   assert c.model.dropout == 0.25 and c.objective.eps == 0.03
+  # keyword arguments added one after another are not taken for typos of each other
+  # ("steps" is close to the "eps" added just before)
+  c = configs.get("demo", ["objective.name=pgd", "objective.eps=0.03", "objective.steps=2",
+                           "objective.step_size=0.01"])
+  assert (c.objective.eps, c.objective.steps, c.objective.step_size) == (0.03, 2, 0.01)
 
 
 @pytest.mark.parametrize("override,match", [
@@ -67,6 +72,7 @@ def test_mapping_overrides_and_new_model_keys():
                                    r"optimizer.learning_rate"),
     ("bath_size=3", r"unknown config key 'bath_size'.*batch_size"),
     ("model.nme=mlp", r"did you mean model.name"),
+    ("objective.nmae=pgd", r"did you mean objective.name"),
     ("epochs=three", r"'epochs'.*int"),
     ("augment.flip=maybe", r"'augment.flip'.*bool"),
     ("model=resnet8", r"is a group"),

@@ -518,3 +518,144 @@ def test_ensemble_averages_logits_or_probabilities():
                              combine(jnp.stack([g(x) for g in f]), "probs"), rtol=1e-6)
   with pytest.raises(ValueError, match="Ensemble.average"):
     jd.models.Ensemble(member, average="median")
+
+
+_MEMBER_MESH_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+import jaxdefense as jd
+from jaxdefense.data import make_mesh, state_sharding, batch_sharding
+assert jax.device_count() == 4
+x = jnp.asarray(np.random.RandomState(0).rand(8, 12, 12, 1), jnp.float32)
+for member, noisy in ((jd.models.create("resnet8", num_classes=5), False),
+                      (jd.models.create("resnet8", num_classes=5, step="euler_maruyama"), True)):
+  plain = jd.models.Ensemble(member=member, size=4)
+  v = plain.init({"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}, x)
+  deltas = [jnp.full((8, 12, 12, 16), 0.01)] + [None] * 3
+  for k in (4,):   # 2 devices per member group: tests/test_training.py's run
+    mesh = make_mesh(members=k)
+    split = plain.clone(member_mesh=mesh)
+    vs = jax.device_put(v, state_sharding(v, mesh, stacked_members=True))
+    xs = jax.device_put(x, batch_sharding(mesh))
+    for train in (False, True):
+      def run(model, v, x, key):
+        return model.apply(v, x, train=train, perturbations=deltas, capture_states=True,
+                           mutable=["batch_stats"] if train else False,
+                           rngs={"noise": key})
+      key = jax.random.PRNGKey(2)
+      a = jax.jit(lambda v, x: run(plain, v, x, key))(v, x)
+      b = jax.jit(lambda v, x: run(split, v, x, key))(vs, xs)
+      la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+      assert len(la) == len(lb)
+      if noisy:   # another noise draw per member: same shapes, finite, not equal
+        assert all(p.shape == q.shape for p, q in zip(la, lb))
+        assert all(bool(jnp.all(jnp.isfinite(q))) for q in lb)
+        # the same key twice gives the same draws (deterministic)
+        c = jax.jit(lambda v, x: run(split, v, x, key))(vs, xs)
+        assert all(bool(jnp.array_equal(p, q)) for p, q in
+                   zip(lb, jax.tree_util.tree_leaves(c)))
+        # members draw independent noise: member outputs differ between members
+        logits_states = b[0] if train else b
+        states = logits_states[1]
+        assert float(jnp.abs(states[1][0] - states[1][1]).max()) > 0
+      else:
+        err = max(float(jnp.abs(p - q).max()) for p, q in zip(la, lb))
+        assert err < 1e-5, (k, train, err)
+    grad = lambda model: jax.grad(lambda v, x: jnp.sum(model.apply(
+        v, x, train=True, mutable=["batch_stats"], rngs={"noise": key})[0] ** 2))
+    ga, gb = jax.jit(grad(plain))(v, x), jax.jit(grad(split))(vs, xs)
+    if not noisy:
+      err = max(float(jnp.abs(p - q).max()) for p, q in
+                zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)))
+      assert err < 1e-4, err
+    hlo = jax.jit(grad(split)).lower(vs, xs).compile().as_text()
+    assert "all-gather(" not in hlo  # no device fetches another's members
+for bad in ("size", "shared"):
+  try:
+    if bad == "size":
+      jd.models.Ensemble(member=member, size=3, member_mesh=make_mesh(members=2))
+    else:
+      jd.models.Ensemble(member=member, size=4, shared=True, member_mesh=make_mesh(members=2))
+    raise SystemExit(f"no error for {bad}")
+  except ValueError as e:
+    assert ("not divisible" if bad == "size" else "shared") in str(e), e
+try:
+  make_mesh(members=3)
+  raise SystemExit("no error for members=3")
+except ValueError as e:
+  assert "members=3" in str(e), e
+print("MEMBER MESH OK")
+"""
+
+
+def test_ensemble_member_mesh_matches_the_unsplit_ensemble(tmp_path):
+  """Members split over the 4 host devices: the same logits, states, batch
+  statistics and gradients as every member on every device (noise-free member); a
+  noisy member draws deterministic, per-member noise; no device gathers another's
+  members; bad sizes are errors naming the field."""
+  from conftest import run_python
+  script = tmp_path / "member_mesh.py"
+  script.write_text(_MEMBER_MESH_SCRIPT)
+  result = run_python([str(script)], host_devices=4)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "MEMBER MESH OK" in result.stdout
+
+
+def _matmul_dtypes(jaxpr) -> set:
+  """Operand dtypes of every convolution and matrix product in ``jaxpr`` (nested too)."""
+  from jax.extend.core import jaxprs_in_params
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+      found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for sub in jaxprs_in_params(eqn.params):
+      found |= _matmul_dtypes(sub)
+  return found
+
+
+@pytest.mark.parametrize("name,kw", [("resnet8", {}),
+                                     ("preact_resnet8", {"step": "euler_maruyama"})])
+def test_mixed_precision_runs_matmuls_in_bfloat16(name, kw):
+  """compute_dtype="bfloat16": every convolution and matrix product of the forward and
+  backward pass takes bfloat16 operands; logits, batch statistics and gradients of the
+  float32 parameters and images are float32; the logits stay close to float32's."""
+  x = jnp.asarray(np.random.RandomState(0).rand(4, 12, 12, 1), jnp.float32)
+  m = jd.models.create(name, num_classes=5, normalize=((0.5,), (0.25,)), **kw)
+  v = m.init({"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}, x)
+  key = jax.random.PRNGKey(3)
+  for train in (False, True):
+    half = jd.models.bind(m, v, train=train, compute_dtype="bfloat16")
+    full = jd.models.bind(m, v, train=train)
+
+    def loss(params, x, model=half):
+      variables = {**v, "params": params}
+      return jnp.sum(model.with_variables(variables).apply(x, key)[0] ** 2)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
+    assert _matmul_dtypes(jaxpr.jaxpr) == {("bfloat16", "bfloat16")}
+    logits, state = half.apply(x, key)
+    assert logits.dtype == jnp.float32
+    assert {a.dtype for a in jax.tree_util.tree_leaves(state)} <= {jnp.dtype("float32")}
+    g_params, g_x = jax.grad(loss, argnums=(0, 1))(v["params"], x)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(g_params)} == {jnp.dtype("float32")}
+    assert g_x.dtype == jnp.float32
+    ref = full.apply(x, key)[0]
+    if not (train or kw):   # same noise-free function: bfloat16 rounding only
+      scale = float(jnp.abs(ref).max())
+      assert float(jnp.abs(logits - ref).max()) < 0.05 * scale
+  assert jd.models.bind(m, v, compute_dtype="float32").compute_dtype is None
+  with pytest.raises(ValueError, match="compute_dtype"):
+    jd.models.bind(m, v, compute_dtype="int8")
+
+
+def test_mixed_precision_attack_stays_in_the_ball():
+  """A PGD attack through a bfloat16 model: float32 images inside the eps-ball and box."""
+  x = jnp.asarray(np.random.RandomState(1).rand(6, 12, 12, 1), jnp.float32)
+  y = jnp.arange(6) % 5
+  m = jd.models.create("resnet8", num_classes=5)
+  v = m.init(jax.random.PRNGKey(0), x)
+  half = jd.models.bind(m, v, compute_dtype="bfloat16")
+  adv = jd.attacks.pgd(half, x, y, eps=0.05, step_size=0.02, steps=3,
+                       key=jax.random.PRNGKey(0))
+  assert adv.dtype == jnp.float32
+  assert float(jnp.abs(adv - x).max()) <= 0.05 + 1e-6
+  assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+  assert float(jnp.abs(adv - x).max()) > 0.01   # it moved

@@ -4,8 +4,10 @@ collectives, processes started by the test itself (a free port, bounded time).
 * two processes train through the command line like one process with the same global
   device count: same parameters, checkpoints and metrics written once, results printed
   by process 0 only, and the run restores in this single process;
+* a run stopped in two processes resumes in one and ends where an uninterrupted run
+  ends;
 * certification and a PGD attack through the batch runner give the same per-image
-  results in two processes as in one;
+  results in two and in four processes as in one;
 * bad flags and an unreachable coordinator fail with one clear line naming the flag,
   within the timeout; a process that dies makes the other stop (no hang).
 """
@@ -96,6 +98,25 @@ def test_two_processes_train_like_one(tmp_path):
   logged = [r["step"] for r in records if r.get("kind") == "train"]
   assert logged and len(logged) == len(set(logged)), logged
   assert records[-1].get("devices") == 2
+  # resumed with another process count: two processes stop at step 20, one process
+  # (two devices) resumes that checkpoint and ends where the uninterrupted run ended
+  mixed = tmp_path / "mixed"
+  port = _free_port()
+  outs = _launch([CLI + ["train", "--config", "demo", "--workdir", str(mixed), *TINY,
+                         "--config.num_train_steps=20", *_flags(port, 2, i)]
+                  for i in range(2)])
+  for i, (rc, out) in enumerate(outs):
+    assert rc == 0, f"process {i}:\n{out[-3000:]}"
+  assert training.Checkpoints(mixed).latest_step() == 20
+  (rc, out), = _launch([CLI + ["train", "--config", "demo", "--workdir", str(mixed),
+                               *TINY]], devices_per_process=2)
+  assert rc == 0, out[-3000:]
+  assert "resuming" in out and "from step 20" in out, out[-3000:]
+  a, _ = training.restore(mixed)
+  b, _ = training.restore(single)
+  assert int(a.step) == int(b.step) > 20
+  for x, y in zip(_leaves((a.params, a.opt_state)), _leaves((b.params, b.opt_state))):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
 
 
 _EVAL = """
@@ -127,20 +148,22 @@ if jax.process_index() == 0:
 """
 
 
-def test_evaluation_in_two_processes_matches_one(tmp_path):
+@pytest.mark.parametrize("processes", [2, 4])
+def test_evaluation_in_several_processes_matches_one(tmp_path, processes):
   script = tmp_path / "eval.py"
   script.write_text(textwrap.dedent(_EVAL))
   port = _free_port()
-  outs = _launch([[sys.executable, str(script), "2", f"localhost:{port}", str(i)]
-                  for i in range(2)])
+  outs = _launch([[sys.executable, str(script), str(processes), f"localhost:{port}", str(i)]
+                  for i in range(processes)])
   for i, (rc, out) in enumerate(outs):
     assert rc == 0, f"process {i}:\n{out[-3000:]}"
-  assert "RESULT" not in outs[1][1]
+  assert all("RESULT" not in out for _, out in outs[1:])
   multi = next(l for l in outs[0][1].splitlines() if l.startswith("RESULT")).split()
-  (rc, out), = _launch([[sys.executable, str(script), "1"]], devices_per_process=2)
+  (rc, out), = _launch([[sys.executable, str(script), "1"]], devices_per_process=processes)
   assert rc == 0, out[-3000:]
   one = next(l for l in out.splitlines() if l.startswith("RESULT")).split()
-  assert multi[4:] == ["2", "2"] and one[4:] == ["1", "2"]
+  n = str(processes)
+  assert multi[4:] == [n, n] and one[4:] == ["1", n]
   assert multi[1:3] == one[1:3]      # certified accuracy and per-image mask
   assert multi[3] == one[3]          # PGD through the batch runner, per image
   assert "1" in one[2] and "1" in one[3]   # not vacuous: some images are proved / survive

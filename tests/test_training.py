@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -360,7 +361,7 @@ try:
                                  sys.argv[1] + "_bad", verbose=False)
   raise SystemExit("no error for batch_size=30 on 4 devices")
 except ValueError as e:
-  assert "not divisible by the number of devices (4" in str(e), e
+  assert "not divisible by the number of devices the batch is split over (4" in str(e), e
   print("divisibility error ok")
 state = jd.training.train_and_evaluate(jd.configs.get("demo", overrides), sys.argv[1],
                                        verbose=False)
@@ -385,6 +386,92 @@ def test_four_host_devices_match_one_device(tmp_path):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
   records = training.read_metrics(tmp_path / "four" / "metrics.jsonl")
   assert records[-1]["devices"] == 4 and records[-1]["train_step_traces"] == 1
+
+
+MEMBERS = ["ensemble.size=4", "num_train_steps=6", "batch_size=32", "eval_batch_size=96",
+           "train_size=192", "validation_size=96", "progress_bar=false",
+           "log_every_steps=2", "checkpoint.keep_best=false"]
+
+_MEMBER_SCRIPT = """
+import json, sys, numpy as np, jax
+import jaxdefense as jd
+assert jax.device_count() == 4, jax.devices()
+out = {}
+for k in (1, 2, 4):
+  config = jd.configs.get("demo", sys.argv[2:] + [f"ensemble.member_devices={k}"])
+  state = jd.training.train_and_evaluate(config, f"{sys.argv[1]}/k{k}", verbose=False)
+  leaf = state.params["member"]["Dense_0"]["kernel"]
+  out[k] = {"spec": str(leaf.sharding.spec),
+            "shard_rows": int(leaf.addressable_shards[0].data.shape[0]),
+            "params": [np.asarray(a).tolist() for a in
+                       jax.tree_util.tree_leaves(jax.device_get(state.params))[:3]],
+            "metrics": jd.training.read_metrics(f"{sys.argv[1]}/k{k}/metrics.jsonl")[-1]}
+for bad, words in ((3, "member_devices"), (8, "member_devices")):
+  try:
+    jd.training.train_and_evaluate(jd.configs.get(
+        "demo", sys.argv[2:] + [f"ensemble.member_devices={bad}"]), f"{sys.argv[1]}/bad{bad}",
+        verbose=False)
+    raise SystemExit(f"no error for member_devices={bad}")
+  except ValueError as e:
+    assert words in str(e), e
+try:
+  jd.training.train_and_evaluate(jd.configs.get(
+      "demo", sys.argv[2:] + ["ensemble.size=1", "ensemble.member_devices=2"]),
+      f"{sys.argv[1]}/single", verbose=False)
+  raise SystemExit("no error for a single model")
+except ValueError as e:
+  assert "not an ensemble" in str(e), e
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_ensemble_members_split_over_devices(tmp_path):
+  """An En4 trained with its members split over 1, 2 and 4 of 4 host devices ends with
+  the same parameters and metrics; each device holds size / k members; the
+  checkpoint restores on one device (another device count) with the same accuracy."""
+  script = tmp_path / "members.py"
+  script.write_text(textwrap.dedent(_MEMBER_SCRIPT))
+  result = run_python([str(script), str(tmp_path), *MEMBERS], host_devices=4)
+  assert result.returncode == 0, result.stdout + result.stderr
+  out = json.loads(result.stdout.split("RESULT", 1)[1])
+  assert out["1"]["spec"] == "P()" and out["1"]["shard_rows"] == 4
+  assert out["2"]["spec"] == "P('member',)" and out["2"]["shard_rows"] == 2
+  assert out["4"]["spec"] == "P('member',)" and out["4"]["shard_rows"] == 1
+  for k in ("2", "4"):
+    for a, b in zip(out["1"]["params"], out[k]["params"]):
+      # the batch is split 4, 2 and 1 ways: sums in another order, float rounding only
+      np.testing.assert_allclose(a, b, rtol=5e-5, atol=5e-5)
+    for name in ("train/loss", "validation/loss", "validation/accuracy", "test/accuracy"):
+      assert abs(out["1"]["metrics"][name] - out[k]["metrics"][name]) < 1e-4, name
+  state, _ = training.restore(tmp_path / "k4")
+  assert state.params["member"]["Dense_0"]["kernel"].shape[0] == 4
+  [row] = training.evaluate_checkpoint(tmp_path / "k4", splits=("test",))
+  assert abs(row["accuracy"] - out["4"]["metrics"]["test/accuracy"]) < 1e-6
+
+
+BF16 = ["model.name=resnet8", "epochs=3", "batch_size=64", "eval_batch_size=200",
+        "validation_size=200", "progress_bar=false", "log_every_steps=5",
+        "checkpoint.keep_best=false", "augment.enabled=false",
+        "objective.name=pgd", "objective.eps=0.03", "objective.step_size=0.015",
+        "objective.steps=2"]
+
+
+def test_bfloat16_training_matches_float32_accuracy(tmp_path):
+  """compute_dtype=bfloat16 (PGD-AT, so the attacks run in it too) trains ResNet-8 on
+  digits to the accuracy of the float32 run; parameters and batch statistics stay
+  float32 in the state and the checkpoint."""
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    state = training.train_and_evaluate(configs.get("demo", [*BF16, f"compute_dtype={dtype}"]),
+                                        tmp_path / dtype, verbose=False)
+    leaves = jax.tree_util.tree_leaves((state.params, state.model_state, state.opt_state))
+    assert {a.dtype for a in leaves if jnp.issubdtype(a.dtype, jnp.floating)} == {
+        jnp.dtype("float32")}
+    runs[dtype] = training.read_metrics(tmp_path / dtype / "metrics.jsonl")[-1]
+  full, half = runs["float32"], runs["bfloat16"]
+  assert full["validation/accuracy"] > 0.8, full  # the run itself learns
+  assert abs(full["validation/accuracy"] - half["validation/accuracy"]) <= 0.05, (full, half)
+  assert abs(full["train/loss"] - half["train/loss"]) <= 0.15, (full, half)
 
 
 # ------------------------------------------------------------- reliability

@@ -40,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batch_size [500]    evaluation batch (divisible by the device count)
       epochs [10]              training length in epochs
       num_train_steps [-1]     if > 0, stop after this many steps instead
+      compute_dtype ["float32"]  float32 | bfloat16 | float16: mixed precision of the
+                               train and eval steps (forward and backward passes and the
+                               objective's attacks) on float32 parameters, losses and
+                               batch statistics (models.bind(compute_dtype=...)); for
+                               accelerators (XLA:CPU has no fast bfloat16 convolutions)
       augment.enabled [True]   on-device augmentation in the train step (data.augment)
       augment.pad [4]          random-crop padding in pixels
       augment.crop [True]      random padded crop
@@ -54,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
       model.<other>            any other key is a model override, e.g. model.dropout=0.3
       ensemble.size [1]        > 1 wraps the model in models.Ensemble
       ensemble.shared [False]  shared weights (n x En_1) instead of independent members
+      ensemble.member_devices [1]  > 1 splits the members of a non-shared ensemble over
+                               this many devices of each process (a ("member", "data")
+                               mesh: data.make_mesh(members=...)); the batch is split
+                               over the remaining factor
       optimizer.name ["sgd"]   sgd | adam | adamw
       optimizer.learning_rate [0.1]
       optimizer.momentum [0.9] (sgd; 0 disables)
@@ -107,9 +116,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.normalize = True
   c.model.step = ml_collections.ConfigDict({"name": config_dict.placeholder(str)})
 
+  c.compute_dtype = "float32"
+
   c.ensemble = ml_collections.ConfigDict()
   c.ensemble.size = 1
   c.ensemble.shared = False
+  c.ensemble.member_devices = 1
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -246,6 +258,7 @@ VALUE_RANGES: tuple[tuple[str, float | None, float | None], ...] = (
     ("eval_batch_size", 1, None),
     ("augment.pad", 0, None),
     ("ensemble.size", 1, None),
+    ("ensemble.member_devices", 1, None),
     ("optimizer.learning_rate", 0.0, None),
     ("optimizer.momentum", 0.0, 1.0),
     ("optimizer.weight_decay", 0.0, None),
@@ -267,6 +280,7 @@ VALUE_RANGES: tuple[tuple[str, float | None, float | None], ...] = (
 #: ``(dotted key, allowed values)`` of the string fields with a fixed set of values that
 #: no builder checks first.
 VALUE_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("compute_dtype", ("float32", "bfloat16", "float16")),
     ("init.which", ("best", "latest")),
     ("checkpoint.best_metric", ("accuracy", "loss")),
 )
@@ -285,10 +299,13 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     else:
       _checks.check_int(node[last], name, minimum=lo, maximum=hi)
   for path, choices in VALUE_CHOICES:
-    group, last = path.split(".")
-    if config[group][last] not in choices:
+    node = config
+    *groups, last = path.split(".")
+    for g in groups:
+      node = node[g]
+    if node[last] not in choices:
       raise ValueError(f"config key {path!r} must be one of {choices}; "
-                       f"got {config[group][last]!r}.")
+                       f"got {node[last]!r}.")
   epochs = _checks.check_int(config.epochs, "config key 'epochs'")
   if config.num_train_steps > 0 and epochs < 0:
     raise ValueError(f"config key 'epochs' must be >= 0; got {epochs}.")

@@ -135,6 +135,7 @@ def override(config: ml_collections.ConfigDict,
   out = ml_collections.ConfigDict(config.to_dict(preserve_field_references=True))
   locked = config.is_locked
   known = list(flatten_keys(out))
+  known_set = set(known)
   if isinstance(overrides, Mapping):
     items = [(k, v, False) for k, v in overrides.items()]
   else:
@@ -153,7 +154,10 @@ def override(config: ml_collections.ConfigDict,
     if last not in node:
       if group not in FREE_GROUPS:
         raise unknown_key_error(path, known)
-      close = difflib.get_close_matches(last, list(node.keys()), n=1, cutoff=0.75)
+      # a likely typo of a key the config already had (not of one added by an earlier
+      # override: objective.eps then objective.steps are two keyword arguments)
+      given = [k for k in node.keys() if ".".join(parts[:-1] + [k]) in known_set]
+      close = difflib.get_close_matches(last, given, n=1, cutoff=0.75)
       if close:
         raise ValueError(
             f"unknown config key {path!r}: did you mean {group}.{close[0]}? (A new key in "

@@ -61,5 +61,7 @@ from ._sharding import batch_sharding as batch_sharding
 from ._sharding import make_mesh as make_mesh
 from ._sharding import replicated as replicated
 from ._sharding import shard_batch as shard_batch
+from ._sharding import state_sharding as state_sharding
 
-__all__ += ["run_batches", "batch_sharding", "make_mesh", "replicated", "shard_batch"]
+__all__ += ["run_batches", "batch_sharding", "make_mesh", "replicated", "shard_batch",
+            "state_sharding"]

@@ -30,10 +30,10 @@ def padded_batch_size(batch_size: int, n: int, mesh: Mesh, fixed: bool = False) 
   """The batch shape :func:`run_batches` compiles for.
 
   ``min(batch_size, n)`` (``batch_size`` when ``fixed``) rounded up to a multiple of the
-  mesh size (and of the process count), so that the batch always splits evenly over
+  number of devices on the mesh's ``"data"`` axis (and of the process count), so that the batch always splits evenly over
   the devices.
   """
-  devices = mesh.size
+  devices = _sharding.data_size(mesh)
   step = math.lcm(devices, jax.process_count())
   b = max(1, batch_size if fixed else min(batch_size, n))
   return -(-b // step) * step

@@ -1,4 +1,5 @@
-"""Data parallelism with ``jax.sharding``: a 1-D mesh, batch sharded, state replicated."""
+"""Data parallelism with ``jax.sharding``: the batch sharded over a ``"data"`` mesh axis,
+the state replicated, and optionally an ensemble's members split over a ``"member"`` axis."""
 
 from __future__ import annotations
 
@@ -8,21 +9,78 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["DATA_AXIS", "make_mesh", "replicated", "batch_sharding", "check_divisible",
-           "shard_batch", "process_slice"]
+from jaxdefense import _checks
+
+__all__ = ["DATA_AXIS", "MEMBER_AXIS", "make_mesh", "replicated", "batch_sharding",
+           "check_divisible", "shard_batch", "process_slice", "data_size", "member_size",
+           "state_sharding"]
 
 #: Name of the mesh axis the batch is split over.
 DATA_AXIS = "data"
+#: Name of the mesh axis an ensemble's members are split over (see :func:`make_mesh`).
+MEMBER_AXIS = "member"
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: every device of every process).
+def make_mesh(devices: Sequence[jax.Device] | None = None, members: int = 1) -> Mesh:
+  """A device mesh over ``devices`` (default: every device of every process).
+
+  ``members=1`` (default): a 1-D mesh with the axis ``"data"``; the batch is split over
+  every device.  ``members=k > 1``: a 2-D mesh ``("member", "data")`` of shape
+  ``(k, n / k)``: the members of a (non-shared) ``models.Ensemble`` are split over the
+  ``"member"`` axis (each device holds ``size / k`` of them, see
+  ``Ensemble.member_mesh``) and the batch over the ``"data"`` axis.  The member axis
+  runs over the devices of one process (``k`` must divide the local device count), so
+  that every process still feeds whole rows of the batch.
 
   Over several hosts (after ``jax.distributed.initialize``) ``jax.devices()`` holds
   the devices of all processes, so the same mesh spans the whole job.
+
+  Raises:
+    ValueError: ``members`` below 1 or not dividing the number of devices of a process.
   """
   devices = list(jax.devices() if devices is None else devices)
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  members = _checks.check_int(members, "members", minimum=1)
+  if members == 1:
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+  local = len(devices) // max(jax.process_count(), 1)
+  if len(devices) % members or local % members:
+    raise ValueError(
+        f"members={members} must divide the number of devices per process ({local} of "
+        f"{len(devices)} devices on {jax.process_count()} process(es)): the member axis "
+        "runs over the devices of one process.  Use a divisor, e.g. members=1.")
+  # [n / k, k] then transposed: consecutive devices (one process's) form the member axis.
+  grid = np.asarray(devices, dtype=object).reshape(len(devices) // members, members).T
+  return Mesh(grid, (MEMBER_AXIS, DATA_AXIS))
+
+
+def data_size(mesh: Mesh) -> int:
+  """Number of devices the batch is split over (the ``"data"`` axis of ``mesh``)."""
+  return int(dict(mesh.shape).get(DATA_AXIS, mesh.size))
+
+
+def member_size(mesh: Mesh | None) -> int:
+  """Number of devices an ensemble's members are split over (1 without a member axis)."""
+  return 1 if mesh is None else int(dict(mesh.shape).get(MEMBER_AXIS, 1))
+
+
+def state_sharding(tree: Any, mesh: Mesh, stacked_members: bool = False) -> Any:
+  """One ``NamedSharding`` per leaf of ``tree`` (a state, variables or shapes).
+
+  Every leaf is replicated, except, when ``stacked_members`` (the model is a
+  non-shared ``Ensemble``) and ``mesh`` has a ``"member"`` axis, the leaves under a
+  ``"member"`` key (an ensemble's stacked variables, and the optimizer's moments of
+  them, which mirror the parameter tree): their leading axis (the members) is split
+  over the ``"member"`` axis.
+  """
+  rep = replicated(mesh)
+  if not stacked_members or member_size(mesh) == 1:
+    return jax.tree_util.tree_map(lambda _: rep, tree)
+  split = NamedSharding(mesh, PartitionSpec(MEMBER_AXIS))
+
+  def one(path: Any, leaf: Any) -> NamedSharding:
+    keys = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+    return split if MEMBER_AXIS in keys and len(getattr(leaf, "shape", ())) >= 1 else rep
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -43,8 +101,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """The sharding that splits the leading (batch) axis over ``mesh``.
 
-  An array ``[B, ...]`` placed with it holds ``B / mesh.size`` rows on each device
-  (see :func:`shard_batch`); the other axes are not split.
+  An array ``[B, ...]`` placed with it holds ``B / data_size(mesh)`` rows on each
+  device (see :func:`shard_batch`); the other axes are not split (on a mesh with a
+  ``"member"`` axis the rows are repeated over it).
 
   Args:
     mesh: a mesh with the axis ``DATA_AXIS`` (``"data"``), e.g. from :func:`make_mesh`.
@@ -60,14 +119,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_divisible(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
   """Raise ``ValueError`` unless ``batch_size`` splits evenly over the mesh.
 
-  Also requires a whole number of examples per process on multi-host runs.
+  Also requires a whole number of examples per process on multi-host runs.  On a mesh
+  with a ``"member"`` axis the batch is split over the ``"data"`` axis only.
   """
-  n = mesh.size
+  n = data_size(mesh)
   if batch_size % n:
     lower = max(n, batch_size // n * n)
     raise ValueError(
-        f"{name}={batch_size} is not divisible by the number of devices ({n}: "
-        f"{mesh.devices.flat[0].platform} x {n}); the batch is split evenly over them. "
+        f"{name}={batch_size} is not divisible by the number of devices the batch is "
+        f"split over ({n}: {mesh.devices.flat[0].platform} x {n}); the batch is split "
+        "evenly over them. "
         f"Use a multiple of {n}, e.g. {name}={lower} or {lower + n}.")
   if batch_size % jax.process_count():
     raise ValueError(f"{name}={batch_size} is not divisible by the number of processes "

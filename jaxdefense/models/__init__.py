@@ -29,13 +29,14 @@ from jaxdefense.models._sonet import with_solver as with_solver
 from jaxdefense.models._diffai import DiffAINet as DiffAINet  # also registers the DiffAI zoo
 from jaxdefense.models._bound import ModelFn as ModelFn
 from jaxdefense.models._bound import bind as bind
+from jaxdefense.models._bound import check_compute_dtype as check_compute_dtype
 from jaxdefense.models._bound import is_stochastic as is_stochastic
 from jaxdefense.models._stepped import step_of as step_of
 from jaxdefense.models._stepped import with_step as with_step
 
 __all__ = [
     "DiffAINet", "Ensemble", "MLP", "ModelFn", "ODE_FIELDS", "ResNet", "ResidualBlock",
-    "SONet", "average_logits", "bind", "count_params", "create", "describe", "enresnet",
+    "SONet", "average_logits", "bind", "check_compute_dtype", "count_params", "create", "describe", "enresnet",
     "fixed_step_twin", "is_stochastic", "member_variables", "names", "register", "step_of",
     "with_solver", "with_step",
 ]

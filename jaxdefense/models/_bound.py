@@ -22,9 +22,12 @@ from typing import Any, Callable, Mapping, Sequence
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxdefense import dynamics
+from jaxdefense.nn._abstract import is_abstract
 
 __all__ = ["ModelFn", "bind", "is_stochastic"]
 
@@ -91,6 +94,13 @@ class ModelFn(struct.PyTreeNode):
     stochastic: whether evaluation draws noise, so that ``key`` is required.
     fn: the wrapped function (``None`` for a bound module).
     mutable: collections made mutable in training mode.
+    compute_dtype: ``None`` (default: the variables' and inputs' own precision, float32)
+      or a floating dtype such as ``jnp.bfloat16``: mixed precision.  The parameters,
+      the images and array keyword arguments are cast to it for the forward pass, so
+      convolutions and matrix products run in it; the logits (and captured states)
+      come back in float32, batch statistics are computed and kept in float32, and
+      gradients with respect to the float32 parameters or images are float32.  Abstract
+      inputs (certification) always run in the variables' precision.
   """
   variables: Any = None
   rngs: Any = None
@@ -99,6 +109,7 @@ class ModelFn(struct.PyTreeNode):
   stochastic: bool = struct.field(pytree_node=False, default=False)
   fn: Any = struct.field(pytree_node=False, default=None)
   mutable: tuple[str, ...] = struct.field(pytree_node=False, default=("batch_stats",))
+  compute_dtype: Any = struct.field(pytree_node=False, default=None)
 
   @classmethod
   def wrap(cls, fn: Callable[..., Array], stochastic: bool = False) -> "ModelFn":
@@ -153,12 +164,16 @@ class ModelFn(struct.PyTreeNode):
       return out, {}
     rngs = self._rngs(key)
     extra = {} if rngs is None else {"rngs": rngs}
+    variables = self.variables
+    if self.compute_dtype is not None and not is_abstract(x):
+      variables, x, kwargs = _cast_inputs(self.compute_dtype, variables, x, kwargs)
     try:
       if self.train:
-        out, state = self.module.apply(self.variables, x, train=True,
+        out, state = self.module.apply(variables, x, train=True,
                                        mutable=list(self.mutable), **extra, **kwargs)
-        return out, dict(state)
-      out = self.module.apply(self.variables, x, train=False, **extra, **kwargs)
+        return _to_float32(out, self.compute_dtype), dict(state)
+      out = _to_float32(self.module.apply(variables, x, train=False, **extra, **kwargs),
+                        self.compute_dtype)
     except flax.errors.ScopeParamShapeError as e:
       # The layers of jaxdefense.nn say this themselves; this covers other flax layers.
       raise ValueError(
@@ -197,6 +212,28 @@ class ModelFn(struct.PyTreeNode):
     return self.replace(fn=_Frozen(converted, tuple(consts)))
 
 
+def _cast_inputs(dtype: Any, variables: Mapping[str, Any], x: Any,
+                 kwargs: Mapping[str, Any]) -> tuple[dict, Any, dict]:
+  """Parameters, images and array keyword arguments of floating type cast to ``dtype``
+  (the other collections, e.g. float32 batch statistics, are left as they are)."""
+  def cast(a: Any) -> Any:
+    if isinstance(a, (jax.Array, np.ndarray)) and jnp.issubdtype(a.dtype, jnp.floating):
+      return a.astype(dtype)
+    return a
+  variables = {k: jax.tree_util.tree_map(cast, v) if k == "params" else v
+               for k, v in variables.items()}
+  return variables, cast(x), jax.tree_util.tree_map(cast, dict(kwargs))
+
+
+def _to_float32(out: Any, dtype: Any) -> Any:
+  """The model's outputs back in float32 after a mixed-precision pass."""
+  if dtype is None:
+    return out
+  return jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.float32) if hasattr(a, "dtype") and
+      jnp.issubdtype(a.dtype, jnp.floating) else a, out)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Frozen:
   converted: Callable[..., Any]
@@ -208,7 +245,7 @@ class _Frozen:
 
 def bind(module: nn.Module, variables: Mapping[str, Any], *, train: bool = False,
          rngs: Mapping[str, Array] | None = None,
-         mutable: Sequence[str] = ("batch_stats",)) -> ModelFn:
+         mutable: Sequence[str] = ("batch_stats",), compute_dtype: Any = None) -> ModelFn:
   """The one way to make a model ready to call.
 
   Args:
@@ -219,6 +256,8 @@ def bind(module: nn.Module, variables: Mapping[str, Any], *, train: bool = False
     rngs: default ``rngs`` when a call gives no key (e.g. the training step's noise and
       dropout keys); ``None`` by default.
     mutable: collections updated in training mode.
+    compute_dtype: ``None`` (full precision) or e.g. ``"bfloat16"``: mixed precision
+      (see :class:`ModelFn`).
 
   Returns:
     A :class:`ModelFn`; ``stochastic`` is read from the module (its step rule, nested
@@ -226,7 +265,9 @@ def bind(module: nn.Module, variables: Mapping[str, Any], *, train: bool = False
 
   Raises:
     TypeError: ``module`` is not a Flax module or ``variables`` is not a mapping.
+    ValueError: a ``compute_dtype`` that is not a floating dtype.
   """
+  compute_dtype = check_compute_dtype(compute_dtype)
   if not isinstance(module, nn.Module):
     raise TypeError(f"module must be a flax.linen Module (jaxdefense.models.create(...)); "
                     f"got {type(module).__name__}.")
@@ -236,4 +277,27 @@ def bind(module: nn.Module, variables: Mapping[str, Any], *, train: bool = False
   return ModelFn(variables=dict(variables), rngs=None if rngs is None else dict(rngs),
                  module=module, train=bool(train),
                  stochastic=is_stochastic(module, bool(train)),
-                 mutable=tuple(mutable))
+                 mutable=tuple(mutable), compute_dtype=compute_dtype)
+
+
+#: The ``compute_dtype`` values :func:`bind` and the ``compute_dtype`` config field take.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_compute_dtype(dtype: Any) -> Any:
+  """``None`` for full precision (``None`` or float32), else the ``jnp`` dtype.
+
+  Raises:
+    ValueError: anything but ``None`` or one of :data:`COMPUTE_DTYPES` (as a name or a
+      dtype); the message names ``compute_dtype`` and its value.
+  """
+  if dtype is None:
+    return None
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:
+    name = None
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}; "
+                     f"got compute_dtype={dtype!r}.")
+  return None if name == "float32" else jnp.dtype(name)

@@ -106,6 +106,12 @@ def scale_shift(x: Any, scale: Any, shift: Any = None) -> Any:
   """
   if is_abstract(x):
     return x.scale_shift(scale, shift)
+  dtype = getattr(x, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    # mixed precision: float32 constants (batch statistics, normalisation) must not
+    # promote a bfloat16 / float16 activation back to float32
+    scale = jnp.asarray(scale).astype(dtype)
+    shift = None if shift is None else jnp.asarray(shift).astype(dtype)
   out = x * scale
   return out if shift is None else out + shift
 
@@ -475,9 +481,10 @@ class BatchNorm(nn.Module):
         raise ValueError("BatchNorm in training mode cannot run on an abstract value; "
                          "call the model with train=False for certification.")
       axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x, axes)
+      xs = x.astype(jnp.float32)   # statistics in float32 also under mixed precision
+      mean = jnp.mean(xs, axes)
       # One pass over the data: E[x^2] - E[x]^2 (fused with the mean by XLA).
-      var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+      var = jnp.maximum(jnp.mean(jnp.square(xs), axes) - jnp.square(mean), 0.0)
       if not self.is_initializing():
         m = self.momentum
         n = x.size // c

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from jaxdefense import _checks
 from jaxdefense import configs as _configs
 from jaxdefense import data as _data
+from jaxdefense import models as _models
 from jaxdefense.data import _sharding
 from jaxdefense.training import _build
 from jaxdefense.training._state import TrainState, create_train_state
@@ -64,20 +65,51 @@ class Experiment:
     """``PRNGKey(config.seed)``: the root key of the run (shape ``[2]``, uint32)."""
     return jax.random.PRNGKey(self.config.seed)
 
+  @property
+  def stacked_members(self) -> bool:
+    """Whether the model is a non-shared ensemble (variables with a member axis)."""
+    return isinstance(self.model, _models.Ensemble) and not self.model.shared
+
+  def on_mesh(self, mesh: Mesh) -> "Experiment":
+    """This experiment for ``mesh``: an ensemble's members split over its ``"member"``
+    axis when it has one of more than one device (``Ensemble.member_mesh``).
+
+    Raises:
+      ValueError: a member axis for a model that is not a non-shared ensemble.
+    """
+    k = _sharding.member_size(mesh)
+    if k == 1:
+      return self
+    if not self.stacked_members:
+      raise ValueError(
+          f"ensemble.member_devices={k} splits an ensemble's members over devices, but "
+          f"the model ({describe(self.config)}) is not an ensemble of independent "
+          "members (ensemble.size > 1, ensemble.shared=False): set "
+          "ensemble.member_devices=1.")
+    return dataclasses.replace(self, model=self.model.clone(member_mesh=mesh))
+
+  def state_sharding(self, mesh: Mesh) -> Any:
+    """The sharding of every leaf of the training state on ``mesh``: replicated, except
+    an ensemble's stacked variables and their optimizer moments on a mesh with a
+    ``"member"`` axis (``jaxdefense.data.state_sharding``)."""
+    shapes = jax.eval_shape(self.init_fn(), self.root_key())
+    return _sharding.state_sharding(shapes, mesh, self.stacked_members)
+
   def abstract_state(self, mesh: Mesh) -> TrainState:
-    """The state's structure with ``ShapeDtypeStruct`` leaves, replicated on ``mesh``.
+    """The state's structure with ``ShapeDtypeStruct`` leaves placed on ``mesh``
+    (replicated, or members split as :meth:`state_sharding` says).
 
     Nothing is computed (``jax.eval_shape``); this is the target a checkpoint is
     restored into.
     """
-    rep = _sharding.replicated(mesh)
     shapes = jax.eval_shape(self.init_fn(), self.root_key())
+    shardings = _sharding.state_sharding(shapes, mesh, self.stacked_members)
     return jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
   def init_state(self, mesh: Mesh) -> TrainState:
-    """A fresh state at step 0, created directly replicated on ``mesh``."""
-    return jax.jit(self.init_fn(), out_shardings=_sharding.replicated(mesh))(self.root_key())
+    """A fresh state at step 0, created directly on ``mesh`` (see :meth:`state_sharding`)."""
+    return jax.jit(self.init_fn(), out_shardings=self.state_sharding(mesh))(self.root_key())
 
   def info(self) -> dict[str, Any]:
     """What a checkpoint must remember to rebuild this experiment without data.
@@ -141,12 +173,20 @@ def make_experiment(config: ml_collections.ConfigDict, *, num_classes: int,
 
 
 def training_mesh(config: ml_collections.ConfigDict, mesh: Mesh | None) -> Mesh:
-  """``mesh`` (default: every device), checked to split both batch sizes evenly.
+  """``mesh`` (default: every device, with a ``"member"`` axis of
+  ``ensemble.member_devices`` devices when that is above 1), checked to split both
+  batch sizes evenly.
 
   Raises:
-    ValueError: ``batch_size`` or ``eval_batch_size`` not divisible by the mesh size.
+    ValueError: ``batch_size`` or ``eval_batch_size`` not divisible by the number of
+      devices the batch is split over; ``ensemble.member_devices`` not dividing the
+      devices of a process.
   """
-  mesh = _sharding.make_mesh() if mesh is None else mesh
+  if mesh is None:
+    try:
+      mesh = _sharding.make_mesh(members=config.ensemble.member_devices)
+    except ValueError as e:
+      raise ValueError(f"ensemble.member_devices: {e}") from None
   _sharding.check_divisible(config.batch_size, mesh, "batch_size")
   _sharding.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
   return mesh

@@ -179,7 +179,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: Mesh,
   """The run of :func:`train_and_evaluate` in a created (and locked) ``workdir``:
   ``(final state, end-of-run table)``."""
   splits = _experiment.load_splits(config)
-  exp = _experiment.experiment_for_data(config, splits["train"])
+  exp = _experiment.experiment_for_data(config, splits["train"]).on_mesh(mesh)
   config_json = _experiment.config_json(config)
   ckpt = Checkpoints(workdir, max_to_keep=config.checkpoint.max_to_keep,
                      keep_best=config.checkpoint.keep_best and "validation" in splits,
@@ -191,9 +191,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: Mesh,
       _write_config(workdir, config_json)
     writer = MetricsWriter(workdir / METRICS_FILE, resume_step=start if start else None,
                            enabled=is_main)
+    shardings = exp.state_sharding(mesh)
     train_step = make_train_step(exp.objective, augment=_experiment.augment_kwargs(config),
-                                 mesh=mesh, steps_per_epoch=exp.steps_per_epoch)
-    eval_step = make_eval_step(mesh)
+                                 mesh=mesh, steps_per_epoch=exp.steps_per_epoch,
+                                 state_sharding=shardings,
+                                 compute_dtype=config.compute_dtype)
+    eval_step = make_eval_step(mesh, state_sharding=shardings,
+                               compute_dtype=config.compute_dtype)
     loop = _Loop(exp, mesh, ckpt, writer, log, train_step, eval_step, splits, config_json)
     state = loop.run(state, start)
     summary = loop.finish(state, time.time() - t_start)

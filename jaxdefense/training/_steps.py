@@ -74,7 +74,7 @@ def eval_key(state: TrainState, index: jax.Array | int) -> jax.Array:
 
 def bound_model(state: TrainState, *, train: bool = False,
                 rngs: Mapping[str, jax.Array] | None = None,
-                params: Any = None) -> _models.ModelFn:
+                params: Any = None, compute_dtype: Any = None) -> _models.ModelFn:
   """``state``'s model ready to call: ``models.bind(state.module, variables, ...)``.
 
   Args:
@@ -83,6 +83,8 @@ def bound_model(state: TrainState, *, train: bool = False,
     rngs: default ``rngs`` of the model (``None``: none).
     params: parameters to use instead of ``state.params`` (e.g. the ones being
       differentiated); the other collections come from ``state.model_state``.
+    compute_dtype: ``None`` or e.g. ``"bfloat16"``: mixed precision (see
+      :class:`~jaxdefense.models.ModelFn`).
 
   Returns:
     A :class:`~jaxdefense.models.ModelFn`.
@@ -96,7 +98,7 @@ def bound_model(state: TrainState, *, train: bool = False,
                     f"create_train_state stores it); got {state.apply_fn!r}.")
   variables = {"params": state.params if params is None else params,
                **_persistent(state.model_state)}
-  return _models.bind(module, variables, train=train, rngs=rngs)
+  return _models.bind(module, variables, train=train, rngs=rngs, compute_dtype=compute_dtype)
 
 
 def _check_aux(aux: Any, state: TrainState, labels: jax.Array) -> None:
@@ -120,7 +122,8 @@ def _check_aux(aux: Any, state: TrainState, labels: jax.Array) -> None:
 def make_train_step(objective: Callable[..., Any], *,
                     augment: Mapping[str, Any] | None = None,
                     mesh: Mesh | None = None, donate: bool = True,
-                    steps_per_epoch: int | None = None) -> CompiledStep:
+                    steps_per_epoch: int | None = None,
+                    state_sharding: Any = None, compute_dtype: Any = None) -> CompiledStep:
   """Build the jit-compiled training step ``(state, images, labels) -> (state, metrics)``.
 
   One call: derive the step key ``fold_in(state.key, state.step)`` and split it into
@@ -145,12 +148,19 @@ def make_train_step(objective: Callable[..., Any], *,
       scalar entries of ``aux`` are reported as metrics.
     augment: keyword arguments of ``jaxdefense.data.augment`` (``pad``, ``crop``,
       ``flip``), or ``None`` for no augmentation.
-    mesh: device mesh; the batch is sharded over it and the state replicated.
-      ``None``: no sharding constraints (one device).
+    mesh: device mesh; the batch is sharded over it and the state replicated (or placed
+      as ``state_sharding`` says).  ``None``: no sharding constraints (one device).
     donate: donate the input state's buffers (the state is updated in place).
     steps_per_epoch: when given and the objective sets ``uses_epoch = True`` (the
       certified objective's eps / mixing ramps), it is called with
       ``epoch=state.step / steps_per_epoch`` (a traced fractional epoch).
+    state_sharding: with ``mesh``, the sharding of the state (one ``NamedSharding``
+      per leaf, e.g. ``Experiment.state_sharding(mesh)`` for an ensemble whose members
+      are split over devices); ``None``: replicated.
+    compute_dtype: ``None`` (float32) or ``"bfloat16"`` / ``"float16"``: the forward
+      and backward passes (the objective's attacks included) run in that precision on
+      float32 parameters, which the optimizer updates in float32; losses, logits and
+      batch statistics are float32 (see :class:`~jaxdefense.models.ModelFn`).
 
   Returns:
     A :class:`CompiledStep`; its metrics are device scalars ``loss`` (sum over the
@@ -162,6 +172,7 @@ def make_train_step(objective: Callable[..., Any], *,
     TypeError: (at the first call) a state whose ``apply_fn`` is not a module's apply.
   """
   augment = dict(augment) if augment is not None else None
+  compute_dtype = _models.check_compute_dtype(compute_dtype)
 
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
     key = step_key(state)
@@ -172,7 +183,8 @@ def make_train_step(objective: Callable[..., Any], *,
     def loss_fn(params):
       # a key passed to model.apply(x, key) is split into (noise, dropout) keys
       model = bound_model(state, train=True, params=params,
-                          rngs={"noise": noise_key, "dropout": dropout_key})
+                          rngs={"noise": noise_key, "dropout": dropout_key},
+                          compute_dtype=compute_dtype)
       kwargs = {}
       if steps_per_epoch and getattr(objective, "uses_epoch", False):
         kwargs["epoch"] = state.step.astype(jnp.float32) / float(steps_per_epoch)
@@ -197,11 +209,13 @@ def make_train_step(objective: Callable[..., Any], *,
   kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
   if mesh is not None:
     rep, bat = _sharding.replicated(mesh), _sharding.batch_sharding(mesh)
-    kwargs.update(in_shardings=(rep, bat, bat), out_shardings=(rep, rep))
+    st = rep if state_sharding is None else state_sharding
+    kwargs.update(in_shardings=(st, bat, bat), out_shardings=(st, rep))
   return CompiledStep(train_step, **kwargs)
 
 
-def make_eval_step(mesh: Mesh | None = None) -> CompiledStep:
+def make_eval_step(mesh: Mesh | None = None, state_sharding: Any = None,
+                   compute_dtype: Any = None) -> CompiledStep:
   """Build the jit-compiled per-example evaluation step.
 
   ``eval_step(state, (images, labels), key) -> {"loss": [B], "correct": [B]}`` runs the
@@ -214,14 +228,18 @@ def make_eval_step(mesh: Mesh | None = None) -> CompiledStep:
 
   Args:
     mesh: device mesh (batch sharded, state replicated) or ``None``.
+    state_sharding: with ``mesh``, the state's sharding (see :func:`make_train_step`);
+      ``None``: replicated.
+    compute_dtype: mixed precision of the forward pass (see :func:`make_train_step`).
 
   Returns:
     A :class:`CompiledStep`.
   """
+  compute_dtype = _models.check_compute_dtype(compute_dtype)
 
   def eval_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array):
     images, labels = batch
-    logits = bound_model(state)(images, key)
+    logits = bound_model(state, compute_dtype=compute_dtype)(images, key)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
     return {"loss": losses.astype(jnp.float32), "correct": correct}
@@ -229,7 +247,8 @@ def make_eval_step(mesh: Mesh | None = None) -> CompiledStep:
   kwargs: dict[str, Any] = {}
   if mesh is not None:
     rep, bat = _sharding.replicated(mesh), _sharding.batch_sharding(mesh)
-    kwargs.update(in_shardings=(rep, (bat, bat), rep), out_shardings=bat)
+    st = rep if state_sharding is None else state_sharding
+    kwargs.update(in_shardings=(st, (bat, bat), rep), out_shardings=bat)
   return CompiledStep(eval_step, **kwargs)
 
 
