@@ -1,8 +1,7 @@
 """Real multi-process runs on localhost (issue 17): JAX's own distributed runtime and CPU
 collectives, processes started by the test itself (a free port, bounded time).
 
-* two processes train through the command line like one process with the same global
-  device count: same parameters, checkpoints and metrics written once, results printed
+* two (and four) processes train through the command line like one process: same parameters, checkpoints and metrics written once, results printed
   by process 0 only, and the run restores in this single process;
 * a run stopped in two processes resumes in one and ends where an uninterrupted run
   ends;
@@ -74,7 +73,7 @@ def _leaves(tree):
   return [np.asarray(a) for a in jax.tree_util.tree_leaves(jax.device_get(tree))]
 
 
-def test_two_processes_train_like_one(tmp_path):
+def test_processes_train_like_one(tmp_path):
   port = _free_port()
   multi, single = tmp_path / "two", tmp_path / "one"
   outs = _launch([CLI + ["train", "--config", "demo", "--workdir", str(multi), *TINY,
@@ -117,6 +116,19 @@ def test_two_processes_train_like_one(tmp_path):
   assert int(a.step) == int(b.step) > 20
   for x, y in zip(_leaves((a.params, a.opt_state)), _leaves((b.params, b.opt_state))):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+  # four processes (one device each) for 10 steps: the same parameters at step 10
+  four = tmp_path / "four"
+  port = _free_port()
+  outs = _launch([CLI + ["train", "--config", "demo", "--workdir", str(four), *TINY,
+                         "--config.num_train_steps=10", *_flags(port, 4, i)]
+                  for i in range(4)])
+  for i, (rc, out) in enumerate(outs):
+    assert rc == 0, f"process {i}:\n{out[-3000:]}"
+  a, _ = training.restore(four, step=10)
+  b, _ = training.restore(single, step=10)
+  for x, y in zip(_leaves(a.params), _leaves(b.params)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+  assert training.read_metrics(four / training.METRICS_FILE)[-1].get("devices") == 4
 
 
 _EVAL = """
