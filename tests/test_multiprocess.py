@@ -73,13 +73,25 @@ def _leaves(tree):
   return [np.asarray(a) for a in jax.tree_util.tree_leaves(jax.device_get(tree))]
 
 
-def test_processes_train_like_one(tmp_path):
+def _train_in(workdir, processes: int, *extra: str) -> list:
+  """``jaxdefense train`` of the TINY run in ``processes`` processes (one device each);
+  asserts every process succeeded and returns their outputs."""
   port = _free_port()
-  multi, single = tmp_path / "two", tmp_path / "one"
-  outs = _launch([CLI + ["train", "--config", "demo", "--workdir", str(multi), *TINY,
-                         *_flags(port, 2, i)] for i in range(2)])
+  outs = _launch([CLI + ["train", "--config", "demo", "--workdir", str(workdir), *TINY,
+                         *extra, *_flags(port, processes, i)] for i in range(processes)])
   for i, (rc, out) in enumerate(outs):
     assert rc == 0, f"process {i}:\n{out[-3000:]}"
+  return outs
+
+
+def _same_params(a, b, atol: float = 1e-5) -> None:
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=atol)
+
+
+def test_processes_train_like_one(tmp_path):
+  multi, single = tmp_path / "two", tmp_path / "one"
+  outs = _train_in(multi, 2)
   # the results table comes from process 0 only
   assert "validation" in outs[0][1] and "validation" not in outs[1][1], outs[1][1][-2000:]
   # the same run in one process with the same number of devices (2)
@@ -90,8 +102,7 @@ def test_processes_train_like_one(tmp_path):
     a, _ = training.restore(multi, step=step)      # restored here: 1 process, 1 device
     b, _ = training.restore(single, step=step)
     assert int(a.step) == int(b.step)
-    for x, y in zip(_leaves(a.params), _leaves(b.params)):
-      np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+    _same_params(a.params, b.params)
   # metrics written once: every logged step appears once
   records = training.read_metrics(multi / training.METRICS_FILE)
   logged = [r["step"] for r in records if r.get("kind") == "train"]
@@ -100,12 +111,7 @@ def test_processes_train_like_one(tmp_path):
   # resumed with another process count: two processes stop at step 20, one process
   # (two devices) resumes that checkpoint and ends where the uninterrupted run ended
   mixed = tmp_path / "mixed"
-  port = _free_port()
-  outs = _launch([CLI + ["train", "--config", "demo", "--workdir", str(mixed), *TINY,
-                         "--config.num_train_steps=20", *_flags(port, 2, i)]
-                  for i in range(2)])
-  for i, (rc, out) in enumerate(outs):
-    assert rc == 0, f"process {i}:\n{out[-3000:]}"
+  _train_in(mixed, 2, "--config.num_train_steps=20")
   assert training.Checkpoints(mixed).latest_step() == 20
   (rc, out), = _launch([CLI + ["train", "--config", "demo", "--workdir", str(mixed),
                                *TINY]], devices_per_process=2)
@@ -114,20 +120,12 @@ def test_processes_train_like_one(tmp_path):
   a, _ = training.restore(mixed)
   b, _ = training.restore(single)
   assert int(a.step) == int(b.step) > 20
-  for x, y in zip(_leaves((a.params, a.opt_state)), _leaves((b.params, b.opt_state))):
-    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+  _same_params((a.params, a.opt_state), (b.params, b.opt_state))
   # four processes (one device each) for 10 steps: the same parameters at step 10
   four = tmp_path / "four"
-  port = _free_port()
-  outs = _launch([CLI + ["train", "--config", "demo", "--workdir", str(four), *TINY,
-                         "--config.num_train_steps=10", *_flags(port, 4, i)]
-                  for i in range(4)])
-  for i, (rc, out) in enumerate(outs):
-    assert rc == 0, f"process {i}:\n{out[-3000:]}"
-  a, _ = training.restore(four, step=10)
-  b, _ = training.restore(single, step=10)
-  for x, y in zip(_leaves(a.params), _leaves(b.params)):
-    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+  _train_in(four, 4, "--config.num_train_steps=10")
+  _same_params(training.restore(four, step=10)[0].params,
+               training.restore(single, step=10)[0].params)
   assert training.read_metrics(four / training.METRICS_FILE)[-1].get("devices") == 4
 
 

@@ -309,3 +309,21 @@ def test_metric_paths_reach_keys_that_hold_dots(tmp_path):
   assert res.values("a", "x.y") == [3.0, 3.0]
   assert res.values("a", "curve.0.3") == [] and res.values("a", "nope") == []
   assert res.estimate("a", "curve.0.02").mean == 1.0
+
+
+def test_study_main_takes_a_make_study_function(tmp_path, capsys):
+  """``study_main(make_study)``: ``--quick`` picks ``make_study(True)`` and is removed."""
+  made = []
+
+  def make_study(quick):
+    made.append(quick)
+    cells = {"q": {}} if quick else {"a": {}, "b": {}}
+    return Study("toy_quick" if quick else "toy", lambda o: None, cells,
+                 run=lambda ctx: {}, results_dir=tmp_path / ("q" if quick else "f"))
+  assert evaluation.study_main(make_study, ["list", "--quick"]) == 0
+  assert evaluation.study_main(make_study, ["list"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert made == [True, False]
+  assert [l.split()[1] for l in out] == ["q", "a", "b"]
+  with pytest.raises(TypeError, match="study_main"):
+    evaluation.study_main(42, ["list"])

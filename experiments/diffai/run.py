@@ -330,6 +330,4 @@ class _Subset:
 
 
 if __name__ == "__main__":
-  argv = sys.argv[1:]
-  quick = "--quick" in argv
-  sys.exit(jd.evaluation.study_main(make_study(quick), [a for a in argv if a != "--quick"]))
+  sys.exit(jd.evaluation.study_main(make_study))   # --quick: make_study(True)

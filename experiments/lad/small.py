@@ -246,6 +246,4 @@ QUICK_STUDY = lambda: make_study(True)  # noqa: E731
 
 
 if __name__ == "__main__":
-  argv = sys.argv[1:]
-  quick = "--quick" in argv
-  sys.exit(jd.evaluation.study_main(make_study(quick), [a for a in argv if a != "--quick"]))
+  sys.exit(jd.evaluation.study_main(make_study))   # --quick: make_study(True)

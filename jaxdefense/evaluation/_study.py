@@ -888,8 +888,13 @@ def render_report(directory: str | os.PathLike, out_dir: str | os.PathLike | Non
 
 
 # ------------------------------------------------------------------ command line
-def main(study: Study, argv: Sequence[str] | None = None) -> int:
+def main(study: Study | Callable[[bool], Study], argv: Sequence[str] | None = None) -> int:
   """The command line of a study's script (``python SPEC.py ...``).
+
+  ``study`` is the :class:`Study`, or a function ``make_study(quick: bool) -> Study``:
+  then ``--quick`` anywhere on the command line selects ``make_study(True)`` (a
+  smoke-scale study with its own folders) and is removed from the arguments, so a
+  script ends with ``sys.exit(jaxdefense.evaluation.study_main(make_study))``.
 
   ::
 
@@ -906,6 +911,12 @@ def main(study: Study, argv: Sequence[str] | None = None) -> int:
     The exit code (0 on success).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
+  if not isinstance(study, Study):
+    if not callable(study):
+      raise TypeError(f"study_main needs a Study or a function quick -> Study; got {study!r}.")
+    quick = "--quick" in argv
+    argv = [a for a in argv if a != "--quick"]
+    study = study(quick)
   p = argparse.ArgumentParser(prog=study.spec or study.name,
                               description=f"The {study.name!r} study ({study.title}).")
   p.add_argument("action", nargs="?", default="run", choices=("run", "list", "report"))
