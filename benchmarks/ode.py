@@ -37,6 +37,8 @@ input and the field's parameters):
 
 * dopri5 and rk4, forward; dopri5 and rk4, fwd+bwd discretise-then-optimise (ours:
   ``adjoint="recursive"``, torch: backpropagation through ``odeint``);
+* rk4 fwd+bwd with ours ``adjoint="unrolled"`` (straight-line steps, every stage stored,
+  the plain convolution rule) against the same torch backpropagation;
 * dopri5 fwd+bwd with the continuous adjoint (ours ``adjoint="backsolve"``, torch
   ``odeint_adjoint``; off with ``--no-adjoint``).
 
@@ -224,6 +226,8 @@ def main(argv=None) -> int:
                          atol=args.atol, n_steps=args.dopri5_n_steps, time_dependent=False),
       "rk4": ODEBlock(field=field, t1=T, solver="rk4", n_steps=args.rk4_steps,
                       time_dependent=False),
+      "rk4_unrolled": ODEBlock(field=field, t1=T, solver="rk4", n_steps=args.rk4_steps,
+                               adjoint="unrolled", time_dependent=False),
       "dopri5_backsolve": ODEBlock(field=field, t1=T, solver="dopri5", rtol=args.rtol,
                                    atol=args.atol, n_steps=args.dopri5_n_steps,
                                    adjoint="backsolve", time_dependent=False),
@@ -252,6 +256,7 @@ def main(argv=None) -> int:
   compile_fn("dopri5_grad", make_grad(blocks["dopri5"]))
   compile_fn("rk4_fwd", make_fwd(blocks["rk4"]))
   compile_fn("rk4_grad", make_grad(blocks["rk4"]))
+  compile_fn("rk4_unrolled_grad", make_grad(blocks["rk4_unrolled"]))
   if not args.no_adjoint:
     compile_fn("dopri5_backsolve_grad", make_grad(blocks["dopri5_backsolve"]))
 
@@ -259,7 +264,8 @@ def main(argv=None) -> int:
     _, st = jax.jit(lambda v, x: block.apply(v, x, mutable=[ODE_STATS]))(variables, x)
     return {k: int(v[0]) for k, v in st[ODE_STATS].items()}
 
-  nfe_ours = {"dopri5": ours_stats(blocks["dopri5"]), "rk4": ours_stats(blocks["rk4"])}
+  nfe_ours = {"dopri5": ours_stats(blocks["dopri5"]), "rk4": ours_stats(blocks["rk4"]),
+              "rk4_unrolled": ours_stats(blocks["rk4_unrolled"])}
 
   def executed_evaluations(solver, adjoint, n_steps):
     """Field evaluations one gradient computation executes (forward + backward)."""
@@ -284,6 +290,7 @@ def main(argv=None) -> int:
   executed = {
       "dopri5_grad": executed_evaluations("dopri5", "recursive", args.dopri5_n_steps),
       "rk4_grad": executed_evaluations("rk4", "recursive", args.rk4_steps),
+      "rk4_unrolled_grad": executed_evaluations("rk4", "unrolled", args.rk4_steps),
   }
   if not args.no_adjoint:
     executed["dopri5_backsolve_grad"] = executed_evaluations("dopri5", "backsolve",
@@ -321,7 +328,7 @@ def main(argv=None) -> int:
       nchw(field.apply({"params": variables["params"]["field"]}, x))
       - tf(0.0, xt).detach().numpy())))
   y_ours = {k: np.asarray(compiled[f"{k}_fwd"](variables, x)) for k in ("dopri5", "rk4")}
-  g_ours = {k: compiled[f"{k}_grad"](variables, x) for k in ("dopri5", "rk4")}
+  g_ours = {k: compiled[f"{k}_grad"](variables, x) for k in ("dopri5", "rk4", "rk4_unrolled")}
   if not args.no_adjoint:
     g_ours["dopri5_backsolve"] = compiled["dopri5_backsolve_grad"](variables, x)
   nfe_torch = {}
@@ -381,6 +388,8 @@ def main(argv=None) -> int:
                                          "torchdiffeq (3/8 rule)": err(y_t_rk4.numpy())}
   check["rk4_grad_rel_diff_ours_torchdiffeq"] = grad_rel(jgrads(g_ours["rk4"]), tgrads(g_t_rk4))
   check["rk4_grad_rel_diff_ours_torch_classic"] = grad_rel(jgrads(g_ours["rk4"]), tgrads(g_c))
+  check["rk4_unrolled_grad_rel_diff_recursive"] = grad_rel(jgrads(g_ours["rk4_unrolled"]),
+                                                           jgrads(g_ours["rk4"]))
   if not args.no_adjoint:
     check["backsolve_grad_rel_diff_ours_torch_adjoint"] = grad_rel(
         jgrads(g_ours["dopri5_backsolve"]), tgrads(g_t_adj))
@@ -404,6 +413,9 @@ def main(argv=None) -> int:
       "rk4 forward": {"ours": (nfe_ours["rk4"]["nfe"], 0), "torch": (nfe_torch["rk4_fwd"], 0)},
       "rk4 fwd+bwd": {"ours": (nfe_ours["rk4"]["nfe"], nfe_ours["rk4"]["nfe_backward"]),
                       "torch": (nfe_torch["rk4_grad"], nfe_torch["rk4_grad"])},
+      "rk4 fwd+bwd, unrolled": {"ours": (nfe_ours["rk4_unrolled"]["nfe"],
+                                         nfe_ours["rk4_unrolled"]["nfe_backward"]),
+                                "torch": (nfe_torch["rk4_grad"], nfe_torch["rk4_grad"])},
   }
   if not args.no_adjoint:
     # torch: forward solve evaluations counted in forward; the rest in the backward solve
@@ -423,6 +435,7 @@ def main(argv=None) -> int:
       "dopri5 fwd+bwd": {"ours": ours_call("dopri5_grad")},
       "rk4 forward": {"ours": ours_call("rk4_fwd")},
       "rk4 fwd+bwd": {"ours": ours_call("rk4_grad")},
+      "rk4 fwd+bwd, unrolled": {"ours": ours_call("rk4_unrolled_grad")},
   }
   if not args.no_adjoint:
     cases["dopri5 fwd+bwd, continuous adjoint"] = {"ours": ours_call("dopri5_backsolve_grad")}
@@ -431,6 +444,7 @@ def main(argv=None) -> int:
     cases["dopri5 fwd+bwd"][k] = lambda f=f: t_grad(f, dopri_kw)[0].item()
     cases["rk4 forward"][k] = lambda f=f: t_fwd(f, rk4_kw).sum().item()
     cases["rk4 fwd+bwd"][k] = lambda f=f: t_grad(f, rk4_kw)[0].item()
+    cases["rk4 fwd+bwd, unrolled"][k] = lambda f=f: t_grad(f, rk4_kw)[0].item()
     if not args.no_adjoint:
       cases["dopri5 fwd+bwd, continuous adjoint"][k] = (
           lambda f=f: t_grad(f, dopri_kw, adjoint=True)[0].item())
@@ -455,6 +469,7 @@ def main(argv=None) -> int:
 
   torch_sides = list(tfields)
   exec_key = {"dopri5 fwd+bwd": "dopri5_grad", "rk4 fwd+bwd": "rk4_grad",
+              "rk4 fwd+bwd, unrolled": "rk4_unrolled_grad",
               "dopri5 fwd+bwd, continuous adjoint": "dopri5_backsolve_grad"}
   results = {}
   for case in cases:

@@ -291,3 +291,90 @@ def test_same_conv_derivatives_match_the_plain_convolution():
   tx, tk = jax.random.normal(jax.random.key(2), x.shape), jax.random.normal(KEY, k.shape)
   np.testing.assert_allclose(jax.jvp(same_conv, (x, k), (tx, tk))[1],
                              jax.jvp(plain, (x, k), (tx, tk))[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "rk4", "dopri5", "tsit5"])
+def test_unrolled_adjoint_equals_the_diffrax_solve(solver):
+  """adjoint="unrolled": the same fixed-step state and gradients as diffrax's solve;
+  one host-counted evaluation per nfe forward, and exactly nfe vector-Jacobian
+  products in a gradient (no stage evaluated again)."""
+  a = jnp.array([[0.0, -3.0], [3.0, -0.5]])
+  x0 = jnp.array([[1.0, -0.4], [0.3, 0.2]])
+  field = lambda t, x, m: jnp.tanh(x @ m.T) * (1.0 + 0.2 * t)
+
+  def loss(x, m, adjoint):
+    return jnp.sum(solve_ode(field, x, m, t1=2.0, solver=solver, adaptive=False, n_steps=5,
+                             adjoint=adjoint) ** 2)
+  np.testing.assert_allclose(
+      solve_ode(field, x0, a, t1=2.0, solver=solver, adaptive=False, n_steps=5,
+                adjoint="unrolled"),
+      solve_ode(field, x0, a, t1=2.0, solver=solver, adaptive=False, n_steps=5),
+      rtol=1e-4, atol=1e-6)   # float32 rounding of the tableau (float64: 3e-15 apart)
+  for g, r in zip(jax.grad(loss, argnums=(0, 1))(x0, a, "unrolled"),
+                  jax.grad(loss, argnums=(0, 1))(x0, a, "recursive")):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+  forward, backward = [], []
+
+  @jax.custom_vjp
+  def counted(x, m):
+    return jnp.tanh(x @ m.T)
+
+  def fwd(x, m):
+    jax.debug.callback(lambda: forward.append(1))
+    return counted(x, m), (x, m)
+
+  def bwd(res, g):
+    jax.debug.callback(lambda: backward.append(1))
+    return jax.vjp(lambda x, m: jnp.tanh(x @ m.T), *res)[1](g)
+  counted.defvjp(fwd, bwd)
+  sol = solve_ode(lambda t, x, m: counted(x, m), x0, a, t1=2.0, solver=solver,
+                  adaptive=False, n_steps=5, adjoint="unrolled", full_output=True)
+  stats = ode_stats(sol, solver, "unrolled", adaptive=False)
+  jax.block_until_ready(jax.grad(lambda x: jnp.sum(solve_ode(
+      lambda t, y, m: counted(y, m), x, a, t1=2.0, solver=solver, adaptive=False, n_steps=5,
+      adjoint="unrolled") ** 2))(x0))
+  assert len(forward) == len(backward) == int(stats["nfe"]) == int(stats["nfe_backward"])
+  assert int(stats["num_steps"]) == 5 and int(stats["num_rejected"]) == 0
+
+
+def test_unrolled_adjoint_bad_uses_and_blocks():
+  a = jnp.array([[0.0, -1.0], [1.0, 0.0]])
+  x0 = jnp.array([[1.0, 0.5]])
+  with pytest.raises(ValueError, match="adaptive=False"):
+    solve_ode(_linear, x0, a, solver="dopri5", adjoint="unrolled")
+  with pytest.raises(ValueError, match="ts"):
+    solve_ode(_linear, x0, a, solver="rk4", adjoint="unrolled", ts=[0.5, 1.0])
+  with pytest.raises(ValueError, match="unrolled"):
+    ODEBlock(SkewSymmetricDense(), solver="dopri5", adjoint="unrolled")
+  block = ODEBlock(SkewSymmetricConv(), solver="rk4", n_steps=3, adjoint="unrolled")
+  x = jax.random.normal(KEY, (2, 6, 6, 4))
+  v = block.init(KEY, x)
+  out, state = block.apply(v, x, mutable=["ode_stats"])
+  ref = block.clone(adjoint="recursive").apply(v, x)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  assert int(jax.tree_util.tree_leaves(state["ode_stats"])[0]) >= 0
+  assert int(state["ode_stats"]["nfe"][0]) == 12
+
+
+def test_unrolled_twin_and_plain_conv_rule_give_the_same_gradients():
+  """fixed_step_twin defaults to adjoint="unrolled" (and the plain conv rule inside):
+  its input gradient, what a transfer attack uses, equals the recursive twin's."""
+  model = models.create("sonet_small", num_classes=3)
+  x = jax.random.uniform(KEY, (2, 8, 8, 1))
+  v = model.init(KEY, x)
+  fast = models.fixed_step_twin(model, "rk4", n_steps=3)
+  slow = models.fixed_step_twin(model, "rk4", n_steps=3, adjoint="recursive")
+  assert fast.adjoint == "unrolled" and slow.adjoint == "recursive"
+  grad = lambda m: jax.grad(lambda a: jnp.sum(jax.nn.log_softmax(m.apply(v, a))[:, 0]))(x)
+  np.testing.assert_allclose(fast.apply(v, x), slow.apply(v, x), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad(fast), grad(slow), rtol=1e-4, atol=1e-7)
+  field = SkewSymmetricConv()
+  s = jax.random.normal(KEY, (2, 6, 6, 4))
+  fv = field.init(KEY, s)
+  plain = field.clone(loop_conv=False)
+  np.testing.assert_allclose(plain.apply(fv, s), field.apply(fv, s), rtol=1e-6, atol=1e-6)
+  ga = jax.grad(lambda p, s: jnp.sum(field.apply(p, s) ** 3), argnums=(0, 1))(fv, s)
+  gb = jax.grad(lambda p, s: jnp.sum(plain.apply(p, s) ** 3), argnums=(0, 1))(fv, s)
+  for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+    # kernel gradients of size ~7: im2col vs convolution sums, float32 rounding
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

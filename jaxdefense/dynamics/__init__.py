@@ -35,6 +35,7 @@ from jaxdefense.dynamics._continuous import RK4 as RK4
 from jaxdefense.dynamics._continuous import ode_stats as ode_stats
 from jaxdefense.dynamics._continuous import SDEBlock as SDEBlock
 from jaxdefense.dynamics._continuous import SOLVERS as SOLVERS
+from jaxdefense.dynamics._continuous import UnrolledSolution as UnrolledSolution
 from jaxdefense.dynamics._continuous import feynman_kac as feynman_kac
 from jaxdefense.dynamics._continuous import solve_ode as solve_ode
 from jaxdefense.dynamics._continuous import solve_sde as solve_sde
@@ -43,5 +44,5 @@ from jaxdefense.dynamics._spectral import grid as grid
 from jaxdefense.dynamics._spectral import solve_convection_diffusion as solve_convection_diffusion
 from jaxdefense.dynamics._spectral import wavenumbers as wavenumbers
 
-__all__ += ["ADJOINTS", "DEFAULT_CHECKPOINTS", "SAMPLERS", "fast_normal", "ODE_STATS", "ODEBlock", "RK4", "ode_stats", "SDEBlock", "SOLVERS", "feynman_kac", "solve_ode", "solve_sde",
+__all__ += ["ADJOINTS", "DEFAULT_CHECKPOINTS", "SAMPLERS", "fast_normal", "ODE_STATS", "ODEBlock", "RK4", "ode_stats", "SDEBlock", "SOLVERS", "UnrolledSolution", "feynman_kac", "solve_ode", "solve_sde",
             "dealias_mask", "grid", "solve_convection_diffusion", "wavenumbers"]

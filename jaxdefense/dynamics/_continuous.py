@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -78,7 +78,7 @@ _ADAPTIVE_SOLVERS = {
     "dopri8": diffrax.Dopri8,
 }
 _EMBEDDED = ("heun", "bosh3", "tsit5", "dopri5", "dopri8")  # have an error estimate
-_ADJOINTS = ("recursive", "backsolve", "direct")
+_ADJOINTS = ("recursive", "backsolve", "direct", "unrolled")
 
 #: Solver names accepted by ``ODEBlock(solver=...)``: the fixed-step ones, then the adaptive ones.
 SOLVERS = tuple(sorted(_FIXED_SOLVERS)) + tuple(sorted(_ADAPTIVE_SOLVERS))
@@ -156,6 +156,9 @@ def _adjoint(name: str, checkpoints: int | None = DEFAULT_CHECKPOINTS) -> Any:
     return diffrax.BacksolveAdjoint()
   if name == "direct":
     return diffrax.DirectAdjoint()
+  if name == "unrolled":
+    raise ValueError("adjoint='unrolled' is solve_ode's own fixed-step loop, not a "
+                     "diffrax adjoint.")
   return diffrax.RecursiveCheckpointAdjoint(checkpoints=_check_checkpoints(checkpoints))
 
 
@@ -249,7 +252,7 @@ def ode_stats(solution: diffrax.Solution, solver: str, adjoint: str = "recursive
     whose first attempted step is accepted; an FSAL solver (Bosh3, Tsit5, Dopri5,
     Dopri8) evaluates its first stage again after each rejection that comes before the
     first accepted step, which ``nfe`` does not count, so it is then low by at most
-    ``num_rejected``) and, for the ``"recursive"`` and ``"direct"``
+    ``num_rejected``) and, for the ``"recursive"``, ``"direct"`` and ``"unrolled"``
     adjoints, ``nfe_backward``: the vector-Jacobian products of the field that a
     gradient through this solve evaluates (one per forward evaluation; the forward
     evaluations that recursive checkpointing recomputes are not counted).  Under
@@ -267,6 +270,8 @@ def ode_stats(solution: diffrax.Solution, solver: str, adjoint: str = "recursive
   accepted = jnp.asarray(stats["num_accepted_steps"], jnp.int32)
   rejected = jnp.asarray(stats["num_rejected_steps"], jnp.int32)
   nfe = per_step * steps + start
+  if adjoint == "unrolled" and _fsal_stage_unused(getattr(slv, "tableau", None)):
+    nfe = nfe - 1   # its last step skips the stage that would start the next one
   out = {"num_steps": steps, "num_accepted": accepted, "num_rejected": rejected, "nfe": nfe}
   if adjoint != "backsolve":
     out["nfe_backward"] = nfe
@@ -332,7 +337,11 @@ def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
     atol: absolute tolerance of the PID controller (adaptive only).
     max_steps: step budget of adaptive solves (fixed solves use ``n_steps``).
     adjoint: ``"recursive"`` (discretise-then-optimise, default), ``"backsolve"``
-      (continuous adjoint, O(1) memory) or ``"direct"``.
+      (continuous adjoint, O(1) memory), ``"direct"`` or ``"unrolled"``:
+      discretise-then-optimise for fixed steps as straight-line code with every stage
+      stored, so a gradient evaluates one vector-Jacobian product per field evaluation
+      and nothing again (the fastest gradient of a short fixed-step solve, e.g. an RK4
+      twin attacked in a transfer study; memory grows with ``n_steps x stages``).
     checkpoints: states stored for the backward pass of ``adjoint="recursive"``
       (default :data:`DEFAULT_CHECKPOINTS`, 16): a solve of at most that many steps
       is never recomputed, a longer one recomputes by binomial checkpointing; memory
@@ -341,7 +350,8 @@ def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
     ts: optional increasing times in ``[t0, t1]`` at which to return the state; the
       result then has a leading axis ``len(ts)``.
     full_output: return the ``diffrax.Solution`` (``.ys``, ``.stats``; see
-      :func:`ode_stats`) instead of the state.
+      :func:`ode_stats`) instead of the state (an :class:`UnrolledSolution` with the
+      same two fields for ``adjoint="unrolled"``).
 
   Returns:
     ``x(t1)`` with the shape of ``x0`` (or ``[len(ts), *x0.shape]``), or the
@@ -350,7 +360,8 @@ def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
   Raises:
     ValueError: ``t1 <= t0``, ``n_steps < 1``, ``dt <= 0``, ``rtol`` or ``atol <= 0``,
       ``checkpoints < 1``, an unknown solver or adjoint, ``adaptive=True`` with a solver that has no error
-      estimate, a field whose output shape differs from the state's.
+      estimate, a field whose output shape differs from the state's;
+      ``adjoint="unrolled"`` with an adaptive solve or with ``ts``.
     equinox.EquinoxRuntimeError: (when the solve runs) an adaptive solve that uses up
       ``max_steps`` (the message names ``max_steps`` and how to raise it), or a solve
       that fails on non-finite values, instead of returning NaN.
@@ -362,6 +373,17 @@ def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
   n = _resolve_steps(t0, t1, n_steps, dt)
   x0 = _check_state(x0)
   slv, adaptive = _solver(solver, adaptive)
+  _checks.check_choice(adjoint, "adjoint", _ADJOINTS)
+  if adjoint == "unrolled":
+    if adaptive:
+      raise ValueError(f"adjoint='unrolled' takes a fixed number of steps; solver={solver!r} "
+                       "is adaptive here: pass adaptive=False (n_steps equal steps) or use "
+                       "adjoint='recursive'.")
+    if ts is not None:
+      raise ValueError("adjoint='unrolled' returns the state at t1 only; got ts. Use "
+                       "adjoint='recursive' to save the state at several times.")
+    _check_field_output(vector_field, t0, x0, args)
+    return _unrolled(vector_field, slv, x0, args, t0, t1, n, full_output)
   if adaptive:
     _checks.check_float(rtol, "rtol", minimum=0.0, strict_min=True)
     _checks.check_float(atol, "atol", minimum=0.0, strict_min=True)
@@ -383,6 +405,67 @@ def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
   if full_output:
     return sol
   return sol.ys if ts is not None else sol.ys[0]
+
+
+class UnrolledSolution(NamedTuple):
+  """What ``solve_ode(..., adjoint="unrolled", full_output=True)`` returns: ``ys``
+  (``[1, *x0.shape]``, the state at ``t1``, as a ``diffrax.Solution`` saving ``t1``)
+  and ``stats`` (diffrax's step counts: ``num_steps``, ``num_accepted_steps``,
+  ``num_rejected_steps``, ``max_steps``), which :func:`ode_stats` reads."""
+  ys: Array
+  stats: dict
+
+
+def _fsal_stage_unused(tableau: Any) -> bool:
+  """Whether an FSAL tableau's last stage has no weight in the solution (it only
+  starts the next step), so the last step of an unrolled solve can skip it."""
+  return bool(tableau is not None and tableau.fsal and float(tableau.b_sol[-1]) == 0.0)
+
+
+def _unrolled(f: VectorField, solver: Any, x0: Array, args: Any, t0: float, t1: float,
+              n: int, full_output: bool) -> Any:
+  """``n`` equal explicit Runge–Kutta steps as straight-line code (no loop).
+
+  Reverse-mode differentiation then stores every stage and evaluates one vector-Jacobian
+  product per field evaluation (diffrax's checkpointed loops re-run each step and each
+  stage in the backward pass: about three field evaluations per forward one), and the
+  field's operations run outside any loop, where XLA:CPU takes its fast convolution
+  paths.  Memory: every stage of every step is kept for the backward pass.  FSAL
+  tableaus (Dopri5...) reuse the last stage as the next step's first, as diffrax does,
+  and the last step skips it (one evaluation fewer than diffrax's fixed-step solve).
+  """
+  h = (t1 - t0) / n
+  dtype = x0.dtype
+  tableau = getattr(solver, "tableau", None)
+  y = x0
+  if tableau is None:  # Euler
+    for i in range(n):
+      y = y + h * f(jnp.asarray(t0 + i * h, dtype), y, args)
+  else:
+    a = [np.asarray(row, np.float64) for row in tableau.a_lower]
+    b = np.asarray(tableau.b_sol, np.float64)
+    c = np.asarray(tableau.c, np.float64)
+    first = None
+    last_unused = _fsal_stage_unused(tableau)
+    for i in range(n):
+      t = t0 + i * h
+      ks = [f(jnp.asarray(t, dtype), y, args) if first is None else first]
+      # an FSAL tableau's last stage only serves the next step (and the error
+      # estimate): the final step does not evaluate it
+      rows = a[:-1] if last_unused and i == n - 1 else a
+      for j, row in enumerate(rows):
+        inc = [float(w) * ks[m] for m, w in enumerate(row) if w != 0.0]
+        yj = y + h * sum(inc[1:], inc[0]) if inc else y
+        ks.append(f(jnp.asarray(t + c[j] * h, dtype), yj, args))
+      inc = [float(w) * ks[m] for m, w in enumerate(b) if w != 0.0]
+      y = y + h * sum(inc[1:], inc[0])
+      first = ks[-1] if tableau.fsal else None
+  if not full_output:
+    return y
+  steps = jnp.asarray(n, jnp.int32)
+  return UnrolledSolution(ys=y[None], stats={
+      "num_steps": steps, "num_accepted_steps": steps,
+      "num_rejected_steps": jnp.zeros((), jnp.int32), "max_steps": n})
 
 
 def solve_sde(drift: VectorField, x0: Array, sigma: Any, key: Array, args: Any = None, *,
@@ -504,8 +587,12 @@ class ODEBlock(nn.Module):
   def __post_init__(self):
     _check_interval(0.0, self.t1)
     _resolve_steps(0.0, self.t1, self.n_steps, self.dt)
-    _solver(self.solver, self.adaptive)
+    _, adaptive = _solver(self.solver, self.adaptive)
     _checks.check_choice(self.adjoint, "adjoint", _ADJOINTS)
+    if self.adjoint == "unrolled" and adaptive:
+      raise ValueError(f"ODEBlock: adjoint='unrolled' takes a fixed number of steps; "
+                       f"solver={self.solver!r} is adaptive here (set adaptive=False and "
+                       "n_steps, or use adjoint='recursive').")
     _checks.check_float(self.rtol, "rtol", minimum=0.0, strict_min=True)
     _checks.check_float(self.atol, "atol", minimum=0.0, strict_min=True)
     _checks.check_int(self.max_steps, "max_steps", minimum=1)
@@ -519,6 +606,8 @@ class ODEBlock(nn.Module):
       t = jnp.zeros((), x.dtype)
       field(t, x) if self.time_dependent else field(x)
     module, variables = field.unbind()
+    if self.adjoint == "unrolled" and getattr(module, "loop_conv", False):
+      module = module.clone(loop_conv=False)   # no solver loop: the plain conv rule
     return _ModuleField(module, bool(self.time_dependent)), variables
 
   def _ode(self, x: Array, f: VectorField, variables: Any) -> Array:

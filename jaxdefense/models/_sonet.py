@@ -67,8 +67,8 @@ class SONet(nn.Module):
     atol: absolute tolerance (adaptive).
     max_steps: step budget of an adaptive solve.
     adjoint: ``"recursive"`` (discretise-then-optimise), ``"backsolve"`` (continuous
-      adjoint) or ``"direct"``: how gradients (training, and white-box attacks) go
-      through the solver.
+      adjoint), ``"direct"`` or, for fixed steps, ``"unrolled"`` (every stage stored):
+      how gradients (training, and white-box attacks) go through the solver.
     checkpoints: solver states a ``"recursive"`` gradient stores (default 16; see
       :func:`jaxdefense.dynamics.solve_ode`).
     gamma: damping of the skew-symmetric fields (``>= 0``).
@@ -201,7 +201,8 @@ def with_solver(model: nn.Module, **fields: Any) -> nn.Module:
   return model.clone(**fields)
 
 
-def fixed_step_twin(model: nn.Module, solver: str = "rk4", n_steps: int = 10) -> nn.Module:
+def fixed_step_twin(model: nn.Module, solver: str = "rk4", n_steps: int = 10,
+                    adjoint: str = "unrolled") -> nn.Module:
   """The fixed-step twin of an ODE model: same weights, ``n_steps`` steps of ``solver``.
 
   The source model of the transfer attacks of the SONet gradient-masking study: its
@@ -213,6 +214,10 @@ def fixed_step_twin(model: nn.Module, solver: str = "rk4", n_steps: int = 10) ->
     solver: a solver taken with fixed steps (``"rk4"`` default, ``"euler"``,
       ``"heun"``, ``"midpoint"``, ``"ralston"``, or an adaptive one in fixed steps).
     n_steps: number of equal steps on ``[0, t1]`` (``>= 1``).
+    adjoint: the twin's gradient mode: ``"unrolled"`` (default: straight-line steps with
+      every stage stored, the fastest gradient, as an attacker of the twin wants; see
+      :func:`jaxdefense.dynamics.solve_ode`) or ``"recursive"`` (diffrax's checkpointed
+      loop, less memory).  Both give the same gradients to float rounding.
 
   Returns:
     The twin model; apply it with the original's variables.
@@ -221,7 +226,7 @@ def fixed_step_twin(model: nn.Module, solver: str = "rk4", n_steps: int = 10) ->
     ValueError: as :func:`with_solver`; ``n_steps < 1``.
   """
   n_steps = _checks.check_int(n_steps, "n_steps", minimum=1)
-  return with_solver(model, solver=solver, n_steps=n_steps, adaptive=False)
+  return with_solver(model, solver=solver, n_steps=n_steps, adaptive=False, adjoint=adjoint)
 
 
 @register("sonet_resnet20", "SONet: pre-activation ResNet-20 whose first residual block is a "
