@@ -701,3 +701,34 @@ def test_certified_accuracy_and_report(small):
   assert rep["certified_box"] <= rep["pgd"] <= rep["standard"]
   with pytest.raises(TypeError, match="data"):
     certified_accuracy(model, variables, x, 0.1)
+
+
+@pytest.mark.parametrize("name,domain", [("conv_small", "zonotope"), ("conv_small", "deepz"),
+                                         ("resnet8", "box"), ("ffnn", "zonotope")])
+def test_prepared_variables_give_the_same_bounds(name, domain):
+  """certify.prepare precomputes |W| once; bounds are identical bit for bit, the stored
+  |W| is what the layers use, and a stale one of another shape is a clear error."""
+  x = _uniform(3, (4, 28, 28, 1))
+  model = jd.models.create(name, num_classes=10)
+  v = model.init(jax.random.PRNGKey(0), x)
+  prepared = certify.prepare(v)
+  assert set(prepared) == set(v) | {"abs_kernels"}
+  for a, b in zip(certify.bounds(model, v, x, 0.02, domain),
+                  certify.bounds(model, prepared, x, 0.02, domain)):
+    assert bool(jnp.array_equal(a, b))
+  zeros = {**prepared, "abs_kernels": jax.tree_util.tree_map(jnp.zeros_like,
+                                                            prepared["abs_kernels"])}
+  lo, hi = certify.bounds(model, zeros, x, 0.02, "box")
+  ref_lo, ref_hi = certify.bounds(model, v, x, 0.02, "box")
+  assert float(jnp.sum(hi - lo)) < float(jnp.sum(ref_hi - ref_lo))   # |W| = 0 was used
+  first = sorted(prepared["abs_kernels"])[0]
+  bad = {**prepared, "abs_kernels": {**prepared["abs_kernels"], first: {
+      "kernel": prepared["abs_kernels"][first]["kernel"][..., :1]}}}
+  with pytest.raises(ValueError, match="prepare the variables again"):
+    certify.bounds(model, bad, x, 0.02, "box")
+  with pytest.raises(TypeError, match="params"):
+    certify.prepare([1, 2])
+  y = jnp.arange(4) % 10
+  np.testing.assert_array_equal(   # verify_dataset prepares by itself: same answers
+      _api.verify_dataset(model, v, x, y, 0.001, domain, batch_size=2),
+      np.asarray(certify.verify(model, v, x, y, 0.001, domain)))

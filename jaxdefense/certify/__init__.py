@@ -25,6 +25,7 @@ from jaxdefense.certify._api import certified_margins as certified_margins
 from jaxdefense.certify._api import count_neurons as count_neurons
 from jaxdefense.certify._api import input_set as input_set
 from jaxdefense.certify._api import make_bounds_fn as make_bounds_fn
+from jaxdefense.certify._api import prepare as prepare
 from jaxdefense.certify._api import report as report
 from jaxdefense.certify._api import verify as verify
 from jaxdefense.certify._domains import Box as Box
@@ -45,6 +46,7 @@ __all__ = [
     "linear_bounds",
     "make_bounds_fn",
     "margin_lower_bounds",
+    "prepare",
     "report",
     "verify",
     "worst_case_logits",

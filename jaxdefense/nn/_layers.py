@@ -373,7 +373,8 @@ class Dense(nn.Module):
                             mismatch)
     bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
     if is_abstract(x):
-      return x.affine(lambda a: a @ kernel, lambda a: a @ jnp.abs(kernel), bias,
+      abs_kernel = _abs_kernel(self, kernel)
+      return x.affine(lambda a: a @ kernel, lambda a: a @ abs_kernel, bias,
                       fan_in=int(in_features))
     y = x @ kernel
     return y if bias is None else y + bias
@@ -444,10 +445,31 @@ class Conv(nn.Module):
     def conv(a, w):
       return _conv_plain(a, w, strides, padding, g)
     if is_abstract(x):
-      return x.affine(lambda a: conv(a, kernel), lambda a: conv(a, jnp.abs(kernel)), bias,
+      abs_kernel = _abs_kernel(self, kernel)
+      return x.affine(lambda a: conv(a, kernel), lambda a: conv(a, abs_kernel), bias,
                       fan_in=int(k[0] * k[1] * (in_ch // g)))
     y = _conv(x, kernel, strides, padding, g)
     return y if bias is None else y + bias
+
+
+#: Collection of precomputed absolute kernels ``|W|`` (``jaxdefense.certify.prepare``),
+#: which the abstract path of :class:`Dense` and :class:`Conv` uses instead of computing
+#: ``jnp.abs(kernel)`` on every call.
+ABS_KERNELS = "abs_kernels"
+
+
+def _abs_kernel(layer: nn.Module, kernel: Array) -> Array:
+  """``|kernel|``: the precomputed one of ``certify.prepare`` when the variables hold
+  it (checked to have the kernel's shape), else computed here."""
+  if layer.has_variable(ABS_KERNELS, "kernel"):
+    stored = layer.get_variable(ABS_KERNELS, "kernel")
+    if tuple(stored.shape) != tuple(kernel.shape):
+      raise ValueError(f"{_layer_path(layer)}: the precomputed |kernel| in the "
+                       f"'{ABS_KERNELS}' collection has shape {tuple(stored.shape)}, the "
+                       f"kernel {tuple(kernel.shape)}: prepare the variables again "
+                       "(jaxdefense.certify.prepare) after changing them.")
+    return stored
+  return jnp.abs(kernel)
 
 
 class BatchNorm(nn.Module):
