@@ -388,7 +388,8 @@ def test_four_host_devices_match_one_device(tmp_path):
   assert records[-1]["devices"] == 4 and records[-1]["train_step_traces"] == 1
 
 
-MEMBERS = ["ensemble.size=4", "num_train_steps=6", "batch_size=32", "eval_batch_size=96",
+MEMBERS = ["ensemble.size=4", "model.stem_width=4", "model.widths=(4, 8, 8)",
+           "num_train_steps=6", "batch_size=32", "eval_batch_size=96",
            "train_size=192", "validation_size=96", "progress_bar=false",
            "log_every_steps=2", "checkpoint.keep_best=false"]
 
