@@ -213,10 +213,6 @@ def feynman_kac(ctx: CellContext) -> dict:
 
 
 # ----------------------------------------------------------------- report
-def _pct(v: float | None) -> str:
-  return "–" if v is None else f"{100 * v:.1f}"
-
-
 def _verdict(comparisons: list) -> str:
   verdicts = [c.verdict for c in comparisons]
   if "did not hold" in verdicts:
@@ -364,8 +360,8 @@ def report(res: Results, out_dir: str, quick: bool = False) -> list[str]:
               "train more slowly. If so, summing the loss over members (lr x n, wd / n) or "
               "training longer lifts En2 / En5; if not, the drop stays.", ""]
     rows = [[f"`{n}`", RUNS[n][0], est(n, "clean").format(), est(n, "ifgsm").format(),
-             _pct(np.mean(res.values(n, "final_train_accuracy")) if res.values(
-                 n, "final_train_accuracy") else None)]
+             res.estimate(n, "final_train_accuracy").format()
+             if res.values(n, "final_train_accuracy") else "–"]
             for n in ("en1", "en2", "en2_sum", "en2_long", "en5", "en5_sum", "en5_long")
             if n in names]
     lines += jd.evaluation.markdown_table(

@@ -286,26 +286,27 @@ VALUE_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def _at(config: ml_collections.ConfigDict, path: str) -> Any:
+  """The value at the dotted ``path`` (``"optimizer.momentum"``, ``"compute_dtype"``)."""
+  node = config
+  for part in path.split("."):
+    node = node[part]
+  return node
+
+
 def _check_values(config: ml_collections.ConfigDict) -> None:
   """Range checks of a complete config (see :data:`VALUE_RANGES`)."""
   for path, lo, hi in VALUE_RANGES:
-    node = config
-    *groups, last = path.split(".")
-    for g in groups:
-      node = node[g]
+    value = _at(config, path)
     name = f"config key {path!r}"
-    if isinstance(node[last], float) or isinstance(lo, float):
-      _checks.check_float(node[last], name, minimum=lo, maximum=hi)
+    if isinstance(value, float) or isinstance(lo, float):
+      _checks.check_float(value, name, minimum=lo, maximum=hi)
     else:
-      _checks.check_int(node[last], name, minimum=lo, maximum=hi)
+      _checks.check_int(value, name, minimum=lo, maximum=hi)
   for path, choices in VALUE_CHOICES:
-    node = config
-    *groups, last = path.split(".")
-    for g in groups:
-      node = node[g]
-    if node[last] not in choices:
+    if _at(config, path) not in choices:
       raise ValueError(f"config key {path!r} must be one of {choices}; "
-                       f"got {node[last]!r}.")
+                       f"got {_at(config, path)!r}.")
   epochs = _checks.check_int(config.epochs, "config key 'epochs'")
   if config.num_train_steps > 0 and epochs < 0:
     raise ValueError(f"config key 'epochs' must be >= 0; got {epochs}.")

@@ -30,8 +30,8 @@ def padded_batch_size(batch_size: int, n: int, mesh: Mesh, fixed: bool = False) 
   """The batch shape :func:`run_batches` compiles for.
 
   ``min(batch_size, n)`` (``batch_size`` when ``fixed``) rounded up to a multiple of the
-  number of devices on the mesh's ``"data"`` axis (and of the process count), so that the batch always splits evenly over
-  the devices.
+  number of devices on the mesh's ``"data"`` axis (and of the process count), so that
+  the batch always splits evenly over the devices.
   """
   devices = _sharding.data_size(mesh)
   step = math.lcm(devices, jax.process_count())

@@ -375,10 +375,7 @@ def solve_ode(vector_field: VectorField, x0: Array, args: Any = None, *,
   slv, adaptive = _solver(solver, adaptive)
   _checks.check_choice(adjoint, "adjoint", _ADJOINTS)
   if adjoint == "unrolled":
-    if adaptive:
-      raise ValueError(f"adjoint='unrolled' takes a fixed number of steps; solver={solver!r} "
-                       "is adaptive here: pass adaptive=False (n_steps equal steps) or use "
-                       "adjoint='recursive'.")
+    _check_unrolled(solver, adaptive)
     if ts is not None:
       raise ValueError("adjoint='unrolled' returns the state at t1 only; got ts. Use "
                        "adjoint='recursive' to save the state at several times.")
@@ -422,6 +419,20 @@ def _fsal_stage_unused(tableau: Any) -> bool:
   return bool(tableau is not None and tableau.fsal and float(tableau.b_sol[-1]) == 0.0)
 
 
+def _rk_update(y: Array, h: float, weights: np.ndarray, ks: list) -> Array:
+  """``y + h sum_m w_m k_m`` over the non-zero weights (``y`` itself when all are 0)."""
+  terms = [float(w) * ks[m] for m, w in enumerate(weights) if w != 0.0]
+  return y + h * sum(terms[1:], terms[0]) if terms else y
+
+
+def _check_unrolled(solver: str, adaptive: bool) -> None:
+  """``adjoint="unrolled"`` needs a fixed number of steps."""
+  if adaptive:
+    raise ValueError(f"adjoint='unrolled' takes a fixed number of steps; solver={solver!r} "
+                     "is adaptive here: pass adaptive=False (n_steps equal steps) or use "
+                     "adjoint='recursive'.")
+
+
 def _unrolled(f: VectorField, solver: Any, x0: Array, args: Any, t0: float, t1: float,
               n: int, full_output: bool) -> Any:
   """``n`` equal explicit Runge–Kutta steps as straight-line code (no loop).
@@ -454,11 +465,8 @@ def _unrolled(f: VectorField, solver: Any, x0: Array, args: Any, t0: float, t1: 
       # estimate): the final step does not evaluate it
       rows = a[:-1] if last_unused and i == n - 1 else a
       for j, row in enumerate(rows):
-        inc = [float(w) * ks[m] for m, w in enumerate(row) if w != 0.0]
-        yj = y + h * sum(inc[1:], inc[0]) if inc else y
-        ks.append(f(jnp.asarray(t + c[j] * h, dtype), yj, args))
-      inc = [float(w) * ks[m] for m, w in enumerate(b) if w != 0.0]
-      y = y + h * sum(inc[1:], inc[0])
+        ks.append(f(jnp.asarray(t + c[j] * h, dtype), _rk_update(y, h, row, ks), args))
+      y = _rk_update(y, h, b, ks)
       first = ks[-1] if tableau.fsal else None
   if not full_output:
     return y
@@ -589,10 +597,8 @@ class ODEBlock(nn.Module):
     _resolve_steps(0.0, self.t1, self.n_steps, self.dt)
     _, adaptive = _solver(self.solver, self.adaptive)
     _checks.check_choice(self.adjoint, "adjoint", _ADJOINTS)
-    if self.adjoint == "unrolled" and adaptive:
-      raise ValueError(f"ODEBlock: adjoint='unrolled' takes a fixed number of steps; "
-                       f"solver={self.solver!r} is adaptive here (set adaptive=False and "
-                       "n_steps, or use adjoint='recursive').")
+    if self.adjoint == "unrolled":
+      _check_unrolled(self.solver, adaptive)
     _checks.check_float(self.rtol, "rtol", minimum=0.0, strict_min=True)
     _checks.check_float(self.atol, "atol", minimum=0.0, strict_min=True)
     _checks.check_int(self.max_steps, "max_steps", minimum=1)

@@ -36,7 +36,8 @@ from jaxdefense.models._stepped import with_step as with_step
 
 __all__ = [
     "DiffAINet", "Ensemble", "MLP", "ModelFn", "ODE_FIELDS", "ResNet", "ResidualBlock",
-    "SONet", "average_logits", "bind", "check_compute_dtype", "count_params", "create", "describe", "enresnet",
+    "SONet", "average_logits", "bind", "check_compute_dtype", "count_params", "create",
+    "describe", "enresnet",
     "fixed_step_twin", "is_stochastic", "member_variables", "names", "register", "step_of",
     "with_solver", "with_step",
 ]

@@ -157,8 +157,7 @@ class Ensemble(nn.Module):
             for name in ("noise", "dropout") if self.has_rng(name)}
     mutable = self.scope.mutable
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    is_array = [isinstance(a, (jax.Array, jnp.ndarray)) or hasattr(a, "dtype")
-                for a in leaves]
+    is_array = [hasattr(a, "dtype") for a in leaves]   # jax / NumPy arrays, tracers
     arrays = [a for a, arr in zip(leaves, is_array) if arr]
     member = self.member.clone(parent=None)
 

@@ -92,8 +92,7 @@ class Experiment:
     """The sharding of every leaf of the training state on ``mesh``: replicated, except
     an ensemble's stacked variables and their optimizer moments on a mesh with a
     ``"member"`` axis (``jaxdefense.data.state_sharding``)."""
-    shapes = jax.eval_shape(self.init_fn(), self.root_key())
-    return _sharding.state_sharding(shapes, mesh, self.stacked_members)
+    return jax.tree_util.tree_map(lambda s: s.sharding, self.abstract_state(mesh))
 
   def abstract_state(self, mesh: Mesh) -> TrainState:
     """The state's structure with ``ShapeDtypeStruct`` leaves placed on ``mesh``
