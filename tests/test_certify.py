@@ -732,3 +732,75 @@ def test_prepared_variables_give_the_same_bounds(name, domain):
   np.testing.assert_array_equal(   # verify_dataset prepares by itself: same answers
       _api.verify_dataset(model, v, x, y, 0.001, domain, batch_size=2),
       np.asarray(certify.verify(model, v, x, y, 0.001, domain)))
+
+
+def _full_copy(z: HybridZonotope) -> HybridZonotope:
+  """The same set with its generators held as the full ``[m, B, ...]`` tensor."""
+  return HybridZonotope(z.center(), z.box, z.generators, relu_mode=z.relu_mode,
+                        relu_budget=z.relu_budget, segments=z.segments, sound=z.sound)
+
+
+def _conv_batches(fn, *args) -> list[int]:
+  """Batch sizes of every convolution's input in ``fn``'s jaxpr (sub-jaxprs included)."""
+  sizes = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        sizes.append(int(eqn.invars[0].aval.shape[0]))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return sizes
+
+
+@pytest.mark.parametrize("name,domain,sound", [("conv_small", "zonotope", False),
+                                               ("conv_small", "deepz", True),
+                                               ("ffnn", "zonotope", True)])
+def test_diagonal_input_generators_match_the_full_tensor(name, domain, sound):
+  """The per-pixel input zonotope is kept as its diagonal through normalisation and maps
+  the basis images once per batch in the first layer; the bounds equal those of the
+  same set held as a full generator tensor, and the first convolution sees p + B images,
+  not p * B + B."""
+  batch = 3
+  x = _uniform(4, (batch, 12, 12, 1))
+  model = jd.models.create(name, num_classes=10)
+  v = model.init(jax.random.PRNGKey(1), x)
+  z = certify.input_set(x, 0.05, domain, sound=sound)
+  assert z._diagonal and z.num_generators == 144
+  d = z._gens
+  full = (jnp.eye(144)[:, None, :] * d[None]).reshape((144,) + x.shape)
+  np.testing.assert_array_equal(z.generators, full)
+  zf = _full_copy(z)
+  assert not zf._diagonal
+  for a, b in zip(z.concretize(), zf.concretize()):
+    np.testing.assert_array_equal(a, b)
+  scaled = L.scale_shift(z, 2.0, 0.5).reshape((batch, 144))
+  assert scaled._diagonal
+  np.testing.assert_allclose(scaled.generators,
+                             L.scale_shift(zf, 2.0, 0.5).reshape((batch, 144)).generators)
+  run = jax.jit(lambda val: model.apply(v, val).concretize())
+  for a, b in zip(run(z), run(zf)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  if name == "conv_small":
+    first = _conv_batches(lambda val: model.apply(v, val).concretize(), z)[0]
+    assert first == 144 + batch
+    assert _conv_batches(lambda val: model.apply(v, val).concretize(), zf)[0] == (
+        144 * batch + batch)
+  # through vmap over the batch axis, grad, and the box start's correlation layer
+  per = jax.jit(jax.vmap(lambda val: val.concretize()[1], in_axes=(z.batch_axes(),)))(z)
+  np.testing.assert_allclose(per, z.concretize()[1], rtol=1e-6)
+  if not sound:   # the sound path's nextafter has no derivative: it is not for training
+    g = jax.grad(lambda val: jnp.sum(model.apply(v, val).concretize()[1]))(z)
+    gf = jax.grad(lambda val: jnp.sum(model.apply(v, val).concretize()[1]))(zf)
+    np.testing.assert_allclose(g.box, gf.box, rtol=1e-5, atol=1e-6)
+    # the diagonal's gradient is the diagonal of the full tensor's gradient
+    dense = gf.generators.reshape(144, batch, 144)
+    np.testing.assert_allclose(g._gens, jnp.diagonal(dense, axis1=0, axis2=2),
+                               rtol=1e-5, atol=1e-6)
+  box_start = certify.input_set(x, 0.05, domain, correlate_input=False)
+  assert box_start.num_generators == 0
+  corr = box_start.correlate_all()
+  assert corr._diagonal and corr.num_generators == 144
+  again = corr.correlate_all()                 # generators present: appended, full tensor
+  assert not again._diagonal and again.num_generators == 288

@@ -425,6 +425,15 @@ class HybridZonotope(_Domain):
       rounding so that the set contains the float32 network's values (see the module
       docstring); ``False`` (default) is the fast, unrounded path.
 
+  A zonotope whose only generators are one per variable (``from_bounds(correlate=True)``
+  and ``correlate_all`` on a value without generators: ``E_j = d_j e_j``) keeps them as
+  the ``[B, p]`` diagonal ``d`` until an operation needs the ``[p, B, ...]`` tensor.
+  Elementwise scaling and reshapes stay diagonal, and an affine layer maps the ``p``
+  basis images once for the whole batch (``E'_j = d_j (W e_j)``) instead of ``p * B``
+  generator images: ``B`` times fewer operations in the first layer, the same values
+  (``W (d_j e_j)`` has one non-zero term per output, so it is the same single rounding).
+  ``generators`` always returns the full tensor.
+
   Raises:
     ValueError: shapes that do not match, a bad ``relu_mode`` or ``relu_budget``.
     TypeError: ``sound`` is not a bool.
@@ -454,7 +463,8 @@ class HybridZonotope(_Domain):
       raise ValueError(f"segments {segments} do not add up to {m} generators.")
     self._center = center
     self.box = box
-    self.generators = generators
+    self._gens = generators
+    self._diagonal = False
     self.relu_mode = relu_mode
     self.relu_budget = None if relu_budget is None else int(relu_budget)
     self.segments = tuple((int(t), int(s)) for t, s in segments)
@@ -462,14 +472,36 @@ class HybridZonotope(_Domain):
 
   # ------------------------------------------------------------------- pytree
   def tree_flatten(self):
-    return ((self._center, self.box, self.generators),
-            (self.relu_mode, self.relu_budget, self.segments, self.sound))
+    return ((self._center, self.box, self._gens),
+            (self.relu_mode, self.relu_budget, self.segments, self.sound, self._diagonal))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     obj = object.__new__(cls)
-    obj._center, obj.box, obj.generators = children
-    obj.relu_mode, obj.relu_budget, obj.segments, obj.sound = aux
+    obj._center, obj.box, obj._gens = children
+    obj.relu_mode, obj.relu_budget, obj.segments, obj.sound, obj._diagonal = aux
+    return obj
+
+  @property
+  def generators(self) -> Array:
+    """The correlated generators ``E``, ``[m, B, ...]`` (built from the diagonal when
+    the value holds one, see the class docstring)."""
+    if not self._diagonal:
+      return self._gens
+    d = self._gens                                             # [B, p] (or [p] in vmap)
+    p = d.shape[-1]
+    full = jnp.eye(p, dtype=d.dtype) * d[..., None, :]          # [..., p, p]: E_j = d_j e_j
+    return jnp.moveaxis(full, -2, 0).reshape((p,) + self.shape)
+
+  @generators.setter
+  def generators(self, value: Array) -> None:
+    self._gens = value
+    self._diagonal = False
+
+  def _with_diagonal(self, center: Array, box: Array, diagonal: Array
+                     ) -> "HybridZonotope":
+    obj = self._new(center, box, diagonal)
+    obj._diagonal = True
     return obj
 
   def batch_axes(self) -> "HybridZonotope":
@@ -479,12 +511,13 @@ class HybridZonotope(_Domain):
     ``jax.vmap(f, in_axes=(z.batch_axes(),))(z)`` hands ``f`` one example at a time
     (shapes without the batch axis).
     """
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self), [0, 0, 1])
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self),
+                                        [0, 0, 0 if self._diagonal else 1])
 
   def _new(self, center: Array, box: Array, generators: Array,
            segments: tuple[tuple[int, int], ...] | None = None) -> "HybridZonotope":
     obj = object.__new__(HybridZonotope)
-    obj._center, obj.box, obj.generators = center, box, generators
+    obj._center, obj.box, obj._gens, obj._diagonal = center, box, generators, False
     obj.relu_mode, obj.relu_budget = self.relu_mode, self.relu_budget
     obj.segments = self.segments if segments is None else segments
     obj.sound = self.sound
@@ -499,8 +532,9 @@ class HybridZonotope(_Domain):
         raise TypeError(f"replace: unknown field {k!r}; expected relu_mode, relu_budget "
                         "or sound.")
       fields[k] = v
-    return HybridZonotope(self._center, self.box, self.generators, segments=self.segments,
-                          **fields)
+    out = HybridZonotope(self._center, self.box, None, **fields)
+    out._gens, out._diagonal, out.segments = self._gens, self._diagonal, self.segments
+    return out
 
   # ---------------------------------------------------------------- structure
   @classmethod
@@ -538,7 +572,7 @@ class HybridZonotope(_Domain):
 
   @property
   def num_generators(self) -> int:
-    return int(self.generators.shape[0])
+    return int(self._gens.shape[-1] if self._diagonal else self._gens.shape[0])
 
   def center(self) -> Array:
     return self._center
@@ -547,6 +581,8 @@ class HybridZonotope(_Domain):
     """Total error ``b + sum_j |E_j|`` (the half-width of the interval concretization)."""
     if self.num_generators == 0:
       return self.box
+    if self._diagonal:
+      return self.box + jnp.abs(self._gens).reshape(self.shape)
     return self.box + _abs_sum(self.generators)
 
   def concretize(self) -> tuple[Array, Array]:
@@ -583,6 +619,8 @@ class HybridZonotope(_Domain):
   def affine(self, linear_fn: LinearFn, abs_linear_fn: LinearFn | None,
              bias: Array | None = None, *, fan_in: int | None = None) -> "HybridZonotope":
     m, batch = self.num_generators, self.shape[0]
+    if self._diagonal and abs_linear_fn is not None:
+      return self._affine_diagonal(linear_fn, abs_linear_fn, bias, fan_in)
     if abs_linear_fn is None:
       # Non-negative weights: one call on [c; b; E].
       parts = [self._center, self.box] + ([self._flat_generators()] if m else [])
@@ -604,6 +642,23 @@ class HybridZonotope(_Domain):
     gens = self._unflat(e, m) if m else jnp.zeros((0,) + c.shape, c.dtype)
     return self._new(c, b, gens)
 
+  def _affine_diagonal(self, linear_fn: LinearFn, abs_linear_fn: LinearFn,
+                       bias: Array | None, fan_in: int | None) -> "HybridZonotope":
+    """``affine`` for diagonal generators: the basis images mapped once per batch."""
+    batch, p = self.shape[0], self.num_generators
+    basis = jnp.eye(p, dtype=self.dtype).reshape((p,) + self.shape[1:])
+    out = linear_fn(jnp.concatenate([self._center, basis], 0))
+    c, images = out[:batch], out[batch:]                         # images: [p, ...]
+    d = self._gens.T.reshape((p, batch) + (1,) * (images.ndim - 1))
+    gens = d * images[:, None]                                   # [p, B, ...]
+    b = abs_linear_fn(self.box)
+    if bias is not None:
+      c = c + bias
+    if self.sound and (fan_in != 0 or bias is not None):
+      b = b + _rounding_slack(abs_linear_fn, self._magnitude(), bias,
+                              _fan_in(self.shape, fan_in), self.dtype)
+    return self._new(c, b, gens)
+
   def scale_shift(self, scale: Any, shift: Any = None) -> "HybridZonotope":
     c = self._center * scale
     if shift is not None:
@@ -613,11 +668,17 @@ class HybridZonotope(_Domain):
     if self.sound:
       b = b + _rounding_slack(lambda v: v * jnp.abs(scale), self._magnitude(), shift, 1,
                               self.dtype)
+    if self._diagonal:
+      per_variable = jnp.broadcast_to(scale, self.shape).reshape(self._gens.shape)
+      return self._with_diagonal(c, b, self._gens * per_variable)
     return self._new(c, b, self.generators * scale)
 
   def reshape(self, shape: Sequence[int]) -> "HybridZonotope":
     shape = (self.shape[0],) + tuple(shape)[1:]
     m = self.num_generators
+    if self._diagonal:
+      return self._with_diagonal(self._center.reshape(shape), self.box.reshape(shape),
+                                 self._gens)
     return self._new(self._center.reshape(shape), self.box.reshape(shape),
                      self.generators.reshape((m,) + shape))
 
@@ -690,6 +751,8 @@ class HybridZonotope(_Domain):
     b = self.box
     if self.sound:
       b = b + _rounding_slack(lambda v: v, self._magnitude(), other, 1, self.dtype)
+    if self._diagonal:
+      return self._with_diagonal(self._center + other, b, self._gens)
     return self._new(self._center + other, b, self.generators)
 
   def _add(self, other: "HybridZonotope") -> "HybridZonotope":
@@ -735,6 +798,10 @@ class HybridZonotope(_Domain):
   def _correlate_all(self, tag: int) -> "HybridZonotope":
     batch, p = self.shape[0], _per_example_size(self.shape)
     b_flat = self.box.reshape(batch, p)
+    if self.num_generators == 0:
+      out = self._with_diagonal(self._center, jnp.zeros_like(self.box), b_flat)
+      out.segments = ((tag, p),)
+      return out
     new = (jnp.eye(p, dtype=self.dtype)[:, None, :] * b_flat[None]).reshape((p,) + self.shape)
     return self._new(self._center, jnp.zeros_like(self.box),
                      jnp.concatenate([self.generators, new], 0),
