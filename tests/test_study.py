@@ -327,3 +327,25 @@ def test_study_main_takes_a_make_study_function(tmp_path, capsys):
   assert [l.split()[1] for l in out] == ["q", "a", "b"]
   with pytest.raises(TypeError, match="study_main"):
     evaluation.study_main(42, ["list"])
+
+
+def test_study_for_script_lays_out_full_and_quick_studies(tmp_path):
+  """``Study.for_script``: the full study writes beside its script as ``STUDY``; the
+  quick one is ``QUICK_STUDY``, passes ``--quick`` in its commands and writes under the
+  runs folder, never beside the real results."""
+  script = tmp_path / "experiments" / "toy" / "study.py"
+  script.parent.mkdir(parents=True)
+  script.write_text("")
+  full, quick = (Study.for_script("toy", lambda o: None, {"a": {}}, spec=script,
+                                  results="results/small", quick=q, run=lambda ctx: {},
+                                  root=tmp_path) for q in (False, True))
+  assert full.object_name == "STUDY" and full.command_args == ()
+  assert full.results_dir == str(script.parent / "results" / "small")
+  assert quick.object_name == "QUICK_STUDY" and quick.command_args == ("--quick",)
+  assert quick.results_dir == str(tmp_path / "workdirs" / "toy" / "report")
+  assert full.runs_dir == quick.runs_dir == str(tmp_path / "workdirs" / "toy")
+  assert quick.command("a", 0) == (
+      "python experiments/toy/study.py --quick --cell a --seed 0 --force")
+  with pytest.raises(TypeError, match="results_dir"):
+    Study.for_script("toy", lambda o: None, {"a": {}}, spec=script, results="r",
+                     run=lambda ctx: {}, results_dir=tmp_path)

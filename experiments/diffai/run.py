@@ -306,15 +306,10 @@ def make_study(quick: bool = False) -> Study:
   base = lambda overrides: load_config(overrides, quick)
   base.__qualname__ = "experiments/diffai/config.py" + (" (quick)" if quick else "")
   tag = "diffai_quick" if quick else "diffai"
-  return Study(
+  return Study.for_script(
       tag, base, [Cell(m, {"model": m}, info={"quick": quick}) for m in MODELS], seeds=(0,),
       run=run_cell, report=lambda res, out: report(res, out, quick),
-      title="DiffAI on Fashion-MNIST at eps = 0.1 (CPU scale)", spec=__file__,
-      object_name="QUICK_STUDY" if quick else "STUDY",
-      command_args=("--quick",) if quick else (),
-      results_dir=os.path.join(ROOT, "workdirs", tag, "report") if quick
-      else os.path.join(HERE, "results"),
-      runs_dir=os.path.join(ROOT, "workdirs", tag))
+      title="DiffAI on Fashion-MNIST at eps = 0.1 (CPU scale)", spec=__file__, results="results", quick=quick, root=ROOT)
 
 
 STUDY = make_study(False)

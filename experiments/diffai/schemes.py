@@ -288,16 +288,12 @@ def make_study(quick: bool = False) -> Study:
   base = lambda overrides: load_config(overrides, quick)
   base.__qualname__ = "experiments/diffai/schemes.py:load_config" + (" (quick)" if quick else "")
   tag = "diffai_schemes_quick" if quick else "diffai_schemes"
-  return Study(
+  return Study.for_script(
       tag, base, [Cell(n, {"scheme": n}, description=SCHEMES[n][0], info={"quick": quick})
                   for n in SCHEMES], seeds=(0, 1),
       run=run_cell, report=lambda res, out: report(res, out, quick),
       title="DiffAI's training schemes on ConvSmall, Fashion-MNIST, eps = 0.1 (CPU scale)",
-      spec=__file__, object_name="QUICK_STUDY" if quick else "STUDY",
-      command_args=("--quick",) if quick else (),
-      results_dir=os.path.join(ROOT, "workdirs", tag, "report") if quick
-      else os.path.join(HERE, "schemes_results"),
-      runs_dir=os.path.join(ROOT, "workdirs", tag))
+      spec=__file__, results="schemes_results", quick=quick, root=ROOT)
 
 
 STUDY = make_study(False)

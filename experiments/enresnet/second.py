@@ -422,15 +422,11 @@ def make_study(quick: bool = False) -> Study:
   base = lambda overrides: config_for(overrides, quick)
   base.__qualname__ = ("experiments/enresnet/small_config.py" + (":quick" if quick else "")
                        + " + overrides (a dict value replaces a group)")
-  return Study(
+  return Study.for_script(
       tag, base, cells, seeds=seeds, run=train_and_attack,
       report=lambda res, out: report(res, out, quick),
       title="EnResNet, second pass: the paper's claims with seeds and tests (Fashion-MNIST)",
-      spec=__file__, object_name="QUICK_STUDY" if quick else "STUDY",
-      command_args=("--quick",) if quick else (),
-      results_dir=os.path.join(ROOT, "workdirs", tag, "report") if quick
-      else os.path.join(HERE, "results", "second"),
-      runs_dir=os.path.join(ROOT, "workdirs", tag))
+      spec=__file__, results="results/second", quick=quick, root=ROOT)
 
 
 STUDY = make_study(False)

@@ -592,16 +592,12 @@ def make_study(quick: bool = False) -> Study:
   base = lambda overrides: config_for(overrides, quick)
   base.__qualname__ = ("experiments/inresnet/small_config.py" + (":quick" if quick else "")
                        + " + overrides (a dict value replaces a group)")
-  return Study(
+  return Study.for_script(
       tag, base, cells, seeds=HEADLINE_SEEDS, run=train_and_eval,
       report=lambda res, out: report(res, out, labels={n: r[0] for n, r in RUNS.items()},
                                      setup=small_setup(res, quick), quick=quick),
       title="In-ResNet, small scale: Fashion-MNIST, natural training",
-      spec=__file__, object_name="QUICK_STUDY" if quick else "STUDY",
-      command_args=("--quick",) if quick else (),
-      results_dir=os.path.join(ROOT, "workdirs", tag, "report") if quick
-      else os.path.join(HERE, "results", "small"),
-      runs_dir=os.path.join(ROOT, "workdirs", tag))
+      spec=__file__, results="results/small", quick=quick, root=ROOT)
 
 
 STUDY = make_study(False)

@@ -230,15 +230,11 @@ def make_study(quick: bool = False) -> Study:
   base = lambda overrides: config_for(overrides, quick)
   base.__qualname__ = ("experiments/lad/small_config.py" + (":quick" if quick else "")
                        + " + overrides")
-  return Study(
+  return Study.for_script(
       tag, base, cells, seeds=SEEDS, run=train_and_eval,
       report=lambda res, out: report(res, out, quick),
       title="LAD, small scale: Fashion-MNIST, adversarial training",
-      spec=__file__, object_name="QUICK_STUDY" if quick else "STUDY",
-      command_args=("--quick",) if quick else (),
-      results_dir=os.path.join(ROOT, "workdirs", tag, "report") if quick
-      else os.path.join(HERE, "results", "small"),
-      runs_dir=os.path.join(ROOT, "workdirs", tag))
+      spec=__file__, results="results/small", quick=quick, root=ROOT)
 
 
 STUDY = make_study(False)

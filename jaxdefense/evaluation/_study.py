@@ -243,6 +243,39 @@ class Study:
     self.runs_dir = str(runs_dir) if runs_dir is not None else os.path.join(
         str(self.root), "workdirs", name)
 
+  @classmethod
+  def for_script(cls, name: str, base: str | os.PathLike | Callable[[dict], Any],
+                 cells: Sequence[Cell] | Mapping[str, Mapping[str, Any]], *,
+                 spec: str | os.PathLike, results: str, quick: bool = False,
+                 **kwargs: Any) -> "Study":
+    """A study defined in an experiment script, laid out as the project's scripts are.
+
+    The full study is the script's ``STUDY`` and writes ``results.json`` and its report
+    to ``results`` (a folder relative to the script's own).  The quick smoke version
+    (``quick=True``, built by the script's ``make_study(quick=True)``) is its
+    ``QUICK_STUDY``: its commands carry ``--quick`` and it writes under
+    ``ROOT/workdirs/NAME/report``, never beside the real results.  Runs go to
+    ``ROOT/workdirs/NAME`` in both cases.
+
+    Args:
+      name, base, cells: as for :class:`Study`.
+      spec: the script (pass ``__file__``).
+      results: the full study's results folder, relative to the script's folder.
+      quick: build the quick version.
+      **kwargs: any other :class:`Study` argument (``seeds``, ``run``, ``report``,
+        ``title``, ``root``).
+    """
+    for fixed in ("object_name", "command_args", "results_dir", "runs_dir"):
+      if fixed in kwargs:
+        raise TypeError(f"Study.for_script sets {fixed} itself; use Study(...) to choose "
+                        "it.")
+    study = cls(name, base, cells, spec=spec,
+                object_name="QUICK_STUDY" if quick else "STUDY",
+                command_args=("--quick",) if quick else (), **kwargs)
+    study.results_dir = (os.path.join(study.runs_dir, "report") if quick else
+                         os.path.join(os.path.dirname(os.path.abspath(spec)), results))
+    return study
+
   # -- grid
   def cell(self, name: str) -> Cell:
     """The cell called ``name``; ValueError listing the names when there is none."""
