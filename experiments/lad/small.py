@@ -202,7 +202,10 @@ def report(res: Results, out_dir: str, quick: bool = False) -> list[str]:
       overhead.append(f"{lad}: {t(lad) / max(t(base), 1e-9):.2f}x {base}")
   if overhead:
     lines += ["", "Training-time overhead (time in training steps, mean over seeds): "
-              + "; ".join(overhead) + "."]
+              + "; ".join(overhead) + ". The cells ran at different times on a shared "
+              "machine, so these ratios carry its load; `python benchmarks/lad_overhead.py` "
+              "times the six objectives' training steps side by side in interleaved rounds "
+              "(figures in BENCHMARKS.md)."]
   lines += ["", "## Claims, tested here", "",
             "Welch's t-test over seeds, two-sided, alpha = 0.05; a claim of several parts "
             "holds when every part does and fails when any part is significantly against "
