@@ -757,7 +757,7 @@ def _conv_batches(fn, *args) -> list[int]:
 @pytest.mark.parametrize("name,domain,sound", [("conv_small", "zonotope", False),
                                                ("conv_small", "deepz", True),
                                                ("ffnn", "zonotope", True)])
-def test_diagonal_input_generators_match_the_full_tensor(name, domain, sound):
+def test_diagonal_input_generators_match_the_full_tensor(name, domain, sound, monkeypatch):
   """The per-pixel input zonotope is kept as its diagonal through normalisation and maps
   the basis images once per batch in the first layer; the bounds equal those of the
   same set held as a full generator tensor, and the first convolution sees p + B images,
@@ -783,6 +783,8 @@ def test_diagonal_input_generators_match_the_full_tensor(name, domain, sound):
   for a, b in zip(run(z), run(zf)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   if name == "conv_small":
+    from jaxdefense.nn import _layers  # XLA's convolution for every batch: count images
+    monkeypatch.setattr(_layers, "_PATCHES_MIN_BATCH", 10**9)
     first = _conv_batches(lambda val: model.apply(v, val).concretize(), z)[0]
     assert first == 144 + batch
     assert _conv_batches(lambda val: model.apply(v, val).concretize(), zf)[0] == (
@@ -804,3 +806,30 @@ def test_diagonal_input_generators_match_the_full_tensor(name, domain, sound):
   assert corr._diagonal and corr.num_generators == 144
   again = corr.correlate_all()                 # generators present: appended, full tensor
   assert not again._diagonal and again.num_generators == 288
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [(3, 1, None), ((4, 2), 2, 1),
+                                                    (4, (2, 1), "SAME"), (3, 2, "VALID"),
+                                                    (2, 1, ((0, 1), (1, 0)))])
+def test_one_channel_convolution_as_patches_matches_the_convolution(kernel, strides,
+                                                                    padding):
+  """On CPU a one-input-channel convolution on an abstract batch of >= 16 runs as
+  patches times a matrix: the same values as XLA's convolution, every padding form."""
+  from jaxdefense.nn import _layers
+  x = _uniform(5, (_layers._PATCHES_MIN_BATCH, 11, 10, 1))
+  layer = L.Conv(6, kernel, strides=strides, padding=padding, use_bias=True)
+  v = layer.init(jax.random.PRNGKey(0), x)
+  k = _layers._pair(kernel)
+  pads = layer._padding(k) if padding is None else padding
+  pads = pads if isinstance(pads, str) else tuple(tuple(p) for p in (
+      ((pads, pads), (pads, pads)) if isinstance(pads, int) else pads))
+  ref = _layers._conv_plain(x, v["params"]["kernel"], _layers._pair(strides), pads, 1)
+  got = _layers._conv_patches(x, v["params"]["kernel"], _layers._pair(strides), pads)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  z = Box.from_bounds(x - 0.1, x + 0.1)
+  lo, hi = layer.apply(v, z).concretize()
+  y = layer.apply(v, x)
+  assert bool(jnp.all(lo <= y + 1e-6)) and bool(jnp.all(y <= hi + 1e-6))
+  assert _conv_batches(lambda val: layer.apply(v, val).concretize(), z) == []
+  small = Box.from_bounds(x[:2] - 0.1, x[:2] + 0.1)   # below the batch threshold: XLA's
+  assert _conv_batches(lambda val: layer.apply(v, val).concretize(), small) == [2, 2]
