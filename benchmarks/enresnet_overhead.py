@@ -5,7 +5,8 @@ vs En_1 ResNet20, batch 1K on a Titan Xp, 1.6941 s vs 1.6943 s over 100 runs and
 same 4807 MB peak memory.  Here: the jit-compiled forward pass (``train=False``, noise
 on at test time as in the paper) of ``preact_resnet20`` against ``en_preact_resnet20``
 and the same En_1 with the fused ``sampler="fast"`` (``NAME:fast`` rows; see
-``jaxdefense.dynamics.fast_normal``), and, without ``--quick``, the ensembles ``en2``/``en5``, the noise-free ``ens2`` and the
+``jaxdefense.dynamics.fast_normal``) and with random signs (``sampler="rademacher"``,
+the simplified weak Euler scheme, not Gaussian), and, without ``--quick``, the ensembles ``en2``/``en5``, the noise-free ``ens2`` and the
 shared-weights ``swe5``) on a CIFAR-shaped batch.
 
 Timing: every model is compiled first (compile time reported apart), then the models
@@ -36,13 +37,15 @@ import numpy as np
 import jaxdefense as jd
 import jaxdefense.models._enresnet  # noqa: F401  (registers the EnResNet presets)
 
-QUICK = ("preact_resnet20", "en_preact_resnet20", "en_preact_resnet20:fast")
+QUICK = ("preact_resnet20", "en_preact_resnet20", "en_preact_resnet20:fast",
+         "en_preact_resnet20:rademacher")
 FULL = QUICK + ("en2_preact_resnet20", "en2_preact_resnet20:fast", "en5_preact_resnet20",
                 "en5_preact_resnet20:fast", "ens2_preact_resnet20", "swe5_preact_resnet20")
 
 
 def _create(name: str):
-  """``NAME`` or ``NAME:fast`` (the EnResNet with ``sampler="fast"``)."""
+  """``NAME`` or ``NAME:SAMPLER`` (the EnResNet with ``sampler="fast"`` or
+  ``"rademacher"``)."""
   base, _, sampler = name.partition(":")
   return jd.models.create(base, sampler=sampler) if sampler else jd.models.create(base)
 
@@ -119,7 +122,8 @@ def report(rows, base: str, batch: int, repeats: int, prng: str) -> None:
           f"{f'{p10:.1f}-{p90:.1f}':>15}{med / (b_med * 1e3):>8.3f}{r['args_mb']:>9.2f}"
           f"{r['temp_mb']:>9.2f}{r['total_mb']:>10.2f}{r['total_mb'] / b['total_mb']:>7.3f}")
   for name, label in (("en_preact_resnet20", "jax.random sampler"),
-                      ("en_preact_resnet20:fast", "fast sampler")):
+                      ("en_preact_resnet20:fast", "fast sampler"),
+                      ("en_preact_resnet20:rademacher", "random signs")):
     en = rows.get(name)
     if en is not None:
       ratio = statistics.median(en["times"]) / b_med

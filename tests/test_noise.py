@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 import jaxdefense as jd
-from jaxdefense.dynamics import EulerMaruyama, fast_normal
+from jaxdefense.dynamics import EulerMaruyama, fast_normal, fast_rademacher
 
 N = 1 << 20
 
@@ -80,6 +80,65 @@ def test_fast_enresnet_is_deterministic_per_key_and_as_noisy_as_the_jax_one():
     outs = np.stack([np.asarray(run(m, s)) for s in range(24)])
     spread[name] = outs.std(0).mean()
   assert spread["fast"] > 0 and 0.7 < spread["fast"] / spread["jax"] < 1.4, spread
+
+
+def test_rademacher_signs_are_fair_independent_and_deterministic():
+  k1, k2 = jax.random.split(jax.random.key(11))
+  a = np.asarray(fast_rademacher(k1, (N,)), np.float64)
+  b = np.asarray(fast_rademacher(k2, (N,)), np.float64)
+  assert set(np.unique(a)) == {-1.0, 1.0}
+  assert abs(a.mean()) < 5 / np.sqrt(N)          # P(+1) = 1/2: five standard errors
+  bound = 5 / np.sqrt(N)
+  for lag in (1, 2, 16, 1024):
+    assert abs(np.corrcoef(a[:-lag], a[lag:])[0, 1]) < bound, lag
+  assert abs(np.corrcoef(a, b)[0, 1]) < bound
+  keys = jax.random.split(jax.random.key(12), 2000)
+  z = np.asarray(jax.vmap(lambda k: fast_rademacher(k, (64,)))(keys), np.float64)
+  assert np.all(np.abs(z.mean(0)) < 5 / np.sqrt(2000))
+  c = np.corrcoef(z.T)[np.triu_indices(64, 1)]
+  assert np.max(np.abs(c)) < 5.5 / np.sqrt(2000)
+  np.testing.assert_array_equal(fast_rademacher(k1, (3, 4)), fast_rademacher(k1, (3, 4)))
+  assert fast_rademacher(k1, (3,), jnp.bfloat16).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="fast_rademacher needs a floating dtype"):
+    fast_rademacher(k1, (3,), jnp.int32)
+
+
+def test_rademacher_increments_give_euler_maruyama_expectations():
+  """The simplified weak Euler scheme: on the Ornstein-Uhlenbeck SDE dX = -X dt + s dW,
+  Euler-Maruyama's E[X_n] and E[X_n^2] depend only on the increments' first two
+  moments, so random signs give the Gaussian scheme's values (closed-form recursion),
+  while single paths differ (the fourth moment of an increment is 1, not 3)."""
+  h, s, steps, paths = 0.1, 0.8, 10, 200_000
+  x0 = 1.0
+  m1, m2 = x0, x0 ** 2
+  for _ in range(steps):   # exact moments of the discrete scheme
+    m1, m2 = (1 - h) * m1, (1 - h) ** 2 * m2 + s ** 2 * h
+  for draw in (fast_normal, fast_rademacher):
+    keys = jax.random.split(jax.random.key(13), steps)
+    x = jnp.full((paths,), x0)
+    for k in keys:
+      x = x - h * x + s * np.sqrt(h) * draw(k, (paths,))
+    x = np.asarray(x, np.float64)
+    se1, se2 = x.std() / np.sqrt(paths), (x ** 2).std() / np.sqrt(paths)
+    assert abs(x.mean() - m1) < 5 * se1, (draw.__name__, x.mean(), m1)
+    assert abs((x ** 2).mean() - m2) < 5 * se2, (draw.__name__, (x ** 2).mean(), m2)
+  z = np.asarray(fast_rademacher(jax.random.key(14), (N,)), np.float64)
+  assert np.all(z ** 4 == 1.0)   # not Gaussian: E[z^4] = 1
+
+
+def test_rademacher_enresnet_runs_fused_and_as_noisy():
+  x = jax.random.uniform(jax.random.key(6), (4, 12, 12, 3))
+  signs = jd.models.enresnet("preact_resnet8", sampler="rademacher")
+  gauss = jd.models.enresnet("preact_resnet8")
+  assert signs.step == EulerMaruyama(coef=0.1, sampler="rademacher")
+  v = gauss.init({"params": jax.random.key(0), "noise": jax.random.key(0)}, x)
+  run = lambda m, s: m.apply(v, x, rngs={"noise": jax.random.key(s)})  # noqa: E731
+  np.testing.assert_array_equal(run(signs, 7), run(signs, 7))
+  spread = {}
+  for name, m in (("signs", signs), ("gauss", gauss)):
+    outs = np.stack([np.asarray(run(m, s)) for s in range(24)])
+    spread[name] = outs.std(0).mean()
+  assert spread["signs"] > 0 and 0.7 < spread["signs"] / spread["gauss"] < 1.4, spread
 
 
 def test_bad_inputs_are_named():

@@ -30,6 +30,7 @@ from jaxdefense.dynamics._continuous import ODE_STATS as ODE_STATS
 from jaxdefense.dynamics._continuous import DEFAULT_CHECKPOINTS as DEFAULT_CHECKPOINTS
 from jaxdefense.dynamics._noise import SAMPLERS as SAMPLERS
 from jaxdefense.dynamics._noise import fast_normal as fast_normal
+from jaxdefense.dynamics._noise import fast_rademacher as fast_rademacher
 from jaxdefense.dynamics._continuous import ODEBlock as ODEBlock
 from jaxdefense.dynamics._continuous import RK4 as RK4
 from jaxdefense.dynamics._continuous import ode_stats as ode_stats
@@ -44,5 +45,5 @@ from jaxdefense.dynamics._spectral import grid as grid
 from jaxdefense.dynamics._spectral import solve_convection_diffusion as solve_convection_diffusion
 from jaxdefense.dynamics._spectral import wavenumbers as wavenumbers
 
-__all__ += ["ADJOINTS", "DEFAULT_CHECKPOINTS", "SAMPLERS", "fast_normal", "ODE_STATS", "ODEBlock", "RK4", "ode_stats", "SDEBlock", "SOLVERS", "UnrolledSolution", "feynman_kac", "solve_ode", "solve_sde",
+__all__ += ["ADJOINTS", "DEFAULT_CHECKPOINTS", "SAMPLERS", "fast_normal", "fast_rademacher", "ODE_STATS", "ODEBlock", "RK4", "ode_stats", "SDEBlock", "SOLVERS", "UnrolledSolution", "feynman_kac", "solve_ode", "solve_sde",
             "dealias_mask", "grid", "solve_convection_diffusion", "wavenumbers"]

@@ -121,7 +121,9 @@ class EulerMaruyama(_Rule):
     sampler: ``"jax"`` (default: ``jax.random.normal`` with the key's implementation)
       or ``"fast"`` (:func:`~jaxdefense.dynamics.fast_normal`: a counter-based hash
       that XLA fuses into the step, no noise buffer; several times cheaper on CPU;
-      other values than ``"jax"`` for the same key).
+      other values than ``"jax"`` for the same key) or ``"rademacher"`` (random signs
+      from the same hash: the simplified weak Euler scheme, not Gaussian; see
+      :func:`~jaxdefense.dynamics.fast_rademacher`).
 
   Raises:
     ValueError: bad ``coef``/``std``; noise needed but no ``"noise"`` key given; an

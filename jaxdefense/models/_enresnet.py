@@ -63,9 +63,10 @@ def enresnet(base: str = "preact_resnet20", size: int | None = None, *,
       tensor), ``"sample"`` (per example) or ``"fixed"`` (``coef`` is the absolute
       sigma).
     at_test: also inject noise when ``train=False``; default True (as the paper).
-    sampler: the noise sampler, ``"jax"`` (default, ``jax.random.normal``) or
+    sampler: the noise sampler, ``"jax"`` (default, ``jax.random.normal``),
       ``"fast"`` (a fused counter-based hash; see
-      :func:`jaxdefense.dynamics.fast_normal`).
+      :func:`jaxdefense.dynamics.fast_normal`) or ``"rademacher"`` (random signs, the
+      simplified weak Euler scheme; see :func:`jaxdefense.dynamics.fast_rademacher`).
     **overrides: fields of the member network (``num_classes=100``, ``normalize=...``,
       ``dropout=...``); a ``step`` override replaces the step rule entirely and then
       ``noise``/``coef``/``std``/``at_test`` must not be given.
