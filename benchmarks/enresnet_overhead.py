@@ -108,7 +108,7 @@ def report(rows, base: str, batch: int, repeats: int, prng: str) -> None:
         f"test, {repeats} interleaved rounds, PRNG {prng})")
   print(f"# {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind}, 1-min load average {os.getloadavg()[0]:.1f}")
-  head = (f"{'model':<24}{'params':>10}{'compile s':>11}{'median ms':>11}{'p10-p90 ms':>15}"
+  head = (f"{'model':<31}{'params':>10}{'compile s':>11}{'median ms':>11}{'p10-p90 ms':>15}"
           f"{'x time':>8}{'args MB':>9}{'temp MB':>9}{'total MB':>10}{'x mem':>7}")
   print(head)
   print("-" * len(head))
@@ -118,7 +118,7 @@ def report(rows, base: str, batch: int, repeats: int, prng: str) -> None:
     ts = np.asarray(r["times"]) * 1e3
     med = float(np.median(ts))
     p10, p90 = np.percentile(ts, [10, 90])
-    print(f"{name:<24}{r['params']:>10,}{r['compile_s']:>11.2f}{med:>11.2f}"
+    print(f"{name:<31}{r['params']:>10,}{r['compile_s']:>11.2f}{med:>11.2f}"
           f"{f'{p10:.1f}-{p90:.1f}':>15}{med / (b_med * 1e3):>8.3f}{r['args_mb']:>9.2f}"
           f"{r['temp_mb']:>9.2f}{r['total_mb']:>10.2f}{r['total_mb'] / b['total_mb']:>7.3f}")
   for name, label in (("en_preact_resnet20", "jax.random sampler"),
