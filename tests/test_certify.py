@@ -819,10 +819,7 @@ def test_one_channel_convolution_as_patches_matches_the_convolution(kernel, stri
   x = _uniform(5, (_layers._PATCHES_MIN_BATCH, 11, 10, 1))
   layer = L.Conv(6, kernel, strides=strides, padding=padding, use_bias=True)
   v = layer.init(jax.random.PRNGKey(0), x)
-  k = _layers._pair(kernel)
-  pads = layer._padding(k) if padding is None else padding
-  pads = pads if isinstance(pads, str) else tuple(tuple(p) for p in (
-      ((pads, pads), (pads, pads)) if isinstance(pads, int) else pads))
+  pads = layer._padding(_layers._pair(kernel))   # the layer's own padding rule
   ref = _layers._conv_plain(x, v["params"]["kernel"], _layers._pair(strides), pads, 1)
   got = _layers._conv_patches(x, v["params"]["kernel"], _layers._pair(strides), pads)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -493,11 +493,6 @@ class HybridZonotope(_Domain):
     full = jnp.eye(p, dtype=d.dtype) * d[..., None, :]          # [..., p, p]: E_j = d_j e_j
     return jnp.moveaxis(full, -2, 0).reshape((p,) + self.shape)
 
-  @generators.setter
-  def generators(self, value: Array) -> None:
-    self._gens = value
-    self._diagonal = False
-
   def _with_diagonal(self, center: Array, box: Array, diagonal: Array
                      ) -> "HybridZonotope":
     obj = self._new(center, box, diagonal)
@@ -619,15 +614,16 @@ class HybridZonotope(_Domain):
   def affine(self, linear_fn: LinearFn, abs_linear_fn: LinearFn | None,
              bias: Array | None = None, *, fan_in: int | None = None) -> "HybridZonotope":
     m, batch = self.num_generators, self.shape[0]
-    if self._diagonal and abs_linear_fn is not None:
-      return self._affine_diagonal(linear_fn, abs_linear_fn, bias, fan_in)
+    gens = None
     if abs_linear_fn is None:
       # Non-negative weights: one call on [c; b; E].
       parts = [self._center, self.box] + ([self._flat_generators()] if m else [])
       out = linear_fn(jnp.concatenate(parts, 0))
       c, b, e = out[:batch], out[batch:2 * batch], out[2 * batch:]
     else:
-      if m:
+      if self._diagonal:
+        c, gens = self._map_diagonal(linear_fn)
+      elif m:
         out = linear_fn(jnp.concatenate([self._center, self._flat_generators()], 0))
         c, e = out[:batch], out[batch:]
       else:
@@ -639,25 +635,19 @@ class HybridZonotope(_Domain):
     if self.sound and (fan_in != 0 or bias is not None):
       b = b + _rounding_slack(abs_linear_fn or linear_fn, self._magnitude(), bias,
                               _fan_in(self.shape, fan_in), self.dtype)
-    gens = self._unflat(e, m) if m else jnp.zeros((0,) + c.shape, c.dtype)
+    if gens is None:
+      gens = self._unflat(e, m) if m else jnp.zeros((0,) + c.shape, c.dtype)
     return self._new(c, b, gens)
 
-  def _affine_diagonal(self, linear_fn: LinearFn, abs_linear_fn: LinearFn,
-                       bias: Array | None, fan_in: int | None) -> "HybridZonotope":
-    """``affine`` for diagonal generators: the basis images mapped once per batch."""
+  def _map_diagonal(self, linear_fn: LinearFn) -> tuple[Array, Array]:
+    """``linear_fn`` of the centre and of diagonal generators: the ``p`` basis images
+    are mapped once for the batch and scaled per example (``E'_j = d_j W e_j``)."""
     batch, p = self.shape[0], self.num_generators
     basis = jnp.eye(p, dtype=self.dtype).reshape((p,) + self.shape[1:])
     out = linear_fn(jnp.concatenate([self._center, basis], 0))
     c, images = out[:batch], out[batch:]                         # images: [p, ...]
     d = self._gens.T.reshape((p, batch) + (1,) * (images.ndim - 1))
-    gens = d * images[:, None]                                   # [p, B, ...]
-    b = abs_linear_fn(self.box)
-    if bias is not None:
-      c = c + bias
-    if self.sound and (fan_in != 0 or bias is not None):
-      b = b + _rounding_slack(abs_linear_fn, self._magnitude(), bias,
-                              _fan_in(self.shape, fan_in), self.dtype)
-    return self._new(c, b, gens)
+    return c, d * images[:, None]                                # [p, B, ...]
 
   def scale_shift(self, scale: Any, shift: Any = None) -> "HybridZonotope":
     c = self._center * scale

@@ -117,7 +117,7 @@ def fast_rademacher(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) 
     ValueError: ``shape`` with ``2**32`` entries or more; a non-floating ``dtype``.
   """
   bits = _hashed_bits(key, shape, dtype, "fast_rademacher")
-  return ((bits >> 31).astype(dtype) * 2 - 1).astype(dtype)
+  return (bits >> 31).astype(dtype) * 2 - 1
 
 
 def normal(key: Array, shape: Sequence[int], dtype: Any = jnp.float32,
