@@ -264,6 +264,10 @@ class Study:
       quick: build the quick version.
       **kwargs: any other :class:`Study` argument (``seeds``, ``run``, ``report``,
         ``title``, ``root``).
+
+    Raises:
+      TypeError: ``object_name``, ``command_args``, ``results_dir`` or ``runs_dir``
+        among ``kwargs`` (this layout sets them); and :class:`Study`'s own errors.
     """
     for fixed in ("object_name", "command_args", "results_dir", "runs_dir"):
       if fixed in kwargs:
