@@ -161,6 +161,46 @@ def test_train_state_is_a_pytree_with_static_functions():
   assert doubled.apply_fn is state.apply_fn and doubled.tx is state.tx
 
 
+def test_a_fresh_state_traces_the_model_initialiser_once(monkeypatch):
+  """``init_state`` then ``state_sharding`` / ``abstract_state`` (what the training loop
+  asks for) trace ``model.init`` once, and the abstract state matches the real one."""
+  from jaxdefense.training import _experiment
+  traces = []
+  real = _experiment.create_train_state
+  monkeypatch.setattr(_experiment, "create_train_state",
+                      lambda *a: traces.append(1) or real(*a))
+  exp = training.build_experiment(tiny_config(), num_classes=10, image_shape=(8, 8, 1),
+                                  steps_per_epoch=19)
+  mesh = jd.data.make_mesh()
+  state = exp.init_state(mesh)
+  shardings, abstract = exp.state_sharding(mesh), exp.abstract_state(mesh)
+  assert len(traces) == 1
+  for a, s, sh in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(abstract),
+                      jax.tree_util.tree_leaves(shardings)):
+    assert (a.shape, a.dtype) == (s.shape, s.dtype) and a.sharding == s.sharding == sh
+  fresh = training.build_experiment(tiny_config(), num_classes=10, image_shape=(8, 8, 1),
+                                    steps_per_epoch=19)   # no state yet: eval_shape, once
+  shapes = [(s.shape, s.dtype, s.sharding) for s in jax.tree_util.tree_leaves(abstract)]
+  assert [(s.shape, s.dtype, s.sharding)
+          for s in jax.tree_util.tree_leaves(fresh.abstract_state(mesh))] == shapes
+  fresh.state_sharding(mesh)
+  assert len(traces) == 2
+
+
+def test_learning_rate_at_is_one_program_per_schedule():
+  """The logged learning rate: the schedule's values, from one compiled program (not
+  one eager op at a time, each its own program on a run's first log line)."""
+  import optax
+  from jaxdefense.training import _build
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, 0.1, 5), optax.cosine_decay_schedule(0.1, 20)], [5])
+  values = [_build.learning_rate_at(schedule, s) for s in range(0, 25, 3)]
+  np.testing.assert_allclose(values, [float(schedule(s)) for s in range(0, 25, 3)],
+                             rtol=1e-6)
+  compiled = _build._COMPILED_SCHEDULES[schedule]
+  assert compiled._cache_size() == 1
+
+
 # ----------------------------------------------------------------- steps
 def _counting(objective, calls):
   def counted(model, x, y, key):

@@ -493,7 +493,7 @@ def apply_step(block: nn.Module, step: Any, x: Any, fx: Any, ctx: StepContext,
   if not (hasattr(step, "param_specs") and hasattr(step, "needs_noise") and callable(step)):
     raise TypeError(f"step must be a step rule of jaxdefense.dynamics (Euler(), "
                     f"EulerMaruyama(...), Damped(...)); got {step!r}.")
-  params = {name: block.param(name, init, shape)
+  params = {name: L.param(block, name, init, shape)
             for name, (init, shape) in step.param_specs(ctx, x).items()}
   coefficient, damped = getattr(step, "coefficient", None), getattr(step, "damped", None)
   if (callable(coefficient) and callable(damped) and damped(ctx)

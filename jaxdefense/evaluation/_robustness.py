@@ -597,9 +597,13 @@ def _evaluate(model: _models.ModelFn, x: np.ndarray, y: np.ndarray, *, key: Arra
     for kind in corruptions:
       _file_block(corruption_dir, kind, severities[0], files_name, y, x.shape[1:])
 
+  # Clean images, attacked images and file-corrupted images all go through one
+  # compiled prediction (the same program for every model of this structure).
+  predict = _predictor(model)
+
   def clean_correct(batch, kb):
     xb, yb = batch
-    return jnp.argmax(model(xb, kb), -1) == yb
+    return predict(model, xb, kb, yb)
 
   info: dict[str, Any] = {"stochastic": model.stochastic,
                           "eot_samples": eot_samples if model.stochastic else None}
@@ -611,9 +615,8 @@ def _evaluate(model: _models.ModelFn, x: np.ndarray, y: np.ndarray, *, key: Arra
         f"{files_name} -C files in {os.fspath(corruption_dir)}")
   report = RobustnessReport(eps=float(eps), num_examples=int(x.shape[0]),
                             clean=_accuracy(clean_correct, (x, y), k_clean, batch_size,
-                                            "clean", progress),
+                                            "clean", progress, jit=False),
                             meta={**info, **dict(meta or {})})
-  predict = _predictor(model)
   for i, spec in enumerate(specs):
     # Not wrapped in one jit per call: each attack runs through its own compile cache
     # (jaxdefense.attacks: keyed on the model's structure, eps and step sizes traced), so
@@ -642,7 +645,7 @@ def _evaluate(model: _models.ModelFn, x: np.ndarray, y: np.ndarray, *, key: Arra
       else:
         xs = _file_block(corruption_dir, kind, s, files_name, y, x.shape[1:])
         per[int(s)] = _accuracy(clean_correct, (xs, y), ks, batch_size, f"{kind}-{s}",
-                                progress)
+                                progress, jit=False)
     report.corruptions[kind] = per
   return report
 

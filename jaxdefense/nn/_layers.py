@@ -355,7 +355,33 @@ def _checked_param(module: nn.Module, name: str, init: Initializer, shape: tuple
     stored = tuple(module.get_variable("params", name).shape)
     if stored != tuple(shape):
       raise ValueError(mismatch(stored))
-  return module.param(name, init, shape)
+  return param(module, name, init, shape)
+
+
+def param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...],
+          *init_args: Any) -> Array:
+  """``module.param(name, init, shape, *init_args)`` without Flax's per-trace shape probe.
+
+  When the parameter exists, Flax checks its shape by tracing the initialiser
+  (``jax.eval_shape``) on every application; for a ResNet that is about half the time
+  of tracing the forward pass, paid by every compiled function that calls the model.
+  Here the stored shape is compared with ``shape`` directly (the same check, nothing
+  traced); a missing parameter is created by Flax as usual.
+
+  Raises:
+    ValueError: the stored parameter's shape differs from ``shape`` (the message names
+      the module, the parameter and both shapes).
+  """
+  if not module.has_variable("params", name):
+    return module.param(name, init, shape, *init_args)
+  value = nn.meta.unbox(module.get_variable("params", name))
+  stored = tuple(getattr(value, "shape", ()))
+  if stored != tuple(shape):
+    path = "/".join(module.scope.path) or type(module).__name__
+    raise ValueError(f"parameter {name!r} of {path} has shape {stored} in the given "
+                     f"variables, but this layer expects {tuple(shape)}: the variables "
+                     "belong to a different configuration of the model.")
+  return value
 
 
 class Dense(nn.Module):
@@ -397,7 +423,7 @@ class Dense(nn.Module):
               f"built with {self.features} features: the variables belong to another model.")
     kernel = _checked_param(self, "kernel", self.kernel_init, (in_features, self.features),
                             mismatch)
-    bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    bias = param(self, "bias", self.bias_init, (self.features,)) if self.use_bias else None
     if is_abstract(x):
       abs_kernel = _abs_kernel(self, kernel)
       return x.affine(lambda a: a @ kernel, lambda a: a @ abs_kernel, bias,
@@ -463,7 +489,7 @@ class Conv(nn.Module):
       return (f"{_layer_path(self)} has a kernel of shape {stored} in the variables but is "
               f"built as {shape}: the variables belong to another model.")
     kernel = _checked_param(self, "kernel", self.kernel_init, shape, mismatch)
-    bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    bias = param(self, "bias", self.bias_init, (self.features,)) if self.use_bias else None
     strides, padding = _pair(self.strides), self._padding(k)
     if not isinstance(padding, str):
       padding = tuple(tuple(int(v) for v in side) for side in padding)  # hashable
@@ -525,8 +551,8 @@ class BatchNorm(nn.Module):
     c = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-    gamma = self.param("scale", self.scale_init, (c,)) if self.use_scale else 1.0
-    beta = self.param("bias", nn.initializers.zeros_init(), (c,)) if self.use_bias else 0.0
+    gamma = param(self, "scale", self.scale_init, (c,)) if self.use_scale else 1.0
+    beta = param(self, "bias", nn.initializers.zeros_init(), (c,)) if self.use_bias else 0.0
     if train:
       if is_abstract(x):
         raise ValueError("BatchNorm in training mode cannot run on an abstract value; "

@@ -157,11 +157,11 @@ class SkewSymmetricDense(nn.Module):
   def __call__(self, *args: Any) -> Array:
     x = _state(args, "SkewSymmetricDense")
     d = x.shape[-1]
-    w = self.param("kernel", self.kernel_init, (d, d), x.dtype)
+    w = L.param(self, "kernel", self.kernel_init, (d, d), x.dtype)
     # row vectors: x (W - W^T - gamma I)^T = x (W^T - W) - gamma x
     y = x @ (w.T - w) - self.gamma * x
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros_init(), (d,), x.dtype)
+      y = y + L.param(self, "bias", nn.initializers.zeros_init(), (d,), x.dtype)
     return ACTIVATIONS[self.act](y)
 
 
@@ -216,12 +216,12 @@ class SkewSymmetricConv(nn.Module):
       raise ValueError(f"SkewSymmetricConv expects an NHWC state of rank 4; got shape "
                        f"{tuple(x.shape)}.")
     c, k = x.shape[-1], self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, c, c), x.dtype)
+    kernel = L.param(self, "kernel", self.kernel_init, (k, k, c, c), x.dtype)
     sk = skew_kernel(kernel)
     if self.loop_conv:
       y = same_conv(x, sk) - self.gamma * x
     else:
       y = L._conv(x, sk, (1, 1), _padding(sk), 1) - self.gamma * x
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros_init(), (c,), x.dtype)
+      y = y + L.param(self, "bias", nn.initializers.zeros_init(), (c,), x.dtype)
     return ACTIVATIONS[self.act](y)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from jaxdefense import _checks
@@ -199,5 +200,18 @@ def build_optimizer(config: ml_collections.ConfigDict,
 
 
 def learning_rate_at(schedule: optax.Schedule, step: int) -> float:
-  """The learning rate of ``schedule`` at ``step`` as a Python float (host only)."""
-  return float(jax.device_get(schedule(jnp.asarray(step))))
+  """The learning rate of ``schedule`` at ``step`` as a Python float (host only).
+
+  The schedule runs as one compiled program per schedule: evaluated op by op, an optax
+  cosine or warm-up schedule dispatches half a dozen tiny programs, each compiled (or
+  loaded from the persistent cache) on a run's first log line.
+  """
+  fn = _COMPILED_SCHEDULES.get(schedule)
+  if fn is None:
+    fn = _COMPILED_SCHEDULES.setdefault(schedule, jax.jit(schedule))
+  return float(jax.device_get(fn(np.int32(step))))
+
+
+#: ``schedule -> jax.jit(schedule)`` (weak keys: a schedule's program lives as long as
+#: the schedule does).
+_COMPILED_SCHEDULES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()

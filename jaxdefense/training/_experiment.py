@@ -101,14 +101,41 @@ class Experiment:
     Nothing is computed (``jax.eval_shape``); this is the target a checkpoint is
     restored into.
     """
+    cached = self._abstract_cache().get(mesh)
+    if cached is not None:
+      return cached
     shapes = jax.eval_shape(self.init_fn(), self.root_key())
     shardings = _sharding.state_sharding(shapes, mesh, self.stacked_members)
-    return jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return self._remember(mesh, jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings))
 
   def init_state(self, mesh: Mesh) -> TrainState:
-    """A fresh state at step 0, created directly on ``mesh`` (see :meth:`state_sharding`)."""
-    return jax.jit(self.init_fn(), out_shardings=self.state_sharding(mesh))(self.root_key())
+    """A fresh state at step 0, created directly on ``mesh`` (see :meth:`state_sharding`).
+
+    The initialiser is traced once: when every leaf is replicated (no ensemble split
+    over a ``"member"`` axis) one sharding serves the whole state, and the structure
+    that :meth:`abstract_state` returns is read off the new state (tracing a Flax
+    model's ``init`` costs a fraction of a second, which a first result waits for).
+    """
+    if self.stacked_members and _sharding.member_size(mesh) > 1:
+      return jax.jit(self.init_fn(), out_shardings=self.state_sharding(mesh))(self.root_key())
+    state = jax.jit(self.init_fn(), out_shardings=_sharding.replicated(mesh))(self.root_key())
+    if mesh not in self._abstract_cache():
+      self._remember(mesh, jax.tree_util.tree_map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
+    return state
+
+  def _abstract_cache(self) -> dict:
+    """``{mesh: abstract state}`` of this experiment (shapes never change for it)."""
+    cache = self.__dict__.get("_abstract")
+    if cache is None:
+      cache = {}
+      object.__setattr__(self, "_abstract", cache)   # a cache, not a field
+    return cache
+
+  def _remember(self, mesh: Mesh, abstract: TrainState) -> TrainState:
+    self._abstract_cache()[mesh] = abstract
+    return abstract
 
   def info(self) -> dict[str, Any]:
     """What a checkpoint must remember to rebuild this experiment without data.
