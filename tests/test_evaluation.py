@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -209,3 +210,29 @@ def test_plot_accuracy_vs_eps_writes_a_png_and_keeps_the_backend(tmp_path):
     assert matplotlib.get_backend() == "svg"   # the caller's backend survives
   finally:
     matplotlib.use(before)
+
+
+def test_clean_and_attacked_accuracy_share_one_prediction_program(caplog):
+  """Clean images and every attack's images go through one compiled prediction per
+  model structure; a second model of the same structure (other weights) compiles
+  nothing at all."""
+  model = jd.models.create("mlp", hidden=(12,), num_classes=10)
+  test = jd.data.load("digits", "test")
+  x, y = test.images[:40], test.labels[:40]
+  kw = dict(key=jax.random.key(1), eps=EPS, suite="fgsm,pgd:steps=2", batch_size=16,
+            progress=False)
+  first = jd.models.bind(model, model.init(jax.random.key(0), jnp.asarray(x[:2])))
+  other = jd.models.bind(model, model.init(jax.random.key(5), jnp.asarray(x[:2])))
+
+  def compiled(m):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+      rep = jd.evaluation.evaluate_robustness(m, x, y, **kw)
+    return rep, [r.getMessage().split(" with ")[0] for r in caplog.records
+                 if r.getMessage().startswith("Compiling ")]
+  rep, programs = compiled(first)
+  assert programs.count("Compiling jit(_correct)") <= 1   # 0 if an earlier test made it
+  assert not any("clean_correct" in p for p in programs)
+  expected = np.mean(np.argmax(np.asarray(first(jnp.asarray(x))), -1) == y)
+  assert rep.clean == pytest.approx(expected)
+  assert compiled(other)[1] == []
