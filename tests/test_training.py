@@ -200,6 +200,13 @@ def test_learning_rate_at_is_one_program_per_schedule():
   compiled = _build._COMPILED_SCHEDULES[schedule]
   assert compiled._cache_size() == 1
 
+  class Slotted:   # a schedule object without weak references still works
+    __slots__ = ()
+
+    def __call__(self, count):
+      return 0.5 * count
+  assert _build.learning_rate_at(Slotted(), 3) == 1.5
+
 
 # ----------------------------------------------------------------- steps
 def _counting(objective, calls):

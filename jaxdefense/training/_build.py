@@ -206,9 +206,12 @@ def learning_rate_at(schedule: optax.Schedule, step: int) -> float:
   cosine or warm-up schedule dispatches half a dozen tiny programs, each compiled (or
   loaded from the persistent cache) on a run's first log line.
   """
-  fn = _COMPILED_SCHEDULES.get(schedule)
-  if fn is None:
-    fn = _COMPILED_SCHEDULES.setdefault(schedule, jax.jit(schedule))
+  try:
+    fn = _COMPILED_SCHEDULES.get(schedule)
+    if fn is None:
+      fn = _COMPILED_SCHEDULES.setdefault(schedule, jax.jit(schedule))
+  except TypeError:   # a callable that takes no weak reference (nor jit): run as it is
+    fn = schedule
   return float(jax.device_get(fn(np.int32(step))))
 
 
