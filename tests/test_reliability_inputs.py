@@ -185,8 +185,8 @@ def test_stored_parameter_of_another_width_is_named_without_tracing_the_initiali
   traces no initialiser."""
   bn = jd.nn.BatchNorm()
   wide = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), bn.init(KEY, X1))
-  with pytest.raises(ValueError, match=r"parameter 'scale' of BatchNorm has shape \(2,\) "
-                                       r"in the given variables, but this layer expects "
+  with pytest.raises(ValueError, match=r"BatchNorm layer: parameter 'scale' has shape \(2,\) "
+                                       r"in the given variables, but the layer expects "
                                        r"\(1,\)"):
     bn.apply(wide, X1)
   model = _one_block()

@@ -343,44 +343,34 @@ def _layer_path(module: nn.Module) -> str:
   return f"{type(module).__name__} layer {path!r}" if path else f"{type(module).__name__} layer"
 
 
-def _checked_param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...],
-                   mismatch: Callable[[tuple[int, ...]], str]) -> Array:
-  """``module.param(name, init, shape)``, with a clear error when given variables disagree.
-
-  Flax raises ``ScopeParamShapeError`` when a stored parameter's shape differs from the
-  one the input implies; here the layer first compares the shapes and raises a
-  ``ValueError`` whose text (``mismatch(stored_shape)``) says which layer expected what.
-  """
-  if module.has_variable("params", name):
-    stored = tuple(module.get_variable("params", name).shape)
-    if stored != tuple(shape):
-      raise ValueError(mismatch(stored))
-  return param(module, name, init, shape)
-
-
 def param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...],
-          *init_args: Any) -> Array:
+          *init_args: Any, mismatch: Callable[[tuple[int, ...]], str] | None = None
+          ) -> Array:
   """``module.param(name, init, shape, *init_args)`` without Flax's per-trace shape probe.
 
   When the parameter exists, Flax checks its shape by tracing the initialiser
   (``jax.eval_shape``) on every application; for a ResNet that is about half the time
   of tracing the forward pass, paid by every compiled function that calls the model.
-  Here the stored shape is compared with ``shape`` directly (the same check, nothing
-  traced); a missing parameter is created by Flax as usual.
+  Here the stored shape is compared with ``shape`` directly (nothing traced) and a
+  mismatch is a ``ValueError`` that says which layer expected what; a missing parameter
+  is created by Flax as usual.
+
+  Args:
+    mismatch: ``stored_shape -> message`` for the error (default: the layer, the
+      parameter and both shapes).
 
   Raises:
-    ValueError: the stored parameter's shape differs from ``shape`` (the message names
-      the module, the parameter and both shapes).
+    ValueError: the stored parameter's shape differs from ``shape``.
   """
   if not module.has_variable("params", name):
     return module.param(name, init, shape, *init_args)
   value = nn.meta.unbox(module.get_variable("params", name))
   stored = tuple(getattr(value, "shape", ()))
   if stored != tuple(shape):
-    path = "/".join(module.scope.path) or type(module).__name__
-    raise ValueError(f"parameter {name!r} of {path} has shape {stored} in the given "
-                     f"variables, but this layer expects {tuple(shape)}: the variables "
-                     "belong to a different configuration of the model.")
+    raise ValueError(mismatch(stored) if mismatch is not None else (
+        f"{_layer_path(module)}: parameter {name!r} has shape {stored} in the given "
+        f"variables, but the layer expects {tuple(shape)}: the variables belong to a "
+        "different configuration of the model."))
   return value
 
 
@@ -421,8 +411,8 @@ class Dense(nn.Module):
                 "3-channel images for a 1-channel model, or another image size).")
       return (f"{_layer_path(self)} has a kernel of shape {stored} in the variables but is "
               f"built with {self.features} features: the variables belong to another model.")
-    kernel = _checked_param(self, "kernel", self.kernel_init, (in_features, self.features),
-                            mismatch)
+    kernel = param(self, "kernel", self.kernel_init, (in_features, self.features),
+                   mismatch=mismatch)
     bias = param(self, "bias", self.bias_init, (self.features,)) if self.use_bias else None
     if is_abstract(x):
       abs_kernel = _abs_kernel(self, kernel)
@@ -488,7 +478,7 @@ class Conv(nn.Module):
                 "for a model initialised on 1-channel grey-scale ones).")
       return (f"{_layer_path(self)} has a kernel of shape {stored} in the variables but is "
               f"built as {shape}: the variables belong to another model.")
-    kernel = _checked_param(self, "kernel", self.kernel_init, shape, mismatch)
+    kernel = param(self, "kernel", self.kernel_init, shape, mismatch=mismatch)
     bias = param(self, "bias", self.bias_init, (self.features,)) if self.use_bias else None
     strides, padding = _pair(self.strides), self._padding(k)
     if not isinstance(padding, str):
